@@ -1,0 +1,86 @@
+"""Snapshots and per-epoch records, all written atomically (temp file in the same folder, then
+rename), so an interrupted run never leaves a half-written file in place of a good one.
+
+model_<epoch>.pt is one torch.save dict, loadable with torch.load(weights_only=True):
+    model       state_dict of the network (PyTorch layout)
+    momentum    {parameter name: momentum buffer}
+    epoch, lr   the finished epoch and the learning rate for the next one
+    val_record  float64 tensor (epoch, 2): [top-1 error, loss] per epoch
+    history     [{history.csv row}] per epoch, so a resumed run rewrites the same records
+    config      the merged config (plain values)
+    rng         {'data': crop/shuffle generator state, 'torch': CPU RNG (dropout), 'cuda': ...}
+"""
+import csv
+import os
+
+import numpy as np
+import torch
+
+HISTORY_FIELDS = ('epoch', 'train_loss', 'train_error', 'val_error', 'val_top5_error',
+                  'val_loss', 'lr', 'seconds', 'img_per_s')
+
+
+def _atomic(path, write):
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def snapshot_path(weights_dir, epoch):
+    return os.path.join(weights_dir, f'model_{epoch}.pt')
+
+
+def save(weights_dir, epoch, state):
+    path = snapshot_path(weights_dir, epoch)
+    _atomic(path, lambda tmp: torch.save(dict(state, epoch=epoch), tmp))
+    return path
+
+
+def load(weights_dir, epoch):
+    path = snapshot_path(weights_dir, epoch)
+    if not os.path.exists(path):
+        have = sorted(int(n[6:-3]) for n in os.listdir(weights_dir)
+                      if n.startswith('model_') and n.endswith('.pt') and n[6:-3].isdigit()) \
+            if os.path.isdir(weights_dir) else []
+        raise FileNotFoundError(f'no snapshot {path} to resume from (load_epoch: {epoch}; '
+                                f'snapshots there: {have or "none"})')
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def rng_state(gen, device):
+    state = {'data': gen.get_state(), 'torch': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, gen, device):
+    gen.set_state(state['data'])
+    torch.set_rng_state(state['torch'])
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def write_records(weights_dir, history):
+    """val_record.npy (float64 (epochs, 2) [top-1 error, loss], as the original's) and
+    history.csv from the list of per-epoch dicts."""
+    record = np.array([[h['val_error'], h['val_loss']] for h in history], dtype=np.float64)
+    record = record.reshape(len(history), 2)
+
+    def write_npy(tmp):
+        with open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
+            np.save(f, record)
+    _atomic(os.path.join(weights_dir, 'val_record.npy'), write_npy)
+
+    def write_csv(tmp):
+        with open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, HISTORY_FIELDS)
+            w.writeheader()
+            w.writerows({k: h[k] for k in HISTORY_FIELDS} for h in history)
+    _atomic(os.path.join(weights_dir, 'history.csv'), write_csv)
+    return record
+

@@ -1,0 +1,185 @@
+"""Training configuration: defaults with their meaning, YAML merging and `key=value` overrides.
+
+A run's config is  config.yaml  <-  spec file  <-  command-line overrides.  Every key must be
+declared below; its default fixes its type, and an unknown key is an error that names the closest
+valid one. Paths set in a YAML file are relative to that file; paths given on the command line are
+relative to the current directory. The merged config is a plain dict of plain values (no queues,
+sockets or processes in it).
+"""
+import difflib
+import os
+
+import yaml
+
+# key: (default, meaning). The shipped config.yaml / spec_1gpu.yaml hold the same values.
+CONFIG = {
+    # --- schedule -----------------------------------------------------------------------
+    'resume_train': (False, 'continue from weights_dir/model_<load_epoch>.pt'),
+    'load_epoch': (0, 'epoch of the snapshot to resume from'),
+    'n_epochs': (60, 'train until this epoch (inclusive)'),
+    'learning_rate': (0.01, 'initial learning rate (biases use 2x)'),
+    'lr_policy': ('step', 'step: /10 at each epoch in lr_step; auto: /10 when val error stalls'),
+    'lr_adapt_threshold': (0.01, 'auto policy: minimum drop of val top-1 error over 2 epochs'),
+    'lr_step': ([20, 40], 'step policy: epochs after which lr is divided by 10'),
+    # --- data ---------------------------------------------------------------------------
+    'use_data_layer': (False, 'ship uint8 batches and do mean/crop/mirror on the device'),
+    'rand_crop': (True, 'random crop + mirror in training; False: centre crop, no mirror'),
+    'shuffle': (False, 'shuffle the order of the training batch files every epoch'),
+    'para_load': (False, 'load batches in a separate process (not implemented yet)'),
+    'batch_crop_mirror': (False, 'one crop/mirror draw per batch instead of per image'),
+    'crop_size': (227, 'side of the square crop fed to the network'),
+    'label_folder': ('data/imagenet/labels', 'folder holding train_labels.npy, val_labels.npy'),
+    'mean_file': ('data/imagenet/misc/img_mean.npy', 'mean image, float32 (3, S, S)'),
+    # --- model and optimiser --------------------------------------------------------------
+    'model': ('alexnet', 'alexnet (227 px input) or alexnet_cifar (cuda-convnet 18pct, 32 px)'),
+    'dropout': (0.5, 'dropout probability of fc6/fc7 (alexnet)'),
+    'use_momentum': (True, 'v = mu*v - lr*g; p = p + v  (False: p = p - lr*g)'),
+    'use_nesterov_momentum': (False, 'v = mu^2*v - (1+mu)*lr*g; p = p + v'),
+    'momentum': (0.9, 'mu'),
+    'weight_decay': (0.0005, 'L2 decay added to the gradient of weights (not biases)'),
+    'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
+    'lib_conv': ('', "the original's conv library switch: accepted, ignored with a notice"),
+    # --- output -----------------------------------------------------------------------------
+    'weights_dir': ('weights', 'snapshots, val_record.npy, history.csv, config.yaml'),
+    'snapshot_freq': (1, 'save model_<epoch>.pt every this many epochs'),
+    'print_train_error': (True, 'log the training top-1 error too'),
+    'print_freq': (40, 'log a line every this many iterations'),
+}
+
+SPEC_1GPU = {
+    'gpu': ('auto', 'device: auto, cpu, gpu0, gpu1, cuda:N'),
+    'sock_data': (5000, 'port of the loader socket (para_load)'),
+    'batch_size': (256, 'images per step = images per batch file'),
+    'train_folder': ('data/imagenet/train_hkl_b256_b_256', 'folder of training NNNN.hkl files'),
+    'val_folder': ('data/imagenet/val_hkl_b256_b_256', 'folder of validation NNNN.hkl files'),
+}
+
+SPEC_2GPU = {
+    'gpu0': ('gpu0', 'device of worker 0'),
+    'gpu1': ('gpu1', 'device of worker 1'),
+    'sock_gpu': (5002, 'port of the weight-exchange socket'),
+    'sock_data0': (5000, 'loader socket of worker 0'),
+    'sock_data1': (5001, 'loader socket of worker 1'),
+    'batch_size': (128, 'images per step per worker'),
+    'train_folder': ('data/imagenet/train_hkl_b256_b_128', 'folder of NNNN_0.hkl / NNNN_1.hkl'),
+    'val_folder': ('data/imagenet/val_hkl_b256_b_128', 'folder of validation halves'),
+}
+
+PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder')
+CHOICES = {
+    'model': ('alexnet', 'alexnet_cifar'),
+    'lr_policy': ('step', 'auto'),
+}
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line meant for the user."""
+
+
+def defaults(schema):
+    return {k: (list(v) if isinstance(v, list) else v) for k, (v, _) in schema.items()}
+
+
+def _check(key, value, schema, where):
+    if key not in schema:
+        close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise ConfigError(f"unknown config key '{key}' in {where}{hint}")
+    default = schema[key][0]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):  # an int is a fine float (learning_rate: 1)
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                             for v in value)
+    else:  # str
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"config key '{key}' in {where} must be {type(default).__name__} "
+                          f"like {default!r}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' in {where} must be one of "
+                          f"{', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
+def load_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value")
+    return data
+
+
+def parse_overrides(args):
+    """['n_epochs=3', 'lr_step=[2, 4]'] -> {'n_epochs': 3, 'lr_step': [2, 4]}; values are YAML."""
+    out = {}
+    for arg in args:
+        key, sep, text = arg.partition('=')
+        if not sep or not key:
+            raise ConfigError(f"override '{arg}' is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override '{arg}': value is not valid YAML") from None
+    return out
+
+
+def merge(schema, sources):
+    """sources: [(name, dict, base_dir or None)] applied in order over the schema's defaults.
+
+    Relative paths are resolved against base_dir (a YAML file's folder) or, when base_dir is None
+    (command line), against the current directory.
+    """
+    cfg = defaults(schema)
+    for where, values, base_dir in sources:
+        for key, value in values.items():
+            value = _check(key, value, schema, where)
+            if key in PATH_KEYS:
+                value = os.path.normpath(os.path.join(base_dir or os.getcwd(), value))
+            cfg[key] = value
+    for key in PATH_KEYS:  # defaults are relative to the repo root
+        if key in cfg and not os.path.isabs(cfg[key]):
+            cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, cfg[key]))
+    return cfg
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(config_file, spec_file, overrides, schema):
+    """The merged config: config_file <- spec_file <- overrides (a list of 'key=value')."""
+    sources = []
+    for path in (config_file, spec_file):
+        sources.append((path, load_yaml(path), os.path.dirname(os.path.abspath(path))))
+    sources.append(('command-line overrides', parse_overrides(overrides), None))
+    return merge(schema, sources)
+
+
+def dump(cfg, path):
+    """Write the merged config as YAML (atomically), in schema order."""
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)
+
+
+def describe(cfg):
+    width = max(map(len, cfg))
+    return '\n'.join(f'  {k:<{width}} : {v}' for k, v in cfg.items())

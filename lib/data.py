@@ -1,0 +1,189 @@
+"""Reading the preprocessed batches, drawing crops, and the batch iterator the training loop uses.
+
+On disk (written by preprocessing/, or by the original's make_hkl.py): NNNN.hkl (or NNNN_<part>.hkl)
+holding a uint8 array (3, S, S, B) = channels, rows, cols, images ("c01b"); labels as int arrays in
+batch order; a float32 mean image (3, S, S).
+
+The trainer owns the random draws: `make_plan` turns a seeded torch.Generator into the list of
+steps of an epoch (file order, crop offsets and mirror flags per image), and a loader only
+executes a plan. Loaders share one interface: `epoch(plan)` yields (images, labels) on the
+device, and `close()`. `InProcessLoader` is the `para_load: False` implementation.
+"""
+import os
+import re
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+
+class DataError(RuntimeError):
+    """A missing or malformed data file; the message names it."""
+
+
+def read_hkl(path):
+    """The uint8 c01b array stored in a hickle batch file (any hickle version: we read the HDF5
+    directly and take its one 4-D dataset)."""
+    try:
+        with h5py.File(path, 'r') as f:
+            found = []
+            f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                         and obj.ndim == 4 else None)
+            if len(found) != 1:
+                raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
+            return found[0][()]
+    except OSError as e:
+        raise DataError(f'{path}: cannot read batch file ({e})') from None
+
+
+def batch_files(folder, part=None):
+    """Sorted NNNN.hkl files (or NNNN_<part>.hkl) of a folder, checked to be numbered 0..n-1."""
+    pattern = re.compile(r'^(\d{4,})\.hkl$' if part is None else rf'^(\d{{4,}})_{part}\.hkl$')
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise DataError(f'cannot list batch folder {folder}: {e.strerror}') from None
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := pattern.match(n)))
+    if not numbered:
+        what = 'NNNN.hkl' if part is None else f'NNNN_{part}.hkl'
+        raise DataError(f'no {what} batch files in {folder}')
+    for i, (num, name) in enumerate(numbered):
+        if num != i:
+            raise DataError(f'{folder}: batch files are not numbered 0..{len(numbered) - 1} '
+                            f'(found {name} at position {i})')
+    return [os.path.join(folder, n) for _, n in numbered]
+
+
+class BatchFolder:
+    """The batch files of one split and their labels, shape (n_files, batch_size)."""
+
+    def __init__(self, folder, labels_file, batch_size, part=None):
+        self.files = batch_files(folder, part)
+        try:
+            labels = np.load(labels_file)
+        except OSError as e:
+            raise DataError(f'cannot read labels {labels_file}: {e}') from None
+        need = len(self.files) * batch_size
+        if labels.ndim != 1 or len(labels) < need:
+            raise DataError(f'{labels_file} holds {labels.size} labels, {folder} needs '
+                            f'{len(self.files)} batches x {batch_size} = {need}')
+        self.labels = labels[:need].astype(np.int64).reshape(len(self.files), batch_size)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, i):
+        """uint8 array (3, S, S, B) of file i, checked against the batch size."""
+        x = read_hkl(self.files[i])
+        if x.dtype != np.uint8 or x.shape[0] != 3 or x.shape[1] != x.shape[2] \
+                or x.shape[3] != self.batch_size:
+            raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.batch_size}), '
+                            f'got {x.dtype} {x.shape}')
+        return x
+
+    def image_size(self):
+        return self.read(0).shape[1]
+
+
+def load_mean(path, image_size):
+    try:
+        mean = np.load(path)
+    except OSError as e:
+        raise DataError(f'cannot read mean image {path}: {e}') from None
+    if mean.shape != (3, image_size, image_size):
+        raise DataError(f'{path}: mean image has shape {mean.shape}, the batches need '
+                        f'(3, {image_size}, {image_size})')
+    return torch.from_numpy(mean.astype(np.float32))
+
+
+@dataclass
+class Step:
+    """One training step: which file, and per image the crop offsets and the mirror flag."""
+    file: int
+    crop_x: torch.Tensor  # (B,) int64
+    crop_y: torch.Tensor  # (B,) int64
+    mirror: torch.Tensor  # (B,) bool
+
+
+def make_plan(gen, n_files, batch_size, image_size, crop_size, *, train, rand_crop=True,
+              batch_crop_mirror=False, shuffle=False):
+    """The steps of one epoch, as the original draws them: with margin = (S - crop) // 2
+    (14 for 256 -> 227), random offsets are round(u * 2 * margin), in [0, 28], and mirror is
+    u >= 0.5, u ~ U[0, 1) from `gen`. Validation, and training with rand_crop False, use the
+    centre crop (offset margin) and no mirror, drawing nothing."""
+    order = torch.randperm(n_files, generator=gen).tolist() if train and shuffle else range(n_files)
+    margin = (image_size - crop_size) // 2
+    steps = []
+    for i in order:
+        if train and rand_crop:
+            u = torch.rand(3, 1 if batch_crop_mirror else batch_size, generator=gen,
+                           dtype=torch.float64).expand(3, batch_size)
+            cx, cy = (u[0] * 2 * margin).round().long(), (u[1] * 2 * margin).round().long()
+            mirror = u[2] >= 0.5
+        else:
+            cx = cy = torch.full((batch_size,), margin, dtype=torch.long)
+            mirror = torch.zeros(batch_size, dtype=torch.bool)
+        steps.append(Step(i, cx, cy, mirror))
+    return steps
+
+
+def crop_mirror(batch, mean, step, crop_size):
+    """(3, S, S, B) uint8 batch -> (B, 3, c, c) float32: mean subtracted, cropped, mirrored.
+
+    Works on any device; subtracting the cropped mean from the cropped image gives the same
+    numbers as the original's crop of (image - mean).
+    """
+    c = crop_size
+    if bool((step.crop_x == step.crop_x[0]).all() and (step.crop_y == step.crop_y[0]).all()
+            and (step.mirror == step.mirror[0]).all()):  # one draw for the batch: slice
+        x0, y0 = int(step.crop_x[0]), int(step.crop_y[0])
+        out = batch[:, y0:y0 + c, x0:x0 + c, :].permute(3, 0, 1, 2).float() \
+            - mean[:, y0:y0 + c, x0:x0 + c]
+        return out.flip(3).contiguous() if bool(step.mirror[0]) else out.contiguous()
+    dev = batch.device
+    ar = torch.arange(c, device=dev)
+    cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
+    rows = (cy[:, None] + ar)[:, None, :, None]                              # (B, 1, c, 1)
+    cols = torch.where(mirror[:, None], cx[:, None] + (c - 1 - ar), cx[:, None] + ar)
+    cols = cols[:, None, None, :]                                            # (B, 1, 1, c)
+    ch = torch.arange(3, device=dev)[None, :, None, None]                    # (1, 3, 1, 1)
+    b = torch.arange(batch.shape[3], device=dev)[:, None, None, None]        # (B, 1, 1, 1)
+    return batch[ch, rows, cols, b].float() - mean[ch, rows, cols]         # (B, 3, c, c)
+
+
+class InProcessLoader:
+    """para_load False: the trainer reads and prepares each batch itself, between steps.
+
+    use_data_layer True ships the uint8 batch to the device and crops there (4x fewer bytes);
+    False crops on the host and ships float32.
+    """
+
+    def __init__(self, source, mean, crop_size, device, on_device=False):
+        self.source, self.crop_size, self.device = source, crop_size, torch.device(device)
+        self.on_device = on_device
+        self.image_size = source.image_size()
+        self.mean = mean.to(self.device) if on_device else mean
+        self.pin = self.device.type == 'cuda'
+
+    def __len__(self):
+        return len(self.source)
+
+    def _to_device(self, t):
+        if self.pin:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def epoch(self, plan):
+        for step in plan:
+            batch = torch.from_numpy(self.source.read(step.file))
+            if self.on_device:
+                x = crop_mirror(self._to_device(batch), self.mean, step, self.crop_size)
+            else:
+                x = self._to_device(crop_mirror(batch, self.mean, step, self.crop_size))
+            y = self._to_device(torch.from_numpy(self.source.labels[step.file]))
+            yield x, y
+
+    def close(self):
+        pass

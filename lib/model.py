@@ -1,0 +1,117 @@
+"""The networks: AlexNet as the original builds it, and the cuda-convnet 18pct net for 32 px images.
+
+Layouts are PyTorch's (conv weight (out, in/groups, kh, kw), fc weight (out, in)); the original's
+true convolution, (in, rows, cols, out) storage and W0/W1 halves are converted by pretrained/.
+"""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class CrossChannelLRN(nn.Module):
+    """pylearn2 CrossChannelNormalization: x / (k + alpha * sum_{n neighbours} x^2) ** beta.
+
+    pylearn2 does not divide alpha by n; nn.LocalResponseNorm does, so it gets alpha * n.
+    """
+
+    def __init__(self, n=5, alpha=1e-4, beta=0.75, k=2.0):
+        super().__init__()
+        self.n, self.alpha, self.beta, self.k = n, alpha, beta, k
+
+    def forward(self, x):
+        return F.local_response_norm(x, self.n, alpha=self.alpha * self.n, beta=self.beta, k=self.k)
+
+    def extra_repr(self):
+        return f'n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}'
+
+
+class Dropout(nn.Module):
+    """The original's non-inverted dropout: training multiplies by the 0/1 mask, testing by 1 - p.
+
+    (nn.Dropout scales by 1/(1-p) while training instead, which changes the effective step size
+    of the layers after it under the original's learning rates.)
+    """
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0:
+            return x
+        if self.training:  # mask/(1-p) * (1-p) == mask, with torch's fused dropout kernel
+            return F.dropout(x, self.p, training=True) * (1 - self.p)
+        return x * (1 - self.p)
+
+    def extra_repr(self):
+        return f'p={self.p}, non-inverted'
+
+
+def _init(layer, std, bias):
+    nn.init.normal_(layer.weight, 0.0, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+class AlexNet(nn.Module):
+    """Reference §2: conv -> ReLU -> max-pool -> LRN (LRN after pooling), grouped conv2/4/5."""
+
+    def __init__(self, num_classes=1000, dropout=0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            _init(nn.Conv2d(3, 96, 11, stride=4), 0.01, 0.0),                # 96 x 55 x 55
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), CrossChannelLRN(),    # 96 x 27 x 27
+            _init(nn.Conv2d(96, 256, 5, padding=2, groups=2), 0.01, 0.1),    # 256 x 27 x 27
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2), CrossChannelLRN(),    # 256 x 13 x 13
+            _init(nn.Conv2d(256, 384, 3, padding=1), 0.01, 0.0),             # 384 x 13 x 13
+            nn.ReLU(inplace=True),
+            _init(nn.Conv2d(384, 384, 3, padding=1, groups=2), 0.01, 0.1),   # 384 x 13 x 13
+            nn.ReLU(inplace=True),
+            _init(nn.Conv2d(384, 256, 3, padding=1, groups=2), 0.01, 0.0),   # 256 x 13 x 13
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),                       # 256 x 6 x 6
+        )
+        self.classifier = nn.Sequential(
+            _init(nn.Linear(256 * 6 * 6, 4096), 0.005, 0.1), nn.ReLU(inplace=True), Dropout(dropout),
+            _init(nn.Linear(4096, 4096), 0.005, 0.1), nn.ReLU(inplace=True), Dropout(dropout),
+            _init(nn.Linear(4096, num_classes), 0.01, 0.0),
+        )
+
+    def forward(self, x):  # x: (B, 3, 227, 227) float, mean subtracted
+        return self.classifier(torch.flatten(self.features(x), 1))  # logits (B, classes)
+
+
+class AlexNetCifar(nn.Module):
+    """cuda-convnet's layers-18pct net (as SINGA's AlexNet on CIFAR-10, Caffe's cifar10_full).
+
+    conv5x5/32 -> max-pool 3/2 -> ReLU -> LRN; conv5x5/32 -> ReLU -> avg-pool 3/2 -> LRN;
+    conv5x5/64 -> ReLU -> avg-pool 3/2; fc -> classes. Pools round up (cuda-convnet, Caffe), so a
+    32 px input gives 16, 8, 4. `dropout` is unused: the 18pct net has none.
+    """
+
+    def __init__(self, num_classes=10, dropout=0.0, crop_size=32):
+        super().__init__()
+        lrn = dict(size=3, alpha=5e-5, beta=0.75, k=1.0)
+        self.features = nn.Sequential(
+            _init(nn.Conv2d(3, 32, 5, padding=2), 1e-4, 0.0),
+            nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(inplace=True), nn.LocalResponseNorm(**lrn),
+            _init(nn.Conv2d(32, 32, 5, padding=2), 0.01, 0.0),
+            nn.ReLU(inplace=True), nn.AvgPool2d(3, 2, ceil_mode=True), nn.LocalResponseNorm(**lrn),
+            _init(nn.Conv2d(32, 64, 5, padding=2), 0.01, 0.0),
+            nn.ReLU(inplace=True), nn.AvgPool2d(3, 2, ceil_mode=True),
+        )
+        with torch.no_grad():  # 64 x 4 x 4 for 32 px; draws no random numbers
+            n_features = self.features(torch.zeros(1, 3, crop_size, crop_size)).numel()
+        self.classifier = _init(nn.Linear(n_features, num_classes), 0.01, 0.0)
+
+    def forward(self, x):  # x: (B, 3, S, S)
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def build(name, num_classes, dropout, crop_size, seed):
+    """The model with its initial weights drawn from `seed` (identical in every worker)."""
+    torch.manual_seed(seed)
+    if name == 'alexnet':
+        if crop_size != 227:
+            raise ValueError(f'model alexnet needs crop_size 227, got {crop_size}')
+        return AlexNet(num_classes, dropout)
+    return AlexNetCifar(num_classes, dropout, crop_size)

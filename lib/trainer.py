@@ -1,0 +1,150 @@
+"""The one training loop, shared by train.py and the multi-worker launchers.
+
+What differs between them is passed in: the loaders (which batch files, in-process or not) and
+the exchanger (lib/exchange.py). Per epoch: train over the plan drawn from the trainer's own
+generator, validate with the centre crop, adapt the learning rate, write val_record.npy /
+history.csv, and every snapshot_freq epochs a snapshot that resumes bit for bit.
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lib import checkpoint, data, optim
+
+
+def resolve_device(name):
+    """'auto' | 'cpu' | 'gpuN' | 'cuda:N' -> torch.device, with a clear error when CUDA is absent."""
+    if name == 'auto':
+        return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
+    if name == 'cpu':
+        return torch.device('cpu')
+    index = name[3:] if name.startswith('gpu') else name[5:] if name.startswith('cuda:') else ''
+    if not index.isdigit():
+        raise ValueError(f"gpu: '{name}' is not a device (use auto, cpu, gpu0, gpu1 or cuda:N)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"gpu: '{name}' asks for CUDA, which is not available here "
+                         "(use gpu=cpu or gpu=auto)")
+    if int(index) >= torch.cuda.device_count():
+        raise ValueError(f"gpu: '{name}' but only {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(f'cuda:{index}')
+
+
+class Trainer:
+    def __init__(self, cfg, model, optimizer, loaders, device, exchanger):
+        self.cfg, self.model, self.opt, self.device = cfg, model, optimizer, device
+        self.train_data, self.val_data = loaders
+        self.exchanger = exchanger
+        self.gen = torch.Generator().manual_seed(cfg['seed'])  # crop / mirror / shuffle draws
+        self.history = []  # one dict per finished epoch (the history.csv rows)
+        self.image_size = self.train_data.image_size
+
+    # --- state --------------------------------------------------------------------------
+    def state(self):
+        return {'model': self.model.state_dict(), **self.opt.state_dict(),
+                'val_record': torch.tensor([[h['val_error'], h['val_loss']] for h in self.history],
+                                           dtype=torch.float64).reshape(-1, 2),
+                'history': self.history, 'config': self.cfg,
+                'rng': checkpoint.rng_state(self.gen, self.device)}
+
+    def restore(self, state):
+        self.model.load_state_dict(state['model'])
+        self.opt.load_state_dict(state)
+        checkpoint.set_rng_state(state['rng'], self.gen, self.device)
+        self.history = list(state['history'])
+        return int(state['epoch'])
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self, start_epoch=0):
+        cfg, log = self.cfg, self.log
+        for epoch in range(start_epoch + 1, cfg['n_epochs'] + 1):
+            t0 = time.perf_counter()
+            train_loss, train_err, img_s = self.train_epoch(epoch)
+            val_err, val_top5, val_loss = self.evaluate()
+            row = dict(epoch=epoch, train_loss=train_loss, train_error=train_err,
+                       val_error=val_err, val_top5_error=val_top5, val_loss=val_loss,
+                       lr=self.opt.lr, seconds=time.perf_counter() - t0, img_per_s=img_s)
+            self.history.append(row)
+            log(f'epoch {epoch} | train loss {train_loss:.4f} error {train_err:.4f} | val top-1 '
+                f'error {val_err:.4f} top-5 {val_top5:.4f} loss {val_loss:.4f} | '
+                f'{row["seconds"]:.1f} s, {img_s:.0f} img/s')
+            self.opt.lr = optim.adjust_lr(self.opt.lr, epoch, [h['val_error'] for h in self.history],
+                                          cfg['lr_policy'], cfg['lr_step'], cfg['lr_adapt_threshold'])
+            if self.opt.lr != row['lr']:
+                log(f'learning rate changed to {self.opt.lr:g}')
+            if self.exchanger.is_main:
+                checkpoint.write_records(cfg['weights_dir'], self.history)
+                if epoch % cfg['snapshot_freq'] == 0 or epoch == cfg['n_epochs']:
+                    checkpoint.save(cfg['weights_dir'], epoch, self.state())
+        return self.history
+
+    def train_epoch(self, epoch):
+        cfg, model, opt = self.cfg, self.model, self.opt
+        B = cfg['batch_size']
+        plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
+                              train=True, rand_crop=cfg['rand_crop'],
+                              batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'])
+        model.train()
+        total = torch.zeros(2, device=self.device)     # sums of [loss, error] over the epoch
+        window = torch.zeros(2, device=self.device)    # ... since the last log line
+        bar = tqdm(total=len(plan), desc=f'epoch {epoch}', leave=False, file=sys.stdout,
+                   disable=not (sys.stdout.isatty() and self.exchanger.is_main))
+        t_epoch = t_log = time.perf_counter()
+        wait = 0.0
+        batches = self.train_data.epoch(plan)
+        for it in range(1, len(plan) + 1):
+            t = time.perf_counter()
+            x, y = next(batches)
+            wait += time.perf_counter() - t
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.exchanger.after_step(it)
+            with torch.no_grad():
+                stats = torch.stack([loss.detach(), (logits.argmax(1) != y).float().mean()])
+                total += stats
+                window += stats
+            bar.update()
+            if it % cfg['print_freq'] == 0 or it == len(plan):
+                n = it % cfg['print_freq'] or cfg['print_freq']
+                loss_v, err_v = (self.exchanger.average(window) / n).tolist()  # host sync, here only
+                dt = time.perf_counter() - t_log
+                err_txt = f' | error {err_v:.4f}' if cfg['print_train_error'] else ''
+                self.log(f'epoch {epoch} iter {it}/{len(plan)} | cost {loss_v:.4f}{err_txt} | '
+                         f'lr {opt.lr:g} | {n * B / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
+                         bar)
+                window.zero_()
+                wait, t_log = 0.0, time.perf_counter()
+        bar.close()
+        seconds = time.perf_counter() - t_epoch
+        loss_v, err_v = (self.exchanger.average(total) / len(plan)).tolist()
+        return loss_v, err_v, len(plan) * B / seconds
+
+    @torch.no_grad()
+    def evaluate(self):
+        """[top-1 error, top-5 error, loss] over the whole val set, centre crop."""
+        cfg, model = self.cfg, self.model
+        plan = data.make_plan(self.gen, len(self.val_data), cfg['batch_size'], self.image_size,
+                              cfg['crop_size'], train=False)
+        model.eval()
+        sums = torch.zeros(3, device=self.device)
+        for x, y in self.val_data.epoch(plan):
+            logits = model(x)
+            top5 = logits.topk(min(5, logits.shape[1]), 1).indices
+            sums += torch.stack([(top5[:, 0] != y).float().sum(),
+                                 (top5 != y[:, None]).all(1).float().sum(),
+                                 F.cross_entropy(logits, y, reduction='sum')])
+        n = len(plan) * cfg['batch_size']
+        return tuple((self.exchanger.average(sums) / n).tolist())
+
+    def log(self, text, bar=None):
+        if not self.exchanger.is_main:
+            return
+        if bar is not None and not bar.disable:
+            bar.write(text)
+        else:
+            print(text, flush=True)

@@ -1,0 +1,109 @@
+"""Train AlexNet on one device (GPU or CPU) from the preprocessed hickle batches.
+
+    python train.py                                   # config.yaml <- spec_1gpu.yaml
+    python train.py --config my.yaml --spec my_spec.yaml
+    python train.py n_epochs=10 learning_rate=0.005 gpu=cpu
+
+Writes into weights_dir: config.yaml (the merged config), val_record.npy ([top-1 error, loss] per
+epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
+Resume with resume_train=True load_epoch=N.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import yaml
+
+from lib import checkpoint, config, data, exchange, model, optim, trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def num_classes(cfg, sources):
+    """From dataset.yaml beside the labels folder (written by our preprocessing), else from the
+    largest label (data preprocessed by the original)."""
+    meta = os.path.join(os.path.dirname(os.path.normpath(cfg['label_folder'])), 'dataset.yaml')
+    if os.path.exists(meta):
+        with open(meta) as f:
+            return int(yaml.safe_load(f)['num_classes'])
+    return int(max(s.labels.max() for s in sources)) + 1
+
+
+def build_loaders(cfg, device, part=None):
+    """(train, val) in-process loaders over train_folder / val_folder and their labels."""
+    suffix = '' if part is None else f'_{part}'
+    B = cfg['batch_size']
+    train = data.BatchFolder(cfg['train_folder'],
+                             os.path.join(cfg['label_folder'], f'train_labels{suffix}.npy'), B, part)
+    val = data.BatchFolder(cfg['val_folder'],
+                           os.path.join(cfg['label_folder'], f'val_labels{suffix}.npy'), B, part)
+    size = train.image_size()
+    if cfg['crop_size'] > size:
+        raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
+                             f"({size} px) in {cfg['train_folder']}")
+    mean = data.load_mean(cfg['mean_file'], size)
+    if cfg['para_load']:
+        print('notice: para_load: True is not implemented yet; loading in-process', flush=True)
+    loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
+               for s in (train, val)]
+    return loaders, num_classes(cfg, (train, val))
+
+
+def run(cfg, exchanger=None, part=None):
+    """Build everything from a merged config and train; returns the history (list of dicts)."""
+    exchanger = exchanger or exchange.Local()
+    device = trainer.resolve_device(cfg['gpu'])
+    os.makedirs(cfg['weights_dir'], exist_ok=True)
+    (train_data, val_data), n_cls = build_loaders(cfg, device, part)
+    net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'], cfg['seed']).to(device)
+    opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
+                            cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
+    loop = trainer.Trainer(cfg, net, opt, (train_data, val_data), device, exchanger)
+    start = 0
+    if cfg['resume_train']:
+        start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
+        loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
+                 f'(epoch {start}, lr {opt.lr:g})')
+    n_params = sum(p.numel() for p in net.parameters())
+    loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
+             f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}')
+    try:
+        return loop.fit(start)
+    finally:
+        train_data.close()
+        val_data.close()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                epilog='key=value overrides any config key (values are YAML)')
+    p.add_argument('--config', default=os.path.join(HERE, 'config.yaml'))
+    p.add_argument('--spec', default=os.path.join(HERE, 'spec_1gpu.yaml'))
+    p.add_argument('overrides', nargs='*', metavar='key=value')
+    args = p.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.spec, args.overrides,
+                          {**config.CONFIG, **config.SPEC_1GPU})
+        if cfg['lib_conv']:
+            print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
+        print('config:\n' + config.describe(cfg), flush=True)
+        os.makedirs(cfg['weights_dir'], exist_ok=True)
+        config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
+        history = run(cfg)
+    except (config.ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    if history:
+        last = history[-1]
+        print(f"done: epoch {last['epoch']}, val top-1 accuracy {100 * (1 - last['val_error']):.2f} %"
+              f" (top-5 {100 * (1 - last['val_top5_error']):.2f} %); records in "
+              f"{os.path.join(cfg['weights_dir'], 'val_record.npy')}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
