@@ -1,0 +1,55 @@
+"""Small datasets for tests, written in the preprocessed format (as preprocessing/ writes it)."""
+import os
+
+import h5py
+import hickle
+import numpy as np
+import yaml
+
+
+def write_hkl(path, array):
+    with h5py.File(path, 'w') as f:
+        hickle.dump(array, f)
+
+
+def make_batches(root, n_train=4, n_val=2, batch=8, size=36, classes=3, seed=0):
+    """A learnable toy dataset under root: each class has its own mean colour per quadrant.
+
+    Returns a dict of the config keys that point at it (1-worker layout, plus _0/_1 halves).
+    """
+    rng = np.random.RandomState(seed)
+    palette = rng.randint(40, 216, size=(classes, 3, 2, 2))
+    os.makedirs(os.path.join(root, 'labels'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'misc'), exist_ok=True)
+    total = np.zeros((3, size, size))
+    for split, n in (('train', n_train), ('val', n_val)):
+        full = os.path.join(root, f'{split}_hkl_b{batch}_b_{batch}')
+        half = os.path.join(root, f'{split}_hkl_b{batch}_b_{batch // 2}')
+        os.makedirs(full, exist_ok=True)
+        os.makedirs(half, exist_ok=True)
+        labels = rng.randint(0, classes, size=n * batch)
+        for i in range(n):
+            lab = labels[i * batch:(i + 1) * batch]
+            img = np.repeat(np.repeat(palette[lab], size // 2, axis=2), size // 2, axis=3)
+            img = np.clip(img + rng.randint(-30, 31, size=img.shape), 0, 255).astype(np.uint8)
+            c01b = np.ascontiguousarray(img.transpose(1, 2, 3, 0))  # (B,3,S,S) -> (3,S,S,B)
+            write_hkl(os.path.join(full, f'{i:04d}.hkl'), c01b)
+            write_hkl(os.path.join(half, f'{i:04d}_0.hkl'), c01b[..., :batch // 2])
+            write_hkl(os.path.join(half, f'{i:04d}_1.hkl'), c01b[..., batch // 2:])
+            if split == 'train':
+                total += c01b.sum(axis=3)
+        np.save(os.path.join(root, 'labels', f'{split}_labels.npy'), labels)
+        halves = labels.reshape(n, 2, batch // 2)
+        np.save(os.path.join(root, 'labels', f'{split}_labels_0.npy'), halves[:, 0].ravel())
+        np.save(os.path.join(root, 'labels', f'{split}_labels_1.npy'), halves[:, 1].ravel())
+    np.save(os.path.join(root, 'misc', 'img_mean.npy'),
+            (total / (n_train * batch)).astype(np.float32))
+    with open(os.path.join(root, 'dataset.yaml'), 'w') as f:
+        yaml.safe_dump({'num_classes': classes,
+                        'class_names': [f'c{k}' for k in range(classes)],
+                        'img_size': size, 'batch_size': batch}, f)
+    return {'train_folder': os.path.join(root, f'train_hkl_b{batch}_b_{batch}'),
+            'val_folder': os.path.join(root, f'val_hkl_b{batch}_b_{batch}'),
+            'label_folder': os.path.join(root, 'labels'),
+            'mean_file': os.path.join(root, 'misc', 'img_mean.npy'),
+            'batch_size': batch}

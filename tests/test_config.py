@@ -1,0 +1,95 @@
+"""Config: defaults <- config.yaml <- spec <- key=value, type-checked, unknown keys named."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lib import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_files_hold_exactly_the_schema_defaults():
+    for name, schema in (('config.yaml', config.CONFIG), ('spec_1gpu.yaml', config.SPEC_1GPU),
+                         ('spec_2gpu.yaml', config.SPEC_2GPU)):
+        values = config.load_yaml(os.path.join(ROOT, name))
+        expected = {k: v for k, (v, _) in schema.items() if k != 'lib_conv'}
+        assert values == expected, name
+
+
+def test_merge_order_and_overrides(tmp_path):
+    cfg_file = write(tmp_path / 'c.yaml', 'n_epochs: 5\nlearning_rate: 0.02\nlr_step: [2, 4]\n')
+    spec_file = write(tmp_path / 's.yaml', 'batch_size: 64\nn_epochs: 7\n')
+    cfg = config.load(cfg_file, spec_file, ['n_epochs=9', 'learning_rate=1e-3', 'lr_step=[3]',
+                                            'rand_crop=false', 'gpu=cpu'], SCHEMA)
+    assert cfg['n_epochs'] == 9 and cfg['batch_size'] == 64
+    assert cfg['learning_rate'] == 0.001 and isinstance(cfg['learning_rate'], float)
+    assert cfg['lr_step'] == [3] and cfg['rand_crop'] is False and cfg['gpu'] == 'cpu'
+    assert cfg['momentum'] == 0.9  # untouched default
+    assert list(cfg) == list(SCHEMA)
+
+
+def test_int_is_accepted_as_float_but_not_the_reverse(tmp_path):
+    f = write(tmp_path / 'c.yaml', 'learning_rate: 1\n')
+    assert config.load(f, f, [], SCHEMA)['learning_rate'] == 1.0
+    with pytest.raises(config.ConfigError, match="'n_epochs'.*int"):
+        config.load(f, f, ['n_epochs=2.5'], SCHEMA)
+    with pytest.raises(config.ConfigError, match="'rand_crop'.*bool"):
+        config.load(f, f, ['rand_crop=maybe'], SCHEMA)
+    with pytest.raises(config.ConfigError, match="'lr_policy'.*step, auto"):
+        config.load(f, f, ['lr_policy=cosine'], SCHEMA)
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    f = write(tmp_path / 'c.yaml', 'learnig_rate: 0.1\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(f, f, [], SCHEMA)
+    assert "'learnig_rate'" in str(e.value) and "'learning_rate'" in str(e.value)
+    assert str(tmp_path / 'c.yaml') in str(e.value)
+    g = write(tmp_path / 'g.yaml', '')
+    with pytest.raises(config.ConfigError, match="did you mean 'n_epochs'"):
+        config.load(g, g, ['n_epoch=3'], SCHEMA)
+
+
+def test_bad_override_syntax_and_bad_yaml(tmp_path):
+    g = write(tmp_path / 'g.yaml', '')
+    with pytest.raises(config.ConfigError, match="'n_epochs' is not of the form"):
+        config.load(g, g, ['n_epochs'], SCHEMA)
+    bad = write(tmp_path / 'bad.yaml', 'a: [1\n')
+    with pytest.raises(config.ConfigError, match='bad.yaml is not valid YAML'):
+        config.load(bad, g, [], SCHEMA)
+    with pytest.raises(config.ConfigError, match='cannot read config file'):
+        config.load(str(tmp_path / 'missing.yaml'), g, [], SCHEMA)
+
+
+def test_paths_are_relative_to_their_file_or_to_cwd(tmp_path, monkeypatch):
+    sub = tmp_path / 'sub'
+    sub.mkdir()
+    f = write(sub / 'c.yaml', 'mean_file: misc/mean.npy\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(f, f, ['weights_dir=out'], SCHEMA)
+    assert cfg['mean_file'] == str(sub / 'misc' / 'mean.npy')
+    assert cfg['weights_dir'] == str(tmp_path / 'out')
+
+
+def test_dump_round_trips(tmp_path):
+    f = write(tmp_path / 'c.yaml', '')
+    cfg = config.load(f, f, ['lr_step=[1, 2]'], SCHEMA)
+    config.dump(cfg, tmp_path / 'out.yaml')
+    assert yaml.safe_load((tmp_path / 'out.yaml').read_text()) == cfg
+
+
+def test_train_py_reports_unknown_key_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), 'n_epoch=3'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: unknown config key 'n_epoch' in command-line overrides; did you mean 'n_epochs'?"]

@@ -1,0 +1,101 @@
+"""Reading batches, the trainer's crop/mirror plan, and the in-process loader."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lib import data
+from tests.helpers import make_batches, write_hkl
+
+
+def reference_crop(batch, mean, cx, cy, mirror, c):
+    """The original's per-image recipe in numpy: (image - mean), crop, mirror, then to (B,3,c,c)."""
+    out = []
+    for i in range(batch.shape[3]):
+        img = batch[:, :, :, i].astype(np.float32) - mean
+        img = img[:, cy[i]:cy[i] + c, cx[i]:cx[i] + c]
+        out.append(img[:, :, ::-1] if mirror[i] else img)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize('per_batch', [False, True])
+def test_crop_mirror_matches_the_reference_bitwise(per_batch):
+    rng = np.random.RandomState(0)
+    batch = rng.randint(0, 256, (3, 20, 20, 6)).astype(np.uint8)
+    mean = rng.uniform(0, 255, (3, 20, 20)).astype(np.float32)
+    gen = torch.Generator().manual_seed(3)
+    plan = data.make_plan(gen, 5, 6, 20, 15, train=True, batch_crop_mirror=per_batch)
+    for step in plan:
+        got = data.crop_mirror(torch.from_numpy(batch), torch.from_numpy(mean), step, 15)
+        want = reference_crop(batch, mean, step.crop_x.numpy(), step.crop_y.numpy(),
+                              step.mirror.numpy(), 15)
+        assert got.shape == (6, 3, 15, 15) and got.is_contiguous()
+        assert np.array_equal(got.numpy(), want)
+
+
+def test_plan_draws_are_seeded_in_range_and_centre_when_not_random():
+    def plan(seed, **kw):
+        return data.make_plan(torch.Generator().manual_seed(seed), 50, 64, 256, 227, **kw)
+    a, b = plan(1, train=True, shuffle=True), plan(1, train=True, shuffle=True)
+    assert [s.file for s in a] == [s.file for s in b] and sorted(s.file for s in a) == list(range(50))
+    assert all(torch.equal(x.crop_x, y.crop_x) and torch.equal(x.mirror, y.mirror) for x, y in zip(a, b))
+    xs = torch.cat([s.crop_x for s in a])
+    assert xs.min() == 0 and xs.max() == 28 and len(xs.unique()) == 29  # [0, 2 * 14], as the original
+    assert 0.4 < torch.cat([s.mirror for s in a]).float().mean() < 0.6
+    assert [s.file for s in plan(1, train=True)] == list(range(50))  # shuffle off: in order
+    for s in plan(1, train=False) + plan(1, train=True, rand_crop=False):
+        assert (s.crop_x == 14).all() and (s.crop_y == 14).all() and not s.mirror.any()
+    per_batch = plan(2, train=True, batch_crop_mirror=True)
+    assert all(len(s.crop_x.unique()) == 1 and len(s.mirror.unique()) == 1 for s in per_batch)
+
+
+def test_batch_folder_reads_c01b_and_aligns_labels(tmp_path):
+    keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=8)
+    folder = data.BatchFolder(keys['train_folder'], os.path.join(keys['label_folder'],
+                                                                  'train_labels.npy'), 4)
+    assert len(folder) == 3 and folder.image_size() == 8
+    assert folder.read(2).shape == (3, 8, 8, 4) and folder.read(2).dtype == np.uint8
+    labels = np.load(os.path.join(keys['label_folder'], 'train_labels.npy'))
+    assert np.array_equal(folder.labels[1], labels[4:8])
+    halves = data.BatchFolder(keys['train_folder'].replace('_b_4', '_b_2'),
+                              os.path.join(keys['label_folder'], 'train_labels_1.npy'), 2, part=1)
+    assert np.array_equal(halves.read(1), folder.read(1)[..., 2:])
+    assert np.array_equal(halves.labels[1], labels[6:8])
+
+
+def test_bad_files_give_errors_naming_them(tmp_path):
+    keys = make_batches(str(tmp_path), n_train=2, n_val=1, batch=4, size=8)
+    labels = os.path.join(keys['label_folder'], 'train_labels.npy')
+    corrupt = os.path.join(keys['train_folder'], '0001.hkl')
+    with open(corrupt, 'wb') as f:
+        f.write(b'not hdf5 at all')
+    folder = data.BatchFolder(keys['train_folder'], labels, 4)
+    with pytest.raises(data.DataError, match='0001.hkl'):
+        folder.read(1)
+    write_hkl(corrupt, np.zeros((3, 8, 8, 5), np.uint8))
+    with pytest.raises(data.DataError, match=r'0001.hkl: expected uint8 \(3, S, S, 4\)'):
+        folder.read(1)
+    with pytest.raises(data.DataError, match='train_labels.npy holds 8 labels.*needs 2 batches x 8'):
+        data.BatchFolder(keys['train_folder'], labels, 8)
+    os.remove(os.path.join(keys['train_folder'], '0000.hkl'))
+    with pytest.raises(data.DataError, match='not numbered 0..0'):
+        data.BatchFolder(keys['train_folder'], labels, 4)
+    with pytest.raises(data.DataError, match='no NNNN.hkl batch files in'):
+        data.BatchFolder(str(tmp_path), labels, 4)
+    with pytest.raises(data.DataError, match=r'img_mean.npy: mean image has shape \(3, 8, 8\)'):
+        data.load_mean(keys['mean_file'], 16)
+
+
+def test_loader_on_device_path_equals_host_path(tmp_path):
+    keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=12)
+    folder = data.BatchFolder(keys['train_folder'], os.path.join(keys['label_folder'],
+                                                                  'train_labels.npy'), 4)
+    mean = data.load_mean(keys['mean_file'], 12)
+    plan = data.make_plan(torch.Generator().manual_seed(0), 3, 4, 12, 10, train=True, shuffle=True)
+    host = list(data.InProcessLoader(folder, mean, 10, 'cpu', on_device=False).epoch(plan))
+    dev = list(data.InProcessLoader(folder, mean, 10, 'cpu', on_device=True).epoch(plan))
+    assert len(host) == 3
+    for (x1, y1), (x2, y2), step in zip(host, dev, plan):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert torch.equal(y1, torch.from_numpy(folder.labels[step.file]))

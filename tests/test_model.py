@@ -1,0 +1,80 @@
+"""The networks: reference §2 shapes, parameter count, LRN, dropout, initialisation."""
+import torch
+
+from lib import model
+
+
+def test_alexnet_layer_shapes_and_parameter_count():
+    net = model.build('alexnet', 1000, 0.5, 227, seed=1)
+    assert sum(p.numel() for p in net.parameters()) == 60_965_224
+    shapes = {n: tuple(p.shape) for n, p in net.named_parameters() if n.endswith('weight')}
+    assert list(shapes.values()) == [(96, 3, 11, 11), (256, 48, 5, 5), (384, 256, 3, 3),
+                                     (384, 192, 3, 3), (256, 192, 3, 3), (4096, 9216),
+                                     (4096, 4096), (1000, 4096)]
+    x = torch.zeros(1, 3, 227, 227)
+    sizes = []
+    for layer in net.features:
+        x = layer(x)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            sizes.append(tuple(x.shape[1:]))
+    assert sizes == [(96, 55, 55), (96, 27, 27), (256, 27, 27), (256, 13, 13), (384, 13, 13),
+                     (384, 13, 13), (256, 13, 13), (256, 6, 6)]
+    # LRN comes after pooling in conv1 and conv2 (unlike Caffe)
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds[1:4] == ['ReLU', 'MaxPool2d', 'CrossChannelLRN']
+    assert kinds[5:8] == ['ReLU', 'MaxPool2d', 'CrossChannelLRN']
+
+
+def test_fc8_follows_the_number_of_classes():
+    net = model.build('alexnet', 10, 0.5, 227, seed=1)
+    assert sum(p.numel() for p in net.parameters()) == 60_965_224 - 4097 * 990
+    assert net(torch.zeros(2, 3, 227, 227)).shape == (2, 10)
+
+
+def test_lrn_is_pylearn2_cross_channel_normalisation():
+    x = torch.randn(2, 8, 3, 3) * 30
+    y = model.CrossChannelLRN()(x)
+    sq = torch.nn.functional.pad(x ** 2, (0, 0, 0, 0, 2, 2))  # channel padding
+    window = sum(sq[:, i:i + 8] for i in range(5))          # sum over 5 neighbouring channels
+    assert torch.allclose(y, x / (2 + 1e-4 * window) ** 0.75, rtol=1e-5)
+
+
+def test_dropout_is_not_inverted():
+    d = model.Dropout(0.5)
+    x = torch.ones(10000)
+    d.train()
+    y = d(x)
+    assert set(y.unique().tolist()) == {0.0, 1.0}        # mask only, no 1/(1-p)
+    assert 0.45 < y.mean() < 0.55
+    d.eval()
+    assert torch.equal(d(x), x * 0.5)                  # test time scales by 1 - p
+
+
+def test_initialisation_follows_the_reference():
+    net = model.build('alexnet', 1000, 0.5, 227, seed=23455)
+    params = dict(net.named_parameters())
+    convs = ['features.0', 'features.4', 'features.8', 'features.10', 'features.12']
+    fcs = ['classifier.0', 'classifier.3', 'classifier.6']
+    for name, std, bias in zip(convs + fcs, [0.01] * 5 + [0.005, 0.005, 0.01],
+                               [0, 0.1, 0, 0.1, 0, 0.1, 0.1, 0]):
+        w, b = params[name + '.weight'], params[name + '.bias']
+        assert abs(w.std().item() - std) < 0.05 * std and abs(w.mean().item()) < 0.05 * std
+        assert torch.all(b == bias)
+
+
+def test_same_seed_same_weights_in_every_worker():
+    a = model.build('alexnet_cifar', 10, 0.0, 32, seed=7).state_dict()
+    b = model.build('alexnet_cifar', 10, 0.0, 32, seed=7).state_dict()
+    c = model.build('alexnet_cifar', 10, 0.0, 32, seed=8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a['features.0.weight'], c['features.0.weight'])
+
+
+def test_alexnet_cifar_is_the_18pct_net():
+    net = model.build('alexnet_cifar', 10, 0.0, 32, seed=1)
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(32, (5, 5)), (32, (5, 5)),
+                                                                 (64, (5, 5))]
+    assert net.classifier.in_features == 64 * 4 * 4
+    assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    assert model.build('alexnet_cifar', 10, 0.0, 24, seed=1)(torch.zeros(1, 3, 24, 24)).shape == (1, 10)

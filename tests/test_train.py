@@ -1,0 +1,108 @@
+"""train.py end to end on a tiny dataset; snapshots; 2 + 2 epochs == 4 epochs, bit for bit."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train
+from lib import config
+from tests.helpers import make_batches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
+
+
+def tiny_config(root, **over):
+    keys = make_batches(os.path.join(root, 'data'), n_train=3, n_val=2, batch=8, size=36)
+    values = dict(keys, model='alexnet_cifar', crop_size=32, gpu='cpu', n_epochs=4, print_freq=2,
+                  weights_dir=os.path.join(root, 'w'), shuffle=True)
+    values.update(over)
+    return config.merge(SCHEMA, [('test', values, root)])
+
+
+def test_train_py_end_to_end(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=8, n_val=2, batch=8, size=36)
+    args = [f'{k}={v}' for k, v in keys.items()] + [
+        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', 'n_epochs=3', 'print_freq=4',
+        'weights_dir=w', 'lib_conv=cudnn', 'learning_rate=0.003']
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')] + args,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert 'notice: lib_conv is ignored' in out
+    assert 'epoch 1 iter 4/8 | cost ' in out and ' img/s | data wait ' in out
+    assert 'done: epoch 3, val top-1 accuracy' in out
+    w = tmp_path / 'w'
+    record = np.load(w / 'val_record.npy')
+    assert record.shape == (3, 2) and record.dtype == np.float64
+    assert np.all((record[:, 0] >= 0) & (record[:, 0] <= 1)) and np.all(record[:, 1] > 0)
+    assert record[:, 0].min() < 0.3  # three separable classes: far under chance (0.67)
+    rows = list(csv.DictReader(open(w / 'history.csv')))
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3]
+    assert [float(r['val_error']) for r in rows] == pytest.approx(record[:, 0].tolist())
+    saved = yaml.safe_load(open(w / 'config.yaml'))
+    assert saved['weights_dir'] == str(w) and saved['n_epochs'] == 3 and saved['learning_rate'] == 0.003
+    assert sorted(os.listdir(w)) == ['config.yaml', 'history.csv', 'model_1.pt', 'model_2.pt',
+                                     'model_3.pt', 'val_record.npy']
+
+
+def test_snapshot_is_one_weights_only_dict(tmp_path):
+    cfg = tiny_config(str(tmp_path), n_epochs=1)
+    train.run(cfg)
+    state = torch.load(tmp_path / 'w' / 'model_1.pt', weights_only=True)
+    assert set(state) == {'model', 'momentum', 'epoch', 'lr', 'val_record', 'history', 'config', 'rng'}
+    assert state['epoch'] == 1 and state['lr'] == 0.01 and state['config'] == cfg
+    assert list(state['model']) == list(state['momentum'])  # a buffer for every parameter
+    assert all(isinstance(t, torch.Tensor) for t in state['rng'].values())
+    assert state['val_record'].shape == (1, 2)
+    net = __import__('lib.model', fromlist=['build']).build('alexnet_cifar', 3, 0.0, 32, seed=0)
+    net.load_state_dict(state['model'])  # the conventional PyTorch layout
+
+
+def test_two_plus_two_epochs_equal_four_bitwise(tmp_path):
+    # dropout and random crops/mirrors/shuffles on, so every RNG stream must be restored
+    full = train.run(tiny_config(str(tmp_path / 'a'), dropout=0.5, lr_step=[3]))
+    train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, lr_step=[3]))
+    resumed = train.run(tiny_config(str(tmp_path / 'b'), resume_train=True, load_epoch=2,
+                                    lr_step=[3]))
+    a = torch.load(tmp_path / 'a' / 'w' / 'model_4.pt', weights_only=True)
+    b = torch.load(tmp_path / 'b' / 'w' / 'model_4.pt', weights_only=True)
+    for part in ('model', 'momentum'):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a['lr'] == b['lr'] == pytest.approx(0.001)  # the step at epoch 3 happened after resuming
+    for x, y in zip(full, resumed):
+        assert {k: v for k, v in x.items() if k not in ('seconds', 'img_per_s')} == \
+               {k: v for k, v in y.items() if k not in ('seconds', 'img_per_s')}
+    assert np.array_equal(np.load(tmp_path / 'a' / 'w' / 'val_record.npy'),
+                          np.load(tmp_path / 'b' / 'w' / 'val_record.npy'))
+
+
+def test_data_layer_on_and_off_train_identically(tmp_path):
+    a = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=2, use_data_layer=False))
+    b = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, use_data_layer=True))
+    assert [h['val_loss'] for h in a] == [h['val_loss'] for h in b]
+
+
+def test_resume_from_a_missing_snapshot_names_it(tmp_path):
+    cfg = tiny_config(str(tmp_path), n_epochs=1)
+    train.run(cfg)
+    with pytest.raises(FileNotFoundError, match=r'model_7.pt.*snapshots there: \[1\]'):
+        train.run(dict(cfg, resume_train=True, load_epoch=7))
+
+
+def test_bad_device_and_crop_are_one_line_errors(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=4, size=36)
+    base = [sys.executable, os.path.join(ROOT, 'train.py')] + [f'{k}={v}' for k, v in keys.items()]
+    for extra, msg in ((['gpu=tpu3'], "gpu: 'tpu3' is not a device"),
+                       (['model=alexnet_cifar', 'crop_size=40', 'gpu=cpu'],
+                        'crop_size 40 is larger than the images (36 px)')):
+        r = subprocess.run(base + extra + ['weights_dir=w'], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=120)
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
