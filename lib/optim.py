@@ -40,8 +40,8 @@ class MomentumSGD:
             params = [self.params[i] for i in idx]
             grads = [self.params[i].grad for i in idx]
             lr = self.lr * lr_mult
-            if decay:
-                grads = torch._foreach_add(grads, params, alpha=decay)  # g + decay * p
+            if decay:  # in place: the gradients are spent after the step (zero_grad drops them)
+                torch._foreach_add_(grads, params, alpha=decay)  # g + decay * p
             if not self.use_momentum:
                 torch._foreach_add_(params, grads, alpha=-lr)
                 continue

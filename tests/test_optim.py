@@ -34,8 +34,10 @@ def test_two_steps_match_a_hand_computation(mode):
                 v = -lr_eff * g_eff
             p0 = p0 + v
         expected[name] = (p0, v)
-    opt.step()
-    opt.step()
+    grads = [w.grad.clone(), b.grad.clone()]
+    for _ in range(2):  # fresh gradients each step, as after a backward pass
+        w.grad, b.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
     for name, p, buf in (('w', w, opt.momentum[0]), ('b', b, opt.momentum[1])):
         np.testing.assert_allclose(p.detach().numpy(), expected[name][0], rtol=1e-6, atol=1e-7)
         if mode != 'plain':
