@@ -1,0 +1,81 @@
+"""Training speed of one device on synthetic in-memory input (the ceiling: no data loading).
+
+    .venv/bin/python -m benchmarks.train_speed                       # both models, cpu
+    .venv/bin/python -m benchmarks.train_speed --models alexnet --batch 64 --steps 5
+
+Prints a markdown table: ms per forward / backward / update and img/s of a whole step, median over
+--steps timed steps after --warmup. The baseline row of each model runs the same step with
+torch.optim.SGD(momentum, foreach) in place of our MomentumSGD, measured in the same run.
+"""
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lib import model, optim, trainer
+
+SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_steps(net, opt, x, y, steps, warmup, device):
+    """Median ms of forward, backward, update, and of the whole step."""
+    rows = []
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        sync(device)
+        t1 = time.perf_counter()
+        opt.zero_grad()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        sync(device)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            rows.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    return [1000 * statistics.median(col) for col in zip(*rows)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', nargs='+', default=['alexnet_cifar', 'alexnet'])
+    p.add_argument('--batch', type=int, default=None, help='default: 128 (cifar), 32 (alexnet)')
+    p.add_argument('--device', default='auto')
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=2)
+    args = p.parse_args()
+    device = trainer.resolve_device(args.device)
+    print(f'machine: {platform.machine()}, {torch.get_num_threads()} threads, device {device}'
+          f'{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}; '
+          f'torch {torch.__version__}, python {platform.python_version()}\n')
+    print('| model | batch | optimiser | forward ms | backward ms | update ms | step ms | img/s |')
+    print('|---|---|---|---|---|---|---|---|')
+    for name in args.models:
+        size = SIZES[name]
+        batch = args.batch or (128 if name == 'alexnet_cifar' else 32)
+        x = torch.randn(batch, 3, size, size, device=device) * 50
+        y = torch.randint(0, 1000 if name == 'alexnet' else 10, (batch,), device=device)
+        for label in ('ours (MomentumSGD)', 'baseline torch.optim.SGD'):
+            net = model.build(name, 1000 if name == 'alexnet' else 10, 0.5, size, 1).to(device)
+            if label.startswith('ours'):
+                opt = optim.MomentumSGD(net.named_parameters(), 0.01)
+            else:
+                opt = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9, weight_decay=5e-4,
+                                      foreach=True)
+            fwd, bwd, upd, step = time_steps(net, opt, x, y, args.steps, args.warmup, device)
+            print(f'| {name} | {batch} | {label} | {fwd:.1f} | {bwd:.1f} | {upd:.2f} | '
+                  f'{step:.1f} | {1000 * batch / step:.0f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
