@@ -1,0 +1,237 @@
+"""Preprocessing: raw images -> hickle batch files, labels, mean image and file lists.
+
+    sh preprocessing/generate_data.sh [PATHS_YAML]        # every image (default preprocessing/paths.yaml)
+    sh preprocessing/generate_toy_data.sh [PATHS_YAML]    # only the first 10 batches of train and of val
+    python -m preprocessing.make_data [PATHS_YAML] [--toy] [--workers N]   # the same, from the repo root
+
+Outputs (B = batch_size, S = img_size, n in sub_batches; paths as set in the paths file):
+    <tar_train_dir>_b<B>_b_<B//n>/NNNN.hkl (n = 1) or NNNN_<i>.hkl (n > 1, part i of batch NNNN):
+        uint8 (3, S, S, B//n) = c01b; training images in shuffled order; last incomplete batch dropped
+    <tar_val_dir>_b<B>_b_<B//n>/...     the same for val, in sorted order
+    <tar_root_dir>/labels/{train,val}_labels.npy        int64, one per image in the batch files
+                          {train,val}_labels_<i>.npy    n = 2: labels of part i of every batch
+                          {train,val}_labels_b<B//n>_<i>.npy  other n > 1
+    <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders
+    <misc_dir>/shuffled_train_filenames.npy, img_mean.npy (float32 (3, S, S), over all training
+        batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json
+    traintxt_filename ("<class>/<file> <label>", shuffled order), valtxt_filename ("<file> <label>")
+
+Two phases make the batches independent of the number of workers: 1) decode every listed file, giving
+the list of valid ones; 2) write batches of valid files. An interrupted run resumes where it stopped
+(see resume.py).
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import numpy as np
+import yaml
+
+from preprocessing import PrepError
+from preprocessing.layouts import list_dataset
+from preprocessing.paths import load_paths
+from preprocessing.resume import digest, guard, read_record, save_record, shuffled_train
+from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, parallel_map,
+                                  remove_stale_temps, run_job, save_npy, save_text)
+
+TOY_BATCHES = 10
+DEFAULT_PATHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paths.yaml')
+
+
+def make_data(paths_file, toy=False, workers=None):
+    """Run both phases for the dataset of a paths file; returns the summary written to dataset.yaml."""
+    start = time.perf_counter()
+    cfg = load_paths(paths_file)
+    workers = workers or cfg['workers'] or available_cores()
+    listing = list_dataset(cfg)
+    folders = [batch_dir(d, cfg['batch_size'], n) for d in (cfg['tar_train_dir'], cfg['tar_val_dir'])
+               for n in cfg['sub_batches']]
+    labels_dir = os.path.join(cfg['tar_root_dir'], 'labels')
+    for folder in folders + [labels_dir, cfg['misc_dir']]:
+        os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(folders + [labels_dir, cfg['misc_dir'], cfg['tar_root_dir'],
+                                  os.path.dirname(cfg['traintxt_filename']),
+                                  os.path.dirname(cfg['valtxt_filename'])])
+    settings = {'img_size': cfg['img_size'], 'batch_size': cfg['batch_size'],
+                'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy}
+    record = read_record(cfg['misc_dir'])
+    guard(cfg, record, settings)
+    valid, labels, bad, checked = phase_1(cfg, listing, toy, workers, record)
+    files_hash = digest([listing.classes, valid, labels])
+    guard(cfg, record, settings, files_hash)
+    save_record(cfg['misc_dir'], {'settings': settings, 'files': files_hash, 'checked': checked})
+    phase_1_s = time.perf_counter() - start
+    n_batches, written = phase_2(cfg, valid, workers)
+    for split in ('train', 'val'):
+        save_labels(labels_dir, split, labels[split][:n_batches[split] * cfg['batch_size']], cfg)
+    save_lists(cfg, valid, labels)
+    summary = describe(cfg, listing, toy, valid, bad, n_batches)
+    save_text(os.path.join(cfg['tar_root_dir'], 'dataset.yaml'), yaml.safe_dump(summary, sort_keys=False))
+    reused = record is not None and record['checked']['listing'] == checked['listing']
+    timing = {'workers': workers, 'checked': 0 if reused else sum(len(valid[s]) + len(bad[s]) for s in bad),
+              'phase_1_s': phase_1_s, 'written': written, 'total_s': time.perf_counter() - start}
+    print_summary(summary, cfg, folders, labels_dir, timing)
+    return summary
+
+
+def phase_1(cfg, listing, toy, workers, record):
+    """Decode every listed file (a resumed run reuses the answer of the run it continues).
+    Returns the valid files and their labels per split, the unreadable files with the reason, and
+    what fingerprint.json keeps of this phase."""
+    batch_size, size = cfg['batch_size'], cfg['img_size']
+    limit = TOY_BATCHES * batch_size if toy else None
+    train = shuffled_train(cfg['misc_dir'], listing.train)
+    listed = digest([listing.classes, train, listing.val, listing.val_labels, size, limit])
+    reuse = record['checked']['bad'] if record and record['checked']['listing'] == listed else None
+    valid, bad = {}, {}
+    for split, files in (('train', train), ('val', listing.val)):
+        valid[split], bad[split] = check_split(cfg[f'{split}_img_dir'], files, limit, size, workers,
+                                               split, reuse and reuse[split])
+    bad_list = os.path.join(cfg['misc_dir'], 'bad_images.txt')
+    save_text(bad_list, ''.join(f'{s}\t{f}\t{reason}\n' for s in bad for f, reason in bad[s]))
+    for split in ('train', 'val'):
+        if len(valid[split]) < batch_size:
+            raise PrepError(f'{split}: {len(valid[split])} readable images in {cfg[f"{split}_img_dir"]}, '
+                            f'fewer than one batch of {batch_size} ({len(bad[split])} unreadable: '
+                            f'see {bad_list})')
+    val_label = dict(zip(listing.val, listing.val_labels))
+    labels = {'train': listing.train_labels(valid['train']), 'val': [val_label[f] for f in valid['val']]}
+    return valid, labels, bad, {'listing': listed, 'bad': bad}
+
+
+def phase_2(cfg, valid, workers):
+    """Write the batch files (those not written yet) and the mean image.
+    Returns the number of batches per split and the number of images written by this run."""
+    batch_size, sums, written = cfg['batch_size'], {}, 0
+    for split in ('train', 'val'):
+        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'],
+                          want_sum=split == 'train')
+        count = len(valid[split]) // batch_size
+        sums[split] = []
+        for batch_sum, wrote in parallel_map(run_job, jobs, count, workers, f'write {split}', batch_size):
+            sums[split].append(batch_sum)
+            written += wrote * batch_size
+    n_batches = {split: len(sums[split]) for split in sums}
+    # exact integer sums per batch: the mean does not depend on how the batches were shared out
+    total = np.sum(sums['train'], axis=0, dtype=np.uint64)                      # (3, S, S)
+    mean = (total / (n_batches['train'] * batch_size)).astype(np.float32)
+    save_npy(os.path.join(cfg['misc_dir'], 'img_mean.npy'), mean)
+    return n_batches, written
+
+
+def describe(cfg, listing, toy, valid, bad, n_batches):
+    """The contents of dataset.yaml."""
+    batch_size = cfg['batch_size']
+    counts = {}
+    for s in ('train', 'val'):
+        counts.update({f'{s}_images': n_batches[s] * batch_size, f'{s}_batches': n_batches[s],
+                       f'{s}_dropped': len(valid[s]) - n_batches[s] * batch_size})
+    return {
+        'num_classes': len(listing.classes), 'class_names': listing.classes, 'img_size': cfg['img_size'],
+        'batch_size': batch_size, 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy,
+        'counts': counts, 'bad_files': {s: len(bad[s]) for s in bad},
+        'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'meta_clsloc_mat', 'val_label_file')},
+    }
+
+
+def check_split(root, files, limit, size, workers, split, reuse=None):
+    """(valid files, [[file, reason], ...] of the others), in the order of `files`, stopping at
+    `limit` valid files: the toy run checks only what it uses. `reuse`: the bad files found by an
+    earlier run over the same listing."""
+    if reuse is not None:
+        skip = {f for f, _ in reuse}
+        return [f for f in files if f not in skip][:limit], reuse
+    valid, bad, start = [], [], 0
+    while start < len(files) and (limit is None or len(valid) < limit):
+        # a chunk of exactly as many files as are still needed, so every checked file is used
+        end = len(files) if limit is None else min(len(files), start + limit - len(valid))
+        chunk = files[start:end]
+        paths = (os.path.join(root, *f.split('/')) for f in chunk)
+        reasons = parallel_map(partial(check_file, size=size), paths, len(chunk), workers, f'check {split}',
+                               chunksize=64)
+        for f, reason in zip(chunk, reasons):
+            if reason is None:
+                valid.append(f)
+            else:
+                bad.append([f, reason])
+        start = end
+    return valid, bad
+
+
+def batch_jobs(cfg, root, files, tar_dir, want_sum):
+    """Yield one BatchJob per whole batch of `files`; the remainder is dropped."""
+    batch_size = cfg['batch_size']
+    for k in range(len(files) // batch_size):
+        images = tuple(os.path.join(root, *f.split('/')) for f in files[k * batch_size:(k + 1) * batch_size])
+        outputs = tuple((n, tuple(os.path.join(batch_dir(tar_dir, batch_size, n), name)
+                                  for name in batch_names(k, n))) for n in cfg['sub_batches'])
+        yield BatchJob(images, outputs, cfg['img_size'], want_sum)
+
+
+def save_labels(folder, split, labels, cfg):
+    """int64 labels in batch order; for each n > 1 in sub_batches, those of part i of every batch."""
+    labels, batch_size = np.asarray(labels, np.int64), cfg['batch_size']
+    save_npy(os.path.join(folder, f'{split}_labels.npy'), labels)
+    for n in cfg['sub_batches']:
+        parts = labels.reshape(-1, n, batch_size // n)  # (batches, part, image)
+        for i in range(n if n > 1 else 0):
+            name = f'{split}_labels_{i}.npy' if n == 2 else f'{split}_labels_b{batch_size // n}_{i}.npy'
+            save_npy(os.path.join(folder, name), parts[:, i].ravel())
+
+
+def save_lists(cfg, valid, labels):
+    """train.txt / val.txt, caffe style: every readable image with its label."""
+    for split, path in (('train', cfg['traintxt_filename']), ('val', cfg['valtxt_filename'])):
+        save_text(path, ''.join(f'{f} {y}\n' for f, y in zip(valid[split], labels[split])))
+
+
+def print_summary(summary, cfg, folders, labels_dir, timing):
+    counts, bad, t = summary['counts'], summary['bad_files'], timing
+    write_s = max(t['total_s'] - t['phase_1_s'], 1e-9)
+    check = (f'checked {t["checked"]} files at {t["checked"] / max(t["phase_1_s"], 1e-9):.0f}/s'
+             if t['checked'] else 'reused the file check of the previous run')
+    print(f'done in {t["total_s"]:.1f} s with {t["workers"]} worker(s): {check}; wrote {t["written"]} '
+          f'images at {t["written"] / write_s:.0f}/s; '
+          f'{t["written"] / t["total_s"]:.0f} images/s overall')
+    for s in ('train', 'val'):
+        print(f'{s}: {counts[f"{s}_batches"]} batches = {counts[f"{s}_images"]} images '
+              f'({counts[f"{s}_dropped"]} dropped to make whole batches, {bad[s]} unreadable)')
+    if bad['train'] + bad['val']:
+        print(f'unreadable files are listed in {os.path.join(cfg["misc_dir"], "bad_images.txt")}')
+    print('batches: ' + ', '.join(folders))
+    print(f'labels: {labels_dir}   mean, lists: {cfg["misc_dir"]}   '
+          f'summary: {os.path.join(cfg["tar_root_dir"], "dataset.yaml")}')
+
+
+def available_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='python -m preprocessing.make_data',
+                                     description=__doc__.split('\n\n')[0])
+    parser.add_argument('paths', nargs='?', default=DEFAULT_PATHS, help='paths file (YAML)')
+    parser.add_argument('--toy', action='store_true', help=f'only the first {TOY_BATCHES} batches')
+    parser.add_argument('--workers', type=int, default=None, help='processes (default: paths file)')
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)  # `kill`: stop as cleanly as Ctrl-C
+    try:
+        make_data(args.paths, toy=args.toy, workers=args.workers)
+    except PrepError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted: run the same command again to resume', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Preprocessing (preprocessing/): raw image trees -> hkl batches, labels, mean, lists.
+
+Every test builds its own tiny image tree in a temporary folder. Each image is a solid colour unique to
+its file, so a batch can be decoded back to the files (and classes) it holds and compared with the
+labels and lists written next to it.
+"""
+import itertools
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import hickle
+import numpy as np
+import pytest
+import scipy.io
+import yaml
+from PIL import Image
+
+from preprocessing import make_data, make_demo_data
+from preprocessing.images import load_rgb, to_rgb
+from preprocessing.paths import KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+S, B = 16, 4                                      # img_size, batch_size of the test runs
+WNIDS = ['n01000001', 'n02000002', 'n03000003']   # train class folders (label = index)
+# devkit synsets (ILSVRC id, WNID): ids not in WNID order; n04000004 has no train folder
+SYNSETS = [(1, 'n03000003'), (2, 'n01000001'), (3, 'n04000004'), (4, 'n02000002')]
+# solid colours for ordinary files: no grays, at least 70 apart, far from the hostile files' colours
+GRID = [c for c in itertools.product((30, 100, 170, 240), repeat=3) if len(set(c)) > 1]
+EXTS = ['.jpg', '.JPG', '.png', '.jpeg', '.PNG', '.JPEG']   # any case is accepted
+EXIF_TOP, EXIF_BOTTOM = (250, 250, 0), (0, 250, 250)
+
+
+# ---------------------------------------------------------------------------------- image trees
+def save(im, **kw):
+    return lambda path: im.save(path, **kw)
+
+
+def exif_rotated(path):
+    """20x12 stored, left half EXIF_TOP; orientation 6 (rotate 90 cw to display): EXIF_TOP on top."""
+    im = Image.new('RGB', (20, 12), EXIF_BOTTOM)
+    im.paste(EXIF_TOP, (0, 0, 10, 12))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(path, format='JPEG', quality=95, exif=exif.tobytes())
+
+
+def truncated_jpeg(path):
+    noise = np.random.RandomState(0).randint(0, 256, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(noise).save(path, format='JPEG')
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:len(data) // 2])
+
+
+def hostile_files():
+    """(name, write(path), RGB the image must become): every odd kind of file that is still an image."""
+    size = (20, 12)
+    palette = Image.new('P', size, 0)
+    palette.putpalette([10, 200, 30] + [0, 0, 0] * 255)
+    gray16 = lambda v: Image.fromarray(np.full((12, 20), v, np.uint16))  # noqa: E731  (mode I;16)
+    return [
+        ('cmyk.jpg', save(Image.new('CMYK', size, (0, 255, 255, 0)), format='JPEG', quality=95), (255, 0, 0)),
+        ('gray.jpg', save(Image.new('L', size, 77), format='JPEG', quality=95), (77, 77, 77)),
+        ('gray_alpha.png', save(Image.new('LA', size, (150, 100))), (150, 150, 150)),
+        ('palette.png', save(palette, transparency=0), (10, 200, 30)),        # fully transparent
+        ('onebit.png', save(Image.new('1', size, 0)), (0, 0, 0)),
+        ('gray16.png', save(gray16(65535)), (255, 255, 255)),
+        ('gray16_mid.png', save(gray16(32896)), (128, 128, 128)),             # clipping would give 255
+        ('rgba.png', save(Image.new('RGBA', size, (40, 60, 220, 0))), (40, 60, 220)),
+        ('png_inside.JPEG', save(Image.new('RGB', size, (200, 120, 40)), format='PNG'), (200, 120, 40)),
+        ('rotated.jpg', exif_rotated, EXIF_TOP),
+    ]
+
+
+BAD_FILES = [('truncated.jpg', truncated_jpeg), ('empty.jpg', lambda p: Path(p).write_bytes(b'')),
+             ('text.jpg', lambda p: Path(p).write_text('not an image\n'))]
+
+
+def solid(path, rgb):
+    fmt = 'PNG' if path.suffix.lower() == '.png' else 'JPEG'
+    Image.new('RGB', (20, 12), rgb).save(path, format=fmt, quality=95)
+
+
+def make_train(root, classes, per_class=6, hostile=True, bad=True):
+    """train/<class>/...: solid images, the hostile files and the bad files spread over the classes.
+    Returns ({relpath: (label, rgb)} of the readable files, [relpaths of the bad ones])."""
+    colours, table, bad_files = iter(GRID), {}, []
+    for c, name in enumerate(classes):
+        folder = root / 'train' / name
+        folder.mkdir(parents=True)
+        (folder / 'readme.txt').write_text('not listed: not an image extension')
+        for j in range(per_class):
+            rel = f'{name}/img{j}{EXTS[j % len(EXTS)]}'
+            table[rel] = (c, next(colours))
+            solid(root / 'train' / rel, table[rel][1])
+    for i, (fname, write, rgb) in enumerate(hostile_files() if hostile else []):
+        c = i % len(classes)
+        write(root / 'train' / classes[c] / fname)
+        table[f'{classes[c]}/{fname}'] = (c, rgb)
+    for i, (fname, write) in enumerate(BAD_FILES if bad else []):
+        write(root / 'train' / classes[i % len(classes)] / fname)
+        bad_files.append(f'{classes[i % len(classes)]}/{fname}')
+    return table, bad_files
+
+
+def make_val_imagenet(root, n=14, bad=(5,)):
+    """Flat val/ILSVRC2012_val_<k>.JPEG, devkit/meta_clsloc.mat and devkit/gt.txt (ILSVRC ids)."""
+    (root / 'val').mkdir()
+    (root / 'devkit').mkdir()
+    id_of = {w: i for i, w in SYNSETS}
+    colours, table, gt = iter(GRID[::-1]), {}, []
+    for k in range(1, n + 1):
+        c = (2 * k) % len(WNIDS)
+        gt.append(id_of[WNIDS[c]])
+        name = f'ILSVRC2012_val_{k:08d}.JPEG'
+        if k in bad:
+            truncated_jpeg(root / 'val' / name)
+        else:
+            table[name] = (c, next(colours))
+            solid(root / 'val' / name, table[name][1])
+    synsets = np.array(SYNSETS, dtype=[('ILSVRC2014_ID', 'O'), ('WNID', 'O')])
+    scipy.io.savemat(root / 'devkit' / 'meta_clsloc.mat', {'synsets': synsets})
+    (root / 'devkit' / 'gt.txt').write_text(''.join(f'{i}\n' for i in gt))
+    return table
+
+
+def make_val_folders(root, classes, per_class=5):
+    table, colours = {}, iter(GRID[::-1])
+    for c, name in enumerate(classes):
+        (root / 'val' / name).mkdir(parents=True)
+        for j in range(per_class):
+            table[f'{name}/v{j}.jpg'] = (c, next(colours))
+            solid(root / 'val' / name / f'v{j}.jpg', table[f'{name}/v{j}.jpg'][1])
+    truncated_jpeg(root / 'val' / classes[0] / 'broken.jpg')
+    return table
+
+
+def write_paths(path, **settings):
+    """A paths file; its relative paths are relative to its folder (raw/ and out/ next to it)."""
+    cfg = dict(train_img_dir='raw/train', val_img_dir='raw/val', tar_root_dir='out',
+               tar_train_dir='out/train_hkl', tar_val_dir='out/val_hkl', misc_dir='out/misc',
+               meta_clsloc_mat='raw/devkit/meta_clsloc.mat', val_label_file='raw/devkit/gt.txt',
+               img_size=S, batch_size=B, sub_batches=[1, 2], workers=1, layout='imagenet')
+    cfg.update(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(paths, *args):
+    """make_data in this process; asserts success."""
+    assert make_data.main([str(paths), *args]) == 0
+
+
+def run_sh(script, *args, cwd):
+    return subprocess.run(['sh', str(REPO / 'preprocessing' / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------- reading outputs
+def batches(folder, part=None):
+    names = sorted(n for n in os.listdir(folder) if n.endswith('.hkl') and
+                   (('_' not in n) if part is None else n.endswith(f'_{part}.hkl')))
+    return [hickle.load(folder / n) for n in names]
+
+
+def decode(batch, table):
+    """Files whose colour each image of a (3, S, S, b) batch shows. The pixel is taken near the top
+    right corner: there the EXIF test image shows EXIF_TOP only if it was turned upright."""
+    rgb = batch[:, 1, S - 2, :].T.astype(int)                         # (b, 3)
+    keys = list(table)
+    colours = np.array([table[k][1] for k in keys])
+    dist = np.abs(rgb[:, None, :] - colours[None]).max(axis=2)        # (b, files)
+    assert dist.min(axis=1).max() <= 6, 'an image shows none of the expected colours'
+    return [keys[i] for i in dist.argmin(axis=1)]
+
+
+def listed(path):
+    return [line.rsplit(' ', 1) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def imagenet(tmp_path_factory):
+    """An imagenet-layout tree with hostile and bad files, preprocessed with 1 worker (warnings as
+    errors: a Pillow warning must not stop the run)."""
+    root = tmp_path_factory.mktemp('imagenet')
+    train, bad = make_train(root / 'raw', WNIDS)
+    val = make_val_imagenet(root / 'raw')
+    paths = write_paths(root / 'paths.yaml')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        run(paths)
+    return root, train, val, bad
+
+
+# ---------------------------------------------------------------------------------- tests
+def test_writes_exactly_the_reference_files(imagenet):
+    root, train, val, bad = imagenet
+    out = root / 'out'
+    n_train, n_val = len(train) // B, len(val) // B                   # 28 -> 7, 13 -> 3
+    expected = {'dataset.yaml', 'misc/shuffled_train_filenames.npy', 'misc/img_mean.npy',
+                'misc/bad_images.txt', 'misc/fingerprint.json', 'misc/train.txt', 'misc/val.txt'}
+    for split, n in (('train', n_train), ('val', n_val)):
+        expected |= {f'labels/{split}_labels{s}.npy' for s in ('', '_0', '_1')}
+        expected |= {f'{split}_hkl_b4_b_4/{k:04d}.hkl' for k in range(n)}
+        expected |= {f'{split}_hkl_b4_b_2/{k:04d}_{i}.hkl' for k in range(n) for i in (0, 1)}
+    found = {str(p.relative_to(out)) for p in out.rglob('*') if p.is_file()}
+    assert found == expected
+    for f in out.rglob('*.hkl'):
+        x = hickle.load(f)
+        assert x.dtype == np.uint8 and x.shape == (3, S, S, 4 if f.parent.name.endswith('b_4') else 2)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for s, length in (('', n * B), ('_0', n * B // 2), ('_1', n * B // 2)):
+            y = np.load(out / 'labels' / f'{split}_labels{s}.npy')
+            assert y.dtype == np.int64 and y.shape == (length,)
+    mean = np.load(out / 'misc' / 'img_mean.npy')
+    assert mean.dtype == np.float32 and mean.shape == (3, S, S)
+    shuffled = np.load(out / 'misc' / 'shuffled_train_filenames.npy')
+    assert shuffled.dtype.kind == 'U' and len(shuffled) == len(train) + len(bad)
+    info = yaml.safe_load((out / 'dataset.yaml').read_text())
+    assert info['num_classes'] == 3 and info['class_names'] == WNIDS and info['layout'] == 'imagenet'
+    assert info['counts'] == {'train_images': 28, 'train_batches': 7, 'train_dropped': 0,
+                              'val_images': 12, 'val_batches': 3, 'val_dropped': 1}
+    assert info['bad_files'] == {'train': 3, 'val': 1}
+
+
+def test_train_order_is_the_seed_1_shuffle(imagenet):
+    root, train, _, bad = imagenet
+    expected = np.array(sorted(list(train) + bad))
+    np.random.RandomState(1).shuffle(expected)
+    assert np.load(root / 'out' / 'misc' / 'shuffled_train_filenames.npy').tolist() == expected.tolist()
+    txt = [f for f, _ in listed(root / 'out' / 'misc' / 'train.txt')]
+    assert txt == [f for f in expected if f not in bad]
+
+
+@pytest.mark.parametrize('split', ['train', 'val'])
+def test_labels_follow_the_images(imagenet, split):
+    """Decode each image back to its file (and class): lists, labels and halves must all agree.
+    For val the labels come from the ground truth through the devkit (ids not in WNID order)."""
+    root, train, val, _ = imagenet
+    out, table = root / 'out', {'train': train, 'val': val}[split]
+    files = [f for b in batches(out / f'{split}_hkl_b4_b_4') for f in decode(b, table)]
+    lines = listed(out / 'misc' / f'{split}.txt')
+    assert files == [f for f, _ in lines][:len(files)]
+    assert [int(y) for _, y in lines] == [table[f][0] for f, _ in lines]
+    labels = np.load(out / 'labels' / f'{split}_labels.npy')
+    assert labels.tolist() == [table[f][0] for f in files]
+    for i in (0, 1):
+        half = [f for b in batches(out / f'{split}_hkl_b4_b_2', i) for f in decode(b, table)]
+        assert half == [f for k in range(0, len(files), B) for f in files[k + 2 * i:k + 2 * i + 2]]
+        assert np.load(out / 'labels' / f'{split}_labels_{i}.npy').tolist() == [table[f][0] for f in half]
+    if split == 'val':
+        assert files == sorted(files) and all('/' not in f for f in files)
+
+
+def test_hostile_files_become_the_right_rgb(tmp_path):
+    for name, write, rgb in hostile_files():
+        write(tmp_path / name)
+        img = load_rgb(tmp_path / name, S)
+        assert img.shape == (S, S, 3) and img.dtype == np.uint8
+        if name == 'rotated.jpg':                                   # turned upright: top / bottom
+            assert np.abs(img[:4].astype(int) - EXIF_TOP).max() <= 6, name
+            assert np.abs(img[-4:].astype(int) - EXIF_BOTTOM).max() <= 6, name
+        else:
+            assert np.abs(img.astype(int) - rgb).max() <= 3, (name, img[0, 0])
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'I;16B', 'I'])
+def test_16_bit_gray_is_scaled_not_clipped(mode):
+    for value, gray in ((65535, 255), (32896, 128), (0, 0)):
+        assert to_rgb(Image.new(mode, (2, 2), value)).getpixel((0, 0)) == (gray,) * 3
+
+
+def test_bad_files_are_listed_and_skipped(imagenet):
+    root, train, val, bad = imagenet
+    lines = [line.split('\t') for line in (root / 'out' / 'misc' / 'bad_images.txt').read_text().splitlines()]
+    assert sorted((s, f) for s, f, _ in lines) == sorted([('train', f) for f in bad] +
+                                                         [('val', 'ILSVRC2012_val_00000005.JPEG')])
+    assert all(reason for _, _, reason in lines)
+    misc = root / 'out' / 'misc'
+    names = [f for f, _ in listed(misc / 'train.txt') + listed(misc / 'val.txt')]
+    assert not set(names) & set(bad + ['ILSVRC2012_val_00000005.JPEG'])
+    assert sorted(names) == sorted(list(train) + list(val))
+
+
+def test_mean_is_the_mean_of_the_training_batches(imagenet):
+    out = imagenet[0] / 'out'
+    images = np.concatenate(batches(out / 'train_hkl_b4_b_4'), axis=3)
+    np.testing.assert_allclose(np.load(out / 'misc' / 'img_mean.npy'), images.mean(axis=3), atol=1e-4)
+
+
+def test_output_is_byte_identical_with_two_workers(imagenet):
+    root = imagenet[0]
+    run(write_paths(root / 'paths_2.yaml', tar_root_dir='out2', tar_train_dir='out2/train_hkl',
+                    tar_val_dir='out2/val_hkl', misc_dir='out2/misc', workers=2))
+    one = {p.relative_to(root / 'out'): p.read_bytes() for p in (root / 'out').rglob('*') if p.is_file()}
+    two = {p.relative_to(root / 'out2'): p.read_bytes() for p in (root / 'out2').rglob('*') if p.is_file()}
+    assert one.keys() == two.keys()
+    assert [k for k in one if one[k] != two[k]] == []
+
+
+def test_resume_writes_only_what_is_missing(tmp_path):
+    make_train(tmp_path / 'raw', WNIDS)
+    make_val_imagenet(tmp_path / 'raw')
+    paths = write_paths(tmp_path / 'paths.yaml')
+    run(paths)
+    out = tmp_path / 'out'
+    before = {p: p.read_bytes() for p in out.rglob('*.hkl')}
+    mean = np.load(out / 'misc' / 'img_mean.npy')
+    deleted = [out / 'train_hkl_b4_b_4' / '0001.hkl', out / 'train_hkl_b4_b_2' / '0002_1.hkl',
+               out / 'val_hkl_b4_b_4' / '0000.hkl']
+    for p in deleted:
+        p.unlink()
+    stale = out / 'train_hkl_b4_b_4' / '.0003.hkl.tmp12345'          # left by a killed run
+    stale.write_bytes(b'partial')
+    old = 10 ** 18                                                    # a recognisable mtime
+    for p in before:
+        if p not in deleted:
+            os.utime(p, ns=(old, old))
+    run(paths, '--workers', '2')
+    assert {p: p.read_bytes() for p in out.rglob('*.hkl')} == before  # recreated identical
+    assert [p for p in before if p not in deleted and p.stat().st_mtime_ns != old] == []
+    assert not stale.exists()
+    np.testing.assert_array_equal(np.load(out / 'misc' / 'img_mean.npy'), mean)  # sums read back
+
+
+def test_folders_layout_and_other_sub_batches(tmp_path):
+    classes = ['cat', 'dog', 'frog']
+    train, _ = make_train(tmp_path / 'raw', classes, hostile=False, bad=False)   # 18 -> 4 batches
+    val = make_val_folders(tmp_path / 'raw', classes)                          # 15 + 1 bad -> 3
+    paths = write_paths(tmp_path / 'paths.yaml', layout='auto', meta_clsloc_mat=None,
+                        val_label_file=None, sub_batches=[2, 4])
+    run(paths)
+    out = tmp_path / 'out'
+    info = yaml.safe_load((out / 'dataset.yaml').read_text())
+    assert info['layout'] == 'folders' and info['class_names'] == classes
+    quarters = [f'{k:04d}_{i}.hkl' for k in range(4) for i in range(4)]
+    assert sorted(os.listdir(out / 'train_hkl_b4_b_1')) == quarters
+    assert not (out / 'train_hkl_b4_b_4').exists()
+    lines = listed(out / 'misc' / 'val.txt')
+    assert [f for f, _ in lines] == sorted(val)
+    assert [int(y) for _, y in lines] == [val[f][0] for f in sorted(val)]
+    for split, table, n in (('train', train, 4), ('val', val, 3)):
+        files = [f for b in batches(out / f'{split}_hkl_b4_b_2', 0) for f in decode(b, table)]
+        assert len(files) == 2 * n
+        y = np.load(out / 'labels' / f'{split}_labels.npy')
+        assert y.shape == (n * B,)
+        for i in range(4):  # quarter i of every batch
+            assert np.load(out / 'labels' / f'{split}_labels_b1_{i}.npy').tolist() == y[i::4].tolist()
+        assert np.load(out / 'labels' / f'{split}_labels_0.npy').tolist() == [table[f][0] for f in files]
+    images = np.concatenate([np.concatenate(p, axis=3) for p in
+                             zip(*[batches(out / 'train_hkl_b4_b_2', i) for i in (0, 1)])], axis=3)
+    np.testing.assert_allclose(np.load(out / 'misc' / 'img_mean.npy'), images.mean(axis=3), atol=1e-4)
+
+
+def one_line_error(proc, *names):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr
+    for name in names:
+        assert name in lines[0]
+
+
+def test_sh_errors_are_one_line(tmp_path):
+    """Run from another directory, through the shell script, as a user would."""
+    cwd = tmp_path / 'elsewhere'
+    cwd.mkdir()
+    # an empty class folder
+    make_train(tmp_path / 'a' / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'a' / 'raw')
+    empty = tmp_path / 'a' / 'raw' / 'train' / 'n09999999'
+    empty.mkdir()
+    one_line_error(run_sh('generate_data.sh', str(write_paths(tmp_path / 'a' / 'paths.yaml')), cwd=cwd),
+                   str(empty))
+    # every file unreadable
+    root = tmp_path / 'b' / 'raw'
+    for name in WNIDS:
+        (root / 'train' / name).mkdir(parents=True)
+        for fname, write in BAD_FILES:
+            write(root / 'train' / name / fname)
+    make_val_imagenet(root)
+    one_line_error(run_sh('generate_data.sh', str(write_paths(tmp_path / 'b' / 'paths.yaml')), cwd=cwd),
+                   str(root / 'train'), 'bad_images.txt')
+    # a val ground-truth id that the devkit does not know
+    make_train(tmp_path / 'c' / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'c' / 'raw')
+    gt = tmp_path / 'c' / 'raw' / 'devkit' / 'gt.txt'
+    gt.write_text(gt.read_text().replace('4\n', '17\n', 1))
+    one_line_error(run_sh('generate_data.sh', str(write_paths(tmp_path / 'c' / 'paths.yaml')), cwd=cwd),
+                   'ILSVRC id 17', str(gt))
+    # an unknown key in the paths file (relative to the current directory)
+    bad_key = write_paths(cwd / 'cfg' / 'paths.yaml', batchsize=4)
+    one_line_error(run_sh('generate_data.sh', 'cfg/paths.yaml', cwd=cwd), str(bad_key), "'batchsize'",
+                   "'batch_size'")
+
+
+def test_in_process_errors_are_one_line(tmp_path, capsys):
+    def fails(paths, *names):
+        capsys.readouterr()
+        assert make_data.main([str(paths)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and all(n in err for n in names), err
+
+    classes = ['cat', 'dog']
+    make_train(tmp_path / 'raw', classes, hostile=False, bad=False)
+    make_val_folders(tmp_path / 'raw', classes)
+    folders = dict(layout='folders', meta_clsloc_mat=None, val_label_file=None)
+    paths = write_paths(tmp_path / 'paths.yaml', **folders)
+    (tmp_path / 'raw' / 'val' / 'cow').mkdir()
+    fails(paths, str(tmp_path / 'raw' / 'val' / 'cow'))                  # val class not in train
+    (tmp_path / 'raw' / 'val' / 'cow').rmdir()
+    fails(write_paths(tmp_path / 'p.yaml', sub_batches=[1, 3], **folders), 'sub_batches')
+    fails(write_paths(tmp_path / 'p.yaml', layout='imagenet'), 'meta_clsloc.mat')  # no devkit
+    run(paths)
+    fails(write_paths(tmp_path / 'p.yaml', img_size=8, **folders), 'img_size=16, now 8', 'delete')
+    solid(tmp_path / 'raw' / 'train' / 'cat' / 'new.jpg', (1, 2, 3))   # the shuffled list is stale
+    fails(paths, 'shuffled_train_filenames.npy', 'delete')
+
+
+def test_ground_truth_shorter_than_val_set(tmp_path, capsys):
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw')
+    gt = tmp_path / 'raw' / 'devkit' / 'gt.txt'
+    gt.write_text('\n'.join(gt.read_text().split()[:10]))
+    assert make_data.main([str(write_paths(tmp_path / 'paths.yaml'))]) == 2
+    assert str(gt) in capsys.readouterr().err
+
+
+def test_toy_script_writes_10_batches(tmp_path):
+    classes = ['a', 'b', 'c']
+    make_train(tmp_path / 'raw', classes, per_class=15, hostile=False, bad=False)   # 45
+    make_val_folders(tmp_path / 'raw', classes, per_class=14)                       # 42
+    write_paths(tmp_path / 'cfg' / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
+                val_label_file=None, train_img_dir='../raw/train', val_img_dir='../raw/val',
+                tar_root_dir='../out', tar_train_dir='../out/train_hkl', tar_val_dir='../out/val_hkl',
+                misc_dir='../out/misc', workers=2)
+    proc = run_sh('generate_toy_data.sh', 'cfg/paths.yaml', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / 'out'
+    for split in ('train', 'val'):
+        assert sorted(os.listdir(out / f'{split}_hkl_b4_b_4')) == [f'{k:04d}.hkl' for k in range(10)]
+        assert len(os.listdir(out / f'{split}_hkl_b4_b_2')) == 20
+        assert np.load(out / 'labels' / f'{split}_labels.npy').shape == (40,)
+        assert len(listed(out / 'misc' / f'{split}.txt')) == 40
+    # a full run over the toy outputs must not mix them
+    one_line_error(run_sh('generate_data.sh', 'cfg/paths.yaml', cwd=tmp_path), 'toy=True')
+
+
+def test_demo_data(tmp_path):
+    make_demo_data.main([str(tmp_path / 'raw')])
+    count = {s: len(list((tmp_path / 'raw' / s).rglob('*.png'))) for s in ('train', 'val')}
+    assert count == {'train': 1498, 'val': 299}
+    assert sorted(os.listdir(tmp_path / 'raw' / 'val')) == [str(d) for d in range(10)]
+    assert make_demo_data.make_demo_data(tmp_path / 'raw') == 0                  # already complete
+    paths = write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
+                        val_label_file=None, img_size=8, batch_size=32, sub_batches=[1], workers=2)
+    run(paths)
+    info = yaml.safe_load((tmp_path / 'out' / 'dataset.yaml').read_text())
+    assert info['counts']['train_batches'] == 46 and info['counts']['val_batches'] == 9
+    lines = listed(tmp_path / 'out' / 'misc' / 'train.txt')
+    assert all(f.split('/')[0] == y for f, y in lines)
+
+
+@pytest.mark.parametrize('name', ['paths.yaml', 'demo_paths.yaml'])
+def test_shipped_paths_files(name):
+    from preprocessing.paths import load_paths
+    path = REPO / 'preprocessing' / name
+    cfg = load_paths(path)
+    lines = path.read_text().splitlines()
+    keys = [line.split(':')[0] for line in lines if line and not line.startswith('#')]
+    assert sorted(keys) == sorted(KEYS)
+    assert not any(line.split(':', 1)[1].strip().startswith('/') for line in lines if line and line[0] != '#')
+    assert cfg['train_img_dir'].startswith(str(REPO / 'data'))                # relative to the file
+    if name == 'paths.yaml':                                                     # every key commented
+        assert all(lines[i - 1].startswith('#') for i, line in enumerate(lines) if line and line[0] != '#')
