@@ -16,18 +16,10 @@ import os
 import numpy as np
 import torch
 
+from lib.atomic import atomic_write, save_npy
+
 HISTORY_FIELDS = ('epoch', 'train_loss', 'train_error', 'val_error', 'val_top5_error',
                   'val_loss', 'lr', 'seconds', 'img_per_s')
-
-
-def _atomic(path, write):
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def snapshot_path(weights_dir, epoch):
@@ -36,7 +28,7 @@ def snapshot_path(weights_dir, epoch):
 
 def save(weights_dir, epoch, state):
     path = snapshot_path(weights_dir, epoch)
-    _atomic(path, lambda tmp: torch.save(dict(state, epoch=epoch), tmp))
+    atomic_write(path, lambda tmp: torch.save(dict(state, epoch=epoch), tmp))
     return path
 
 
@@ -71,16 +63,13 @@ def write_records(weights_dir, history):
     record = np.array([[h['val_error'], h['val_loss']] for h in history], dtype=np.float64)
     record = record.reshape(len(history), 2)
 
-    def write_npy(tmp):
-        with open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
-            np.save(f, record)
-    _atomic(os.path.join(weights_dir, 'val_record.npy'), write_npy)
+    save_npy(os.path.join(weights_dir, 'val_record.npy'), record)
 
     def write_csv(tmp):
         with open(tmp, 'w', newline='') as f:
             w = csv.DictWriter(f, HISTORY_FIELDS)
             w.writeheader()
             w.writerows({k: h[k] for k in HISTORY_FIELDS} for h in history)
-    _atomic(os.path.join(weights_dir, 'history.csv'), write_csv)
+    atomic_write(os.path.join(weights_dir, 'history.csv'), write_csv)
     return record
 

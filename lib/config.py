@@ -11,6 +11,8 @@ import os
 
 import yaml
 
+from lib.atomic import atomic_write
+
 # key: (default, meaning). The shipped config.yaml / spec_1gpu.yaml hold the same values.
 CONFIG = {
     # --- schedule -----------------------------------------------------------------------
@@ -174,10 +176,10 @@ def load(config_file, spec_file, overrides, schema):
 
 def dump(cfg, path):
     """Write the merged config as YAML (atomically), in schema order."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
+    atomic_write(str(path), write)
 
 
 def describe(cfg):

@@ -30,12 +30,13 @@ from functools import partial
 import numpy as np
 import yaml
 
+from lib.atomic import save_npy
 from preprocessing import PrepError
 from preprocessing.layouts import list_dataset
 from preprocessing.paths import load_paths
 from preprocessing.resume import digest, guard, read_record, save_record, shuffled_train
 from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, parallel_map,
-                                  remove_stale_temps, run_job, save_npy, save_text)
+                                  remove_stale_temps, run_job, save_text)
 
 TOY_BATCHES = 10
 DEFAULT_PATHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paths.yaml')

@@ -17,6 +17,7 @@ import hickle
 import numpy as np
 from tqdm import tqdm
 
+from lib.atomic import atomic_write
 from preprocessing import PrepError
 from preprocessing.images import BadImage, load_rgb, open_rgb
 
@@ -31,30 +32,10 @@ def batch_names(k, n):
     return [f'{k:04d}.hkl'] if n == 1 else [f'{k:04d}_{i}.hkl' for i in range(n)]
 
 
-def atomic_write(path, write):
-    """write(tmp_path) then rename over path: an interrupted run never leaves a partial file under
-    the final name, so 'the file exists' means 'the file is complete'."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_hkl(path, array):
     def write(tmp):
         with h5py.File(tmp, 'w') as f:  # through h5py: hickle.dump(arr, filename) wants a .hkl name
             hickle.dump(array, f)
-    atomic_write(path, write)
-
-
-def save_npy(path, array):
-    def write(tmp):
-        with open(tmp, 'wb') as f:  # a file object: np.save(name) would append '.npy' to the temp name
-            np.save(f, array)
     atomic_write(path, write)
 
 
