@@ -7,6 +7,7 @@ labels and lists written next to it.
 import itertools
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -474,3 +475,28 @@ def test_shipped_paths_files(name):
     assert cfg['train_img_dir'].startswith(str(REPO / 'data'))                # relative to the file
     if name == 'paths.yaml':                                                     # every key commented
         assert all(lines[i - 1].startswith('#') for i, line in enumerate(lines) if line and line[0] != '#')
+
+
+@pytest.mark.parametrize('layout', ['imagenet', 'folders'])
+def test_train_py_trains_on_what_preprocessing_wrote(tmp_path, layout):
+    """The whole path: raw tree -> generate_data.sh -> train.py (CPU), for both layouts."""
+    classes = WNIDS if layout == 'imagenet' else ['cat', 'dog', 'frog']
+    make_train(tmp_path / 'raw', classes)
+    if layout == 'imagenet':
+        make_val_imagenet(tmp_path / 'raw')
+        paths = write_paths(tmp_path / 'paths.yaml')
+    else:
+        make_val_folders(tmp_path / 'raw', classes)
+        paths = write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
+                            val_label_file=None)
+    assert run_sh('generate_data.sh', str(paths), cwd=tmp_path).returncode == 0
+    out = tmp_path / 'out'
+    r = subprocess.run(
+        [sys.executable, str(REPO / 'train.py'), 'model=alexnet_cifar', f'crop_size={S - 2}',
+         f'batch_size={B}', 'gpu=cpu', 'n_epochs=2', 'print_freq=1', f'weights_dir={tmp_path / "w"}',
+         f'train_folder={out}/train_hkl_b{B}_b_{B}', f'val_folder={out}/val_hkl_b{B}_b_{B}',
+         f'label_folder={out}/labels', f'mean_file={out}/misc/img_mean.npy'],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert '3 classes' in r.stdout and 'done: epoch 2' in r.stdout
+    assert np.load(tmp_path / 'w' / 'val_record.npy').shape == (2, 2)
