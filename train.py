@@ -63,6 +63,8 @@ def run(cfg, exchanger=None, part=None):
     start = 0
     if cfg['resume_train']:
         start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
+    if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
+        config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
                  f'(epoch {start}, lr {opt.lr:g})')
     n_params = sum(p.numel() for p in net.parameters())
@@ -88,8 +90,6 @@ def main(argv=None):
         if cfg['lib_conv']:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
         print('config:\n' + config.describe(cfg), flush=True)
-        os.makedirs(cfg['weights_dir'], exist_ok=True)
-        config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         history = run(cfg)
     except (config.ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)

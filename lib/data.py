@@ -43,7 +43,8 @@ def batch_files(folder, part=None):
     try:
         names = os.listdir(folder)
     except OSError as e:
-        raise DataError(f'cannot list batch folder {folder}: {e.strerror}') from None
+        raise DataError(f'cannot list batch folder {folder}: {e.strerror} (preprocess the images '
+                        'first: sh preprocessing/generate_data.sh)') from None
     numbered = sorted((int(m.group(1)), n) for n in names if (m := pattern.match(n)))
     if not numbered:
         what = 'NNNN.hkl' if part is None else f'NNNN_{part}.hkl'
