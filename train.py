@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import yaml
 
-from lib import checkpoint, config, data, exchange, model, optim, trainer
+from lib import checkpoint, config, data, exchange, loader, model, optim, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,11 +42,14 @@ def build_loaders(cfg, device, part=None):
     if cfg['crop_size'] > size:
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}")
-    mean = data.load_mean(cfg['mean_file'], size)
     if cfg['para_load']:
-        print('notice: para_load: True is not implemented yet; loading in-process', flush=True)
-    loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
-               for s in (train, val)]
+        proc = loader.LoaderProcess([train, val], cfg['mean_file'], cfg['crop_size'], device,
+                                    cfg['use_data_layer'], cfg['loader_timeout'], cfg['sock_data'])
+        loaders = [proc.loader(0), proc.loader(1)]
+    else:
+        mean = data.load_mean(cfg['mean_file'], size)
+        loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
+                   for s in (train, val)]
     return loaders, num_classes(cfg, (train, val))
 
 
@@ -91,7 +94,8 @@ def main(argv=None):
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
         print('config:\n' + config.describe(cfg), flush=True)
         history = run(cfg)
-    except (config.ConfigError, data.DataError, FileNotFoundError, ValueError) as e:
+    except (config.ConfigError, data.DataError, loader.LoaderError, FileNotFoundError,
+            ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

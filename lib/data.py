@@ -60,6 +60,7 @@ class BatchFolder:
     """The batch files of one split and their labels, shape (n_files, batch_size)."""
 
     def __init__(self, folder, labels_file, batch_size, part=None):
+        self.folder, self.labels_file, self.part = folder, labels_file, part
         self.files = batch_files(folder, part)
         try:
             labels = np.load(labels_file)

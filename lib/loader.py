@@ -1,0 +1,292 @@
+"""para_load: a separate loader process that prepares the next batch while the trainer computes.
+
+The trainer keeps drawing every crop and mirror (lib/data.make_plan); the loader only executes the
+plan, so para_load True and False train identically. Per step the trainer sends the loader one
+small typed control message over a ZeroMQ PAIR socket (never pickle): which split, which file, which
+ring slot, and the crop/mirror arrays as raw frames. The loader reads the hkl file, subtracts the
+mean, crops and mirrors (or, with use_data_layer, leaves the uint8 batch for the device to prepare)
+straight into that slot of a ring of shared-memory buffers, and answers READY. The trainer uses the
+slot in place, without a copy through a pipe, and hands it back when it asks for the next batch.
+
+Everything lives in a private (0700) directory, on /dev/shm when there is one: the socket
+(ipc://.../ctl) and one file per slot, mapped by both processes.
+
+Lifecycle: the loader exits when told to, when its parent is gone (checked every second), or on
+Ctrl-C; the trainer waits for each batch at most `timeout` seconds and checks every 0.2 s that the
+loader is alive, then raises LoaderError naming the loader process and the batch file.
+"""
+import multiprocessing
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+from collections import deque
+
+import numpy as np
+import torch
+import zmq
+
+from lib import data
+
+MAGIC, VERSION = b'ALXL', 1
+LOAD, STOP, READY, ERROR, HELLO = 1, 2, 3, 4, 5
+HEADER = struct.Struct('<4sBBBBI')  # magic, version, kind, split, slot, file index
+N_SLOTS = 2
+STARTUP_TIMEOUT = 120.0  # seconds for the loader to import torch and open its files
+
+
+class LoaderError(RuntimeError):
+    """The loader process died, stalled, or sent something unexpected."""
+
+
+class ProtocolError(ValueError):
+    """A control message that is not one of ours; it is rejected, never acted on."""
+
+
+# --- messages ---------------------------------------------------------------------------------
+def encode(kind, split=0, slot=0, file=0, step=None):
+    frames = [HEADER.pack(MAGIC, VERSION, kind, split, slot, file)]
+    if step is not None:
+        frames += [step.crop_x.numpy().astype('<i8').tobytes(),
+                   step.crop_y.numpy().astype('<i8').tobytes(),
+                   step.mirror.numpy().astype(np.uint8).tobytes()]
+    return frames
+
+
+def decode(frames, batch_size=None, n_slots=N_SLOTS, n_files=None):
+    """frames -> (kind, split, slot, file, step or None); ProtocolError for anything else."""
+    if not frames or len(frames[0]) != HEADER.size:
+        raise ProtocolError(f'bad header ({len(frames[0]) if frames else 0} bytes)')
+    magic, version, kind, split, slot, file = HEADER.unpack(frames[0])
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f'unknown magic/version {magic!r}/{version}')
+    if kind not in (LOAD, STOP, READY, ERROR, HELLO):
+        raise ProtocolError(f'unknown message kind {kind}')
+    if kind != LOAD:
+        if kind == ERROR and len(frames) == 2:
+            return kind, split, slot, file, frames[1].decode('utf-8', 'replace')
+        if len(frames) != 1:
+            raise ProtocolError(f'message kind {kind} with {len(frames)} frames')
+        return kind, split, slot, file, None
+    if len(frames) != 4 or slot >= n_slots or (n_files is not None and file >= n_files[split]):
+        raise ProtocolError(f'bad LOAD message (frames {len(frames)}, slot {slot}, file {file})')
+    B = batch_size
+    if len(frames[1]) != 8 * B or len(frames[2]) != 8 * B or len(frames[3]) != B:
+        raise ProtocolError(f'LOAD arrays are not of batch size {B}')
+    cx, cy = (torch.from_numpy(np.frombuffer(f, '<i8').astype(np.int64)) for f in frames[1:3])
+    mirror = torch.from_numpy(np.frombuffer(frames[3], np.uint8) != 0)
+    return kind, split, slot, file, data.Step(file, cx, cy, mirror)
+
+
+# --- shared slots -----------------------------------------------------------------------------
+def slot_spec(batch_size, image_size, crop_size, raw):
+    """(dtype, shape) of one slot: the uint8 c01b batch (raw) or the prepared float32 batch."""
+    if raw:
+        return np.uint8, (3, image_size, image_size, batch_size)
+    return np.float32, (batch_size, 3, crop_size, crop_size)
+
+
+def map_slots(folder, spec, n_slots, create):
+    dtype, shape = spec
+    mode = 'w+' if create else 'r+'
+    return [torch.from_numpy(np.memmap(os.path.join(folder, f'slot{i}'), dtype, mode, shape=shape))
+            for i in range(n_slots)]
+
+
+# --- the loader process -------------------------------------------------------------------------
+def loader_main(job):
+    """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: just stop, no traceback
+    torch.set_num_threads(1)                      # leave the cores to the trainer
+    sources = [data.BatchFolder(folder, labels, job['batch_size'], part)
+               for folder, labels, part in job['sources']]
+    mean = data.load_mean(job['mean_file'], job['image_size'])
+    slots = map_slots(job['dir'], slot_spec(job['batch_size'], job['image_size'], job['crop_size'],
+                                            job['raw']), job['n_slots'], create=False)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(job['endpoint'])
+    sock.send_multipart(encode(HELLO))
+    n_files = [len(s) for s in sources]
+    try:
+        while True:
+            if not sock.poll(1000):
+                if os.getppid() != job['parent']:  # the trainer is gone: do not outlive it
+                    return
+                continue
+            frames = sock.recv_multipart()
+            try:
+                kind, split, slot, file, step = decode(frames, job['batch_size'], job['n_slots'],
+                                                       n_files)
+            except ProtocolError as e:
+                sock.send_multipart(encode(ERROR) + [f'rejected control message: {e}'.encode()])
+                continue
+            if kind == STOP:
+                return
+            if kind != LOAD:
+                sock.send_multipart(encode(ERROR) + [b'rejected control message: not a request'])
+                continue
+            try:
+                batch = sources[split].read(file)
+                if job['raw']:
+                    slots[slot].numpy()[...] = batch
+                else:
+                    slots[slot].copy_(data.crop_mirror(torch.from_numpy(batch), mean, step,
+                                                       job['crop_size']))
+            except (data.DataError, OSError) as e:
+                sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()])
+                continue
+            sock.send_multipart(encode(READY, split, slot, file))
+    finally:
+        sock.close()
+        ctx.term()
+
+
+# --- the trainer's side -----------------------------------------------------------------------
+class LoaderProcess:
+    """One loader process serving the train and val sources of one trainer."""
+
+    def __init__(self, sources, mean_file, crop_size, device, on_device=False, timeout=60.0,
+                 port=None):
+        self.sources, self.crop_size, self.timeout = sources, crop_size, timeout
+        self.device, self.on_device = torch.device(device), on_device
+        self.image_size = sources[0].image_size()
+        mean = data.load_mean(mean_file, self.image_size)  # checked here: errors name the file
+        self.mean = mean.to(self.device) if on_device else None
+        shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
+        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
+        spec = slot_spec(sources[0].batch_size, self.image_size, crop_size, on_device)
+        self.slots = map_slots(self.dir, spec, N_SLOTS, create=True)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if zmq.has('ipc'):
+            endpoint = f'ipc://{self.dir}/ctl'
+            self.sock.bind(endpoint)
+        else:  # no unix sockets (Windows): loopback only, never every interface
+            try:
+                self.sock.bind(f'tcp://127.0.0.1:{port}')
+            except zmq.ZMQError as e:
+                self.close()
+                raise LoaderError(f'cannot bind the loader socket 127.0.0.1:{port} '
+                                  f'(sock_data): {e}') from None
+            endpoint = f'tcp://127.0.0.1:{port}'
+        job = dict(sources=[(s.folder, s.labels_file, s.part) for s in sources],
+                   batch_size=sources[0].batch_size, image_size=self.image_size,
+                   crop_size=crop_size, raw=on_device, mean_file=mean_file, dir=self.dir,
+                   n_slots=N_SLOTS, endpoint=endpoint, parent=os.getpid())
+        self.proc = multiprocessing.get_context('spawn').Process(
+            target=loader_main, args=(job,), name='alexnet-loader', daemon=True)
+        self.proc.start()
+        self.busy = False
+        self._wait_hello(max(timeout, STARTUP_TIMEOUT))
+
+    def _wait_hello(self, timeout):
+        """The loader is up (imports done, files opened) or an error says why not."""
+        deadline = time.monotonic() + timeout
+        while not self.sock.poll(200):
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                self.close()
+                raise LoaderError(f'loader process (pid {self.proc.pid}) did not start '
+                                  f'(exit code {self.proc.exitcode}) within {timeout:g} s')
+        kind = decode(self.sock.recv_multipart())[0]
+        if kind != HELLO:
+            self.close()
+            raise LoaderError(f'loader process (pid {self.proc.pid}) sent kind {kind} first')
+
+    def loader(self, split):
+        return ProcessLoader(self, split)
+
+    def _wait(self, slot, split, file):
+        """Block until the loader says slot holds (split, file); errors name the file."""
+        path = self.sources[split].files[file]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.sock.poll(200):
+                kind, r_split, r_slot, r_file, text = decode(self.sock.recv_multipart())
+                if kind == ERROR:
+                    raise data.DataError(text)
+                if (kind, r_split, r_slot, r_file) != (READY, split, slot, file):
+                    raise LoaderError(f'loader process (pid {self.proc.pid}) answered slot '
+                                      f'{r_slot} file {r_file}, expected {path}')
+                return
+            if not self.proc.is_alive():
+                raise LoaderError(f'loader process (pid {self.proc.pid}) died (exit code '
+                                  f'{self.proc.exitcode}) while preparing {path}')
+            if time.monotonic() > deadline:
+                raise LoaderError(f'loader process (pid {self.proc.pid}) stalled: no batch for '
+                                  f'{self.timeout:g} s (loader_timeout) while preparing {path}')
+
+    def close(self):
+        if getattr(self, 'proc', None) is not None and self.proc.is_alive():
+            try:
+                self.sock.send_multipart(encode(STOP), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+        if not self.sock.closed:
+            self.sock.close()
+            self.ctx.term()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __del__(self):
+        self.close()
+
+
+class ProcessLoader:
+    """The batch iterator of one split, served by a LoaderProcess (same interface as
+    data.InProcessLoader: epoch(plan) yields (images, labels) on the device; close())."""
+
+    def __init__(self, process, split):
+        self.process, self.split = process, split
+        self.source = process.sources[split]
+        self.image_size = process.image_size
+
+    def __len__(self):
+        return len(self.source)
+
+    def epoch(self, plan):
+        p, split = self.process, self.split
+        if p.busy:
+            raise LoaderError('the loader process serves one epoch at a time')
+        p.busy = True
+        steps, pending = iter(plan), deque()
+
+        def request(slot):
+            step = next(steps, None)
+            if step is not None:
+                p.sock.send_multipart(encode(LOAD, split, slot, step.file, step))
+                pending.append((slot, step))
+
+        try:
+            for slot in range(N_SLOTS):
+                request(slot)
+            while pending:
+                slot, step = pending.popleft()
+                p._wait(slot, split, step.file)
+                buf = p.slots[slot]
+                if p.on_device:   # uint8 batch: mean, crop and mirror on the device
+                    x = data.crop_mirror(buf.to(p.device), p.mean, step, p.crop_size)
+                else:             # prepared float32 batch, used in place on the CPU
+                    x = buf if p.device.type == 'cpu' else buf.to(p.device)
+                y = torch.from_numpy(self.source.labels[step.file]).to(p.device)
+                yield x, y        # valid until the next batch is asked for
+                request(slot)     # the trainer is done with this slot: refill it
+        finally:
+            # an epoch cut short: let the loads in flight land before the slots are reused
+            while pending:
+                slot, step = pending.popleft()
+                try:
+                    p._wait(slot, split, step.file)
+                except (LoaderError, data.DataError):
+                    break
+            p.busy = False
+
+    def close(self):
+        self.process.close()

@@ -1,0 +1,203 @@
+"""para_load: the loader process trains identically, never outlives the trainer, and never hangs it."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from lib import data, loader
+from tests.helpers import make_batches, write_hkl
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def children(pid):
+    """Pids of the live children of pid (Linux /proc)."""
+    out = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != 'Z':
+                out.append(int(entry))
+    return out
+
+
+def gone_within(pid, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    keys = make_batches(str(tmp_path), n_train=4, n_val=2, batch=8, size=36)
+    sources = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'],
+                                                                   f'{s}_labels.npy'), 8)
+               for s in ('train', 'val')]
+    return keys, sources
+
+
+def plan_for(source, seed=0):
+    return data.make_plan(torch.Generator().manual_seed(seed), len(source), 8, 36, 32, train=True,
+                          shuffle=True)
+
+
+@pytest.mark.parametrize('on_device', [False, True])
+def test_batches_equal_the_in_process_loader(tiny, on_device):
+    keys, sources = tiny
+    mean = data.load_mean(keys['mean_file'], 36)
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', on_device, timeout=30)
+    try:
+        for split in (0, 1, 0):  # train, val, train again: slots are reused across epochs
+            plan = plan_for(sources[split], seed=split)
+            want = list(data.InProcessLoader(sources[split], mean, 32, 'cpu').epoch(plan))
+            got = [(x.clone(), y) for x, y in proc.loader(split).epoch(plan)]
+            assert len(got) == len(want)
+            for (x1, y1), (x2, y2) in zip(want, got):
+                assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    finally:
+        proc.close()
+    assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
+
+
+def test_para_load_and_data_layer_train_bitwise_identically(tmp_path):
+    finals = []
+    for para_load in (False, True):
+        for layer in (False, True):
+            root = str(tmp_path / f'{para_load}{layer}')
+            cfg = tiny_config(root, n_epochs=2, para_load=para_load, use_data_layer=layer,
+                              dropout=0.5, batch_crop_mirror=layer)
+            train.run(cfg)
+            finals.append((layer, torch.load(os.path.join(root, 'w', 'model_2.pt'),
+                                             weights_only=True)['model']))
+    for layer in (False, True):  # per-image and per-batch draws: each pair equal bit for bit
+        a, b = [m for l, m in finals if l == layer]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_loader_stops_the_trainer_with_an_error_naming_it(tiny):
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
+    try:
+        batches = proc.loader(0).epoch(plan_for(sources[0]))
+        next(batches)
+        os.kill(proc.proc.pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(loader.LoaderError, match=rf'loader process \(pid {proc.proc.pid}\) died.*'
+                                                      r'while preparing .*\.hkl'):
+            for _ in batches:
+                pass
+        assert time.monotonic() - t < 5
+    finally:
+        proc.close()
+
+
+def test_stalled_loader_times_out_naming_the_file(tiny):
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=1.5)
+    try:
+        batches = proc.loader(0).epoch(plan_for(sources[0]))
+        next(batches)
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(loader.LoaderError, match=r'stalled: no batch for 1.5 s .*/0001\.hkl'):
+            for _ in batches:
+                pass
+        assert time.monotonic() - t < 5
+    finally:
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        proc.close()
+
+
+def test_bad_batch_file_is_an_error_naming_it(tiny):
+    keys, sources = tiny
+    bad = sources[0].files[2]
+    write_hkl(bad, np.zeros((3, 36, 36, 5), np.uint8))
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
+    try:
+        with pytest.raises(data.DataError, match='0002.hkl: expected uint8'):
+            list(proc.loader(0).epoch(data.make_plan(torch.Generator(), 4, 8, 36, 32, train=True)))
+        with open(bad, 'wb') as f:
+            f.write(b'garbage')
+        with pytest.raises(data.DataError, match='0002.hkl: cannot read batch file'):
+            list(proc.loader(0).epoch(data.make_plan(torch.Generator(), 4, 8, 36, 32, train=True)))
+    finally:
+        proc.close()
+
+
+def test_malformed_control_messages_are_rejected(tiny):
+    import pickle
+    for frames in ([b''], [b'garbage'], [pickle.dumps({'cmd': 'rm -rf'})],
+                   loader.encode(loader.LOAD, 0, 0, 1)[:1],             # LOAD without arrays
+                   loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0])):  # slot 5
+        with pytest.raises(loader.ProtocolError):
+            loader.decode(frames, batch_size=8, n_files=[4, 2])
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
+    try:  # the loader answers garbage with an error and goes on serving
+        proc.sock.send_multipart([pickle.dumps(os.system)])
+        assert proc.sock.poll(10000)
+        kind, *_, text = loader.decode(proc.sock.recv_multipart())
+        assert kind == loader.ERROR and text.startswith('rejected control message')
+        assert len(list(proc.loader(1).epoch(plan_for(sources[1])))) == 2
+    finally:
+        proc.close()
+
+
+def test_loader_exits_when_its_trainer_is_killed(tiny, tmp_path):
+    keys, _ = tiny
+    script = (
+        'import os, sys, time\n'
+        'from lib import data, loader\n'
+        f'keys = {keys!r}\n'
+        "src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
+        "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
+        "p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
+        'print(p.proc.pid, flush=True)\n'
+        'time.sleep(60)\n')
+    trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True)
+    pid = int(trainer.stdout.readline())
+    trainer.kill()   # SIGKILL: no cleanup code runs in the trainer
+    trainer.wait()
+    assert gone_within(pid, 5), 'the loader outlived its trainer'
+
+
+def test_ctrl_c_stops_trainer_and_loader(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=30, n_val=2, batch=8, size=36)
+    args = [f'{k}={v}' for k, v in keys.items()] + [
+        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', 'n_epochs=1000', 'para_load=True',
+        'weights_dir=w']
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + args, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        for line in p.stdout:
+            if line.startswith('epoch 1 |'):
+                break
+        kids = children(p.pid)
+        assert kids, 'no loader process'
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert p.wait(timeout=15) == 130
+        assert all(gone_within(k, 5) for k in kids)
+        assert 'interrupted' in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
