@@ -40,6 +40,9 @@ CONFIG = {
     'use_nesterov_momentum': (False, 'v = mu^2*v - (1+mu)*lr*g; p = p + v'),
     'momentum': (0.9, 'mu'),
     'weight_decay': (0.0005, 'L2 decay added to the gradient of weights (not biases)'),
+    'precision': ('fp32', 'fp32 | bf16 | fp16: autocast dtype of forward/backward (fp16 adds loss scaling)'),
+    'channels_last': (False, 'NHWC memory layout for the convolutions (faster on recent GPUs)'),
+    'compile': (False, 'torch.compile the network (slow first steps, faster after)'),
     'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
     'lib_conv': ('', "the original's conv library switch: accepted, ignored with a notice"),
     # --- output -----------------------------------------------------------------------------
@@ -72,6 +75,7 @@ PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_fo
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
     'lr_policy': ('step', 'auto'),
+    'precision': ('fp32', 'bf16', 'fp16'),
 }
 
 

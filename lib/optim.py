@@ -66,6 +66,30 @@ class MomentumSGD:
             buf.copy_(state['momentum'][name])
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 training (torch.amp.GradScaler's rule, for MomentumSGD):
+    the loss is multiplied by `scale` before backward; the step unscales the gradients and is
+    skipped when any is inf/nan, halving the scale; after `interval` good steps it doubles."""
+
+    def __init__(self, device, init=2.0 ** 16, growth=2.0, backoff=0.5, interval=2000):
+        self.scale = torch.full((), init, dtype=torch.float32, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int32, device=device)
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.growth, self.backoff, self.interval = growth, backoff, interval
+
+    def step(self, opt):
+        """Unscale the gradients and step unless they overflowed; True if the step was taken."""
+        self.found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [p.grad for p in opt.params], self.found_inf, self.scale.reciprocal())
+        took = not bool(self.found_inf.item())  # a host sync, for fp16 only: skip the bad step
+        if took:
+            opt.step()
+        torch._amp_update_scale_(self.scale, self.good_steps, self.found_inf, self.growth,
+                                 self.backoff, self.interval)
+        return took
+
+
 def adjust_lr(lr, epoch, val_errors, policy, lr_step, threshold):
     """The learning rate for the epoch after `epoch` (1-based, just finished).
 

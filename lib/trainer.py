@@ -37,13 +37,24 @@ class Trainer:
         self.cfg, self.model, self.opt, self.device = cfg, model, optimizer, device
         self.train_data, self.val_data = loaders
         self.exchanger = exchanger
+        precision = cfg['precision']
+        self.autocast = dict(device_type=device.type, enabled=precision != 'fp32',
+                             dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
+        self.scaler = optim.LossScaler(device) if precision == 'fp16' else None
+        self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
+        if cfg['channels_last']:
+            model.to(memory_format=torch.channels_last)
+        # self.model stays the plain module (its state_dict keys have no '_orig_mod.' prefix)
+        self.forward = torch.compile(model) if cfg['compile'] else model
         self.gen = torch.Generator().manual_seed(cfg['seed'])  # crop / mirror / shuffle draws
         self.history = []  # one dict per finished epoch (the history.csv rows)
         self.image_size = self.train_data.image_size
 
     # --- state --------------------------------------------------------------------------
     def state(self):
-        return {'model': self.model.state_dict(), **self.opt.state_dict(),
+        extra = ({'loss_scale': self.scaler.scale, 'loss_scale_good_steps': self.scaler.good_steps}
+                 if self.scaler else {})
+        return {'model': self.model.state_dict(), **self.opt.state_dict(), **extra,
                 'val_record': torch.tensor([[h['val_error'], h['val_loss']] for h in self.history],
                                            dtype=torch.float64).reshape(-1, 2),
                 'history': self.history, 'config': self.cfg,
@@ -54,6 +65,9 @@ class Trainer:
         self.opt.load_state_dict(state)
         checkpoint.set_rng_state(state['rng'], self.gen, self.device)
         self.history = list(state['history'])
+        if self.scaler is not None and 'loss_scale' in state:
+            self.scaler.scale.copy_(state['loss_scale'])
+            self.scaler.good_steps.copy_(state['loss_scale_good_steps'])
         return int(state['epoch'])
 
     # --- the loop --------------------------------------------------------------------------
@@ -98,11 +112,16 @@ class Trainer:
             t = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.autocast(**self.autocast):
+                logits = self.forward(x.contiguous(memory_format=self.memory_format))
+                loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            if self.scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                (loss * self.scaler.scale).backward()
+                self.scaler.step(opt)
             self.exchanger.after_step(it)
             with torch.no_grad():
                 stats = torch.stack([loss.detach(), (logits.argmax(1) != y).float().mean()])
@@ -133,7 +152,8 @@ class Trainer:
         model.eval()
         sums = torch.zeros(3, device=self.device)
         for x, y in self.val_data.epoch(plan):
-            logits = model(x)
+            with torch.autocast(**self.autocast):
+                logits = self.forward(x.contiguous(memory_format=self.memory_format)).float()
             top5 = logits.topk(min(5, logits.shape[1]), 1).indices
             sums += torch.stack([(top5[:, 0] != y).float().sum(),
                                  (top5 != y[:, None]).all(1).float().sum(),
