@@ -131,28 +131,47 @@ def make_plan(gen, n_files, batch_size, image_size, crop_size, *, train, rand_cr
     return steps
 
 
+def to_bchw(batch):
+    """(3, S, S, B) c01b -> contiguous (B, 3, S, S). Images are the fastest-varying axis of c01b,
+    so one image is scattered over the whole array: gather them once, as a 2-D transpose."""
+    C, H, W, B = batch.shape
+    return batch.reshape(C * H * W, B).t().contiguous().view(B, C, H, W)
+
+
 def crop_mirror(batch, mean, step, crop_size):
     """(3, S, S, B) uint8 batch -> (B, 3, c, c) float32: mean subtracted, cropped, mirrored.
 
-    Works on any device; subtracting the cropped mean from the cropped image gives the same
-    numbers as the original's crop of (image - mean).
+    Subtracting the cropped mean from the cropped image gives the same numbers as the original's
+    crop of (image - mean). On the CPU a loop of per-image slices is fastest (5x a gather);
+    on a GPU one gather kernel is. Both give the same bits.
     """
-    c = crop_size
-    if bool((step.crop_x == step.crop_x[0]).all() and (step.crop_y == step.crop_y[0]).all()
-            and (step.mirror == step.mirror[0]).all()):  # one draw for the batch: slice
-        x0, y0 = int(step.crop_x[0]), int(step.crop_y[0])
-        out = batch[:, y0:y0 + c, x0:x0 + c, :].permute(3, 0, 1, 2).float() \
-            - mean[:, y0:y0 + c, x0:x0 + c]
-        return out.flip(3).contiguous() if bool(step.mirror[0]) else out.contiguous()
-    dev = batch.device
+    x = to_bchw(batch)
+    if batch.device.type == 'cpu':
+        return _crop_loop(x, mean, step, crop_size)
+    return _crop_gather(x, mean, step, crop_size)
+
+
+def _crop_loop(x, mean, step, c):
+    out = torch.empty(x.shape[0], 3, c, c, dtype=torch.float32, device=x.device)
+    draws = zip(step.crop_x.tolist(), step.crop_y.tolist(), step.mirror.tolist())
+    for i, (x0, y0, flip) in enumerate(draws):
+        img, m = x[i, :, y0:y0 + c, x0:x0 + c], mean[:, y0:y0 + c, x0:x0 + c]
+        if flip:
+            img, m = img.flip(2), m.flip(2)
+        torch.sub(img, m, out=out[i])
+    return out
+
+
+def _crop_gather(x, mean, step, c):
+    dev = x.device
     ar = torch.arange(c, device=dev)
     cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
     rows = (cy[:, None] + ar)[:, None, :, None]                              # (B, 1, c, 1)
     cols = torch.where(mirror[:, None], cx[:, None] + (c - 1 - ar), cx[:, None] + ar)
     cols = cols[:, None, None, :]                                            # (B, 1, 1, c)
     ch = torch.arange(3, device=dev)[None, :, None, None]                    # (1, 3, 1, 1)
-    b = torch.arange(batch.shape[3], device=dev)[:, None, None, None]        # (B, 1, 1, 1)
-    return batch[ch, rows, cols, b].float() - mean[ch, rows, cols]         # (B, 3, c, c)
+    b = torch.arange(x.shape[0], device=dev)[:, None, None, None]            # (B, 1, 1, 1)
+    return x[b, ch, rows, cols].float() - mean[ch, rows, cols]               # (B, 3, c, c)
 
 
 class InProcessLoader:

@@ -32,6 +32,10 @@ def test_crop_mirror_matches_the_reference_bitwise(per_batch):
                               step.mirror.numpy(), 15)
         assert got.shape == (6, 3, 15, 15) and got.is_contiguous()
         assert np.array_equal(got.numpy(), want)
+        # the GPU's one-kernel gather gives the same bits as the CPU's slice loop
+        gathered = data._crop_gather(data.to_bchw(torch.from_numpy(batch)), torch.from_numpy(mean),
+                                     step, 15)
+        assert torch.equal(gathered, got)
 
 
 def test_plan_draws_are_seeded_in_range_and_centre_when_not_random():
