@@ -59,21 +59,23 @@ def run(cfg, exchanger=None, part=None):
     device = trainer.resolve_device(cfg['gpu'])
     os.makedirs(cfg['weights_dir'], exist_ok=True)
     (train_data, val_data), n_cls = build_loaders(cfg, device, part)
-    net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'], cfg['seed']).to(device)
-    opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
-                            cfg['weight_decay'], cfg['use_momentum'], cfg['use_nesterov_momentum'])
-    loop = trainer.Trainer(cfg, net, opt, (train_data, val_data), device, exchanger)
-    start = 0
-    if cfg['resume_train']:
-        start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
-    if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
-        config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
-        loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
-                 f'(epoch {start}, lr {opt.lr:g})')
-    n_params = sum(p.numel() for p in net.parameters())
-    loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
-             f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}')
-    try:
+    try:  # from here on a loader process may be running: always close it
+        net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
+                          cfg['seed']).to(device)
+        opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
+                                cfg['weight_decay'], cfg['use_momentum'],
+                                cfg['use_nesterov_momentum'])
+        loop = trainer.Trainer(cfg, net, opt, (train_data, val_data), device, exchanger)
+        start = 0
+        if cfg['resume_train']:
+            start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
+            loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
+                     f'(epoch {start}, lr {opt.lr:g})')
+        if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
+            config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
+        n_params = sum(p.numel() for p in net.parameters())
+        loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
+                 f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}')
         return loop.fit(start)
     finally:
         train_data.close()

@@ -36,7 +36,7 @@ def test_train_py_end_to_end(tmp_path):
     out = r.stdout
     assert 'notice: lib_conv is ignored' in out
     assert 'epoch 1 iter 4/8 | cost ' in out and ' img/s | data wait ' in out
-    assert 'done: epoch 3, val top-1 accuracy' in out
+    assert 'done: epoch 3, val top-1 accuracy' in out and 'resumed' not in out
     w = tmp_path / 'w'
     record = np.load(w / 'val_record.npy')
     assert record.shape == (3, 2) and record.dtype == np.float64
@@ -64,12 +64,13 @@ def test_snapshot_is_one_weights_only_dict(tmp_path):
     net.load_state_dict(state['model'])  # the conventional PyTorch layout
 
 
-def test_two_plus_two_epochs_equal_four_bitwise(tmp_path):
+def test_two_plus_two_epochs_equal_four_bitwise(tmp_path, capsys):
     # dropout and random crops/mirrors/shuffles on, so every RNG stream must be restored
     full = train.run(tiny_config(str(tmp_path / 'a'), dropout=0.5, lr_step=[3]))
     train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, lr_step=[3]))
     resumed = train.run(tiny_config(str(tmp_path / 'b'), resume_train=True, load_epoch=2,
                                     lr_step=[3]))
+    assert 'resumed from ' in capsys.readouterr().out
     a = torch.load(tmp_path / 'a' / 'w' / 'model_4.pt', weights_only=True)
     b = torch.load(tmp_path / 'b' / 'w' / 'model_4.pt', weights_only=True)
     for part in ('model', 'momentum'):
