@@ -2,10 +2,13 @@
 
     .venv/bin/python -m benchmarks.train_speed                       # both models, cpu
     .venv/bin/python -m benchmarks.train_speed --models alexnet --batch 64 --steps 5
+    .venv/bin/python -m benchmarks.train_speed --precision fp32 bf16 --device cuda:0
 
 Prints a markdown table: ms per forward / backward / update and img/s of a whole step, median over
---steps timed steps after --warmup. The baseline row of each model runs the same step with
-torch.optim.SGD(momentum, foreach) in place of our MomentumSGD, measured in the same run.
+--steps timed steps after --warmup, for each model and precision (autocast, as train.py's
+`precision`). The baseline row of each model runs the fp32 step with torch.optim.SGD(momentum,
+foreach) in place of our MomentumSGD, measured in the same run. Synthetic input: the ceiling that
+a real run (train.py's img/s and data wait) can be compared with.
 """
 import argparse
 import platform
@@ -25,13 +28,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(net, opt, x, y, steps, warmup, device):
+def time_steps(net, opt, x, y, steps, warmup, device, dtype=None):
     """Median ms of forward, backward, update, and of the whole step."""
     rows = []
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
-        loss = F.cross_entropy(net(x), y)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x).float(), y)
         sync(device)
         t1 = time.perf_counter()
         opt.zero_grad()
@@ -53,29 +57,32 @@ def main():
     p.add_argument('--device', default='auto')
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--precision', nargs='+', default=['fp32'], choices=['fp32', 'bf16', 'fp16'])
     args = p.parse_args()
     device = trainer.resolve_device(args.device)
     print(f'machine: {platform.machine()}, {torch.get_num_threads()} threads, device {device}'
           f'{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}; '
           f'torch {torch.__version__}, python {platform.python_version()}\n')
-    print('| model | batch | optimiser | forward ms | backward ms | update ms | step ms | img/s |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| model | batch | precision | optimiser | forward ms | backward ms | update ms | step ms | img/s |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for name in args.models:
         size = SIZES[name]
         batch = args.batch or (128 if name == 'alexnet_cifar' else 32)
         x = torch.randn(batch, 3, size, size, device=device) * 50
         y = torch.randint(0, 1000 if name == 'alexnet' else 10, (batch,), device=device)
-        for label in ('ours (MomentumSGD)', 'baseline torch.optim.SGD'):
+        runs = [(p, 'ours (MomentumSGD)') for p in args.precision]
+        runs.append(('fp32', 'baseline torch.optim.SGD'))
+        for precision, label in runs:
             net = model.build(name, 1000 if name == 'alexnet' else 10, 0.5, size, 1).to(device)
             if label.startswith('ours'):
                 opt = optim.MomentumSGD(net.named_parameters(), 0.01)
             else:
                 opt = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9, weight_decay=5e-4,
                                       foreach=True)
-            fwd, bwd, upd, step = time_steps(net, opt, x, y, args.steps, args.warmup, device)
-            print(f'| {name} | {batch} | {label} | {fwd:.1f} | {bwd:.1f} | {upd:.2f} | '
+            dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
+            fwd, bwd, upd, step = time_steps(net, opt, x, y, args.steps, args.warmup, device, dtype)
+            print(f'| {name} | {batch} | {precision} | {label} | {fwd:.1f} | {bwd:.1f} | {upd:.2f} | '
                   f'{step:.1f} | {1000 * batch / step:.0f} |', flush=True)
-
 
 if __name__ == '__main__':
     main()
