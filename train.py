@@ -12,17 +12,20 @@ import argparse
 import os
 import sys
 
-import numpy as np
+import torch
 import yaml
 
+import plot
 from lib import checkpoint, config, data, exchange, loader, model, optim, trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def num_classes(cfg, sources):
-    """From dataset.yaml beside the labels folder (written by our preprocessing), else from the
-    largest label (data preprocessed by the original)."""
+    """num_classes if set, else from dataset.yaml beside the labels folder (written by our
+    preprocessing), else from the largest label (data preprocessed by the original)."""
+    if cfg['num_classes']:
+        return cfg['num_classes']
     meta = os.path.join(os.path.dirname(os.path.normpath(cfg['label_folder'])), 'dataset.yaml')
     if os.path.exists(meta):
         with open(meta) as f:
@@ -30,24 +33,36 @@ def num_classes(cfg, sources):
     return int(max(s.labels.max() for s in sources)) + 1
 
 
-def build_loaders(cfg, device, part=None):
-    """(train, val) in-process loaders over train_folder / val_folder and their labels."""
-    suffix = '' if part is None else f'_{part}'
+def data_sources(cfg, part=None, splits=('train', 'val')):
+    """The batch sources of `splits`: batch folders and their labels, or synthetic batches."""
     B = cfg['batch_size']
-    train = data.BatchFolder(cfg['train_folder'],
-                             os.path.join(cfg['label_folder'], f'train_labels{suffix}.npy'), B, part)
-    val = data.BatchFolder(cfg['val_folder'],
-                           os.path.join(cfg['label_folder'], f'val_labels{suffix}.npy'), B, part)
+    if cfg['synthetic']:
+        size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
+        n_files = {'train': cfg['synthetic_batches'], 'val': max(1, cfg['synthetic_batches'] // 10)}
+        return [data.SyntheticBatches(n_files[s], B, size, cfg['num_classes'] or 1000,
+                                      cfg['seed'] + (s == 'val')) for s in splits]
+    suffix = '' if part is None else f'_{part}'
+    return [data.BatchFolder(cfg[f'{split}_folder'],
+                             os.path.join(cfg['label_folder'], f'{split}_labels{suffix}.npy'), B, part)
+            for split in splits]
+
+
+def build_loaders(cfg, device, part=None):
+    """(train, val) loaders (in-process, or served by one loader process) and the class count."""
+    train, val = data_sources(cfg, part)
     size = train.image_size()
     if cfg['crop_size'] > size:
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}")
-    if cfg['para_load']:
+    if cfg['para_load'] and cfg['synthetic']:
+        print('notice: synthetic batches are made in-process; para_load is ignored', flush=True)
+    if cfg['para_load'] and not cfg['synthetic']:
         proc = loader.LoaderProcess([train, val], cfg['mean_file'], cfg['crop_size'], device,
                                     cfg['use_data_layer'], cfg['loader_timeout'], cfg['sock_data'])
         loaders = [proc.loader(0), proc.loader(1)]
     else:
-        mean = data.load_mean(cfg['mean_file'], size)
+        mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
+                else data.load_mean(cfg['mean_file'], size))
         loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
                    for s in (train, val)]
     return loaders, num_classes(cfg, (train, val))
@@ -66,6 +81,7 @@ def run(cfg, exchanger=None, part=None):
                                 cfg['weight_decay'], cfg['use_momentum'],
                                 cfg['use_nesterov_momentum'])
         loop = trainer.Trainer(cfg, net, opt, (train_data, val_data), device, exchanger)
+        loop.on_epoch_end = plot.write_quietly  # training.png, when matplotlib is installed
         start = 0
         if cfg['resume_train']:
             start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))

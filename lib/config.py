@@ -20,9 +20,12 @@ CONFIG = {
     'load_epoch': (0, 'epoch of the snapshot to resume from'),
     'n_epochs': (60, 'train until this epoch (inclusive)'),
     'learning_rate': (0.01, 'initial learning rate (biases use 2x)'),
-    'lr_policy': ('step', 'step: /10 at each epoch in lr_step; auto: /10 when val error stalls'),
+    'lr_policy': ('step', 'step: /10 after each epoch in lr_step; auto: /10 when val error stalls; '
+                          'cosine: to 0 at n_epochs, per step'),
     'lr_adapt_threshold': (0.01, 'auto policy: minimum drop of val top-1 error over 2 epochs'),
     'lr_step': ([20, 40], 'step policy: epochs after which lr is divided by 10'),
+    'warmup_epochs': (0, 'raise lr linearly from 0 over this many epochs (any policy), per step'),
+    'label_smoothing': (0.0, 'training loss: cross-entropy with this much label smoothing'),
     # --- data ---------------------------------------------------------------------------
     'use_data_layer': (False, 'ship uint8 batches and do mean/crop/mirror on the device'),
     'rand_crop': (True, 'random crop + mirror in training; False: centre crop, no mirror'),
@@ -31,6 +34,9 @@ CONFIG = {
     'loader_timeout': (60.0, 'para_load: seconds to wait for a batch before stopping with an error'),
     'batch_crop_mirror': (False, 'one crop/mirror draw per batch instead of per image'),
     'crop_size': (227, 'side of the square crop fed to the network'),
+    'synthetic': (False, 'train on random in-memory batches: no dataset needed (benchmarks)'),
+    'synthetic_batches': (100, 'synthetic: training batches per epoch (val: a tenth)'),
+    'num_classes': (0, '0: from dataset.yaml / the labels; synthetic: 0 means 1000'),
     'label_folder': ('data/imagenet/labels', 'folder holding train_labels.npy, val_labels.npy'),
     'mean_file': ('data/imagenet/misc/img_mean.npy', 'mean image, float32 (3, S, S)'),
     # --- model and optimiser --------------------------------------------------------------
@@ -71,10 +77,15 @@ SPEC_2GPU = {
     'val_folder': ('data/imagenet/val_hkl_b256_b_128', 'folder of validation halves'),
 }
 
-PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder')
+EVALUATE = {
+    'checkpoint': ('', 'snapshot to evaluate (default: weights_dir/model_<load_epoch>.pt)'),
+    'ten_crop': (False, 'average the softmax over 4 corners + centre, each mirrored'),
+}
+
+PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder', 'checkpoint')
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
-    'lr_policy': ('step', 'auto'),
+    'lr_policy': ('step', 'auto', 'cosine'),
     'precision': ('fp32', 'bf16', 'fp16'),
 }
 
@@ -158,11 +169,11 @@ def merge(schema, sources):
     for where, values, base_dir in sources:
         for key, value in values.items():
             value = _check(key, value, schema, where)
-            if key in PATH_KEYS:
+            if key in PATH_KEYS and value:
                 value = os.path.normpath(os.path.join(base_dir or os.getcwd(), value))
             cfg[key] = value
     for key in PATH_KEYS:  # defaults are relative to the repo root
-        if key in cfg and not os.path.isabs(cfg[key]):
+        if cfg.get(key) and not os.path.isabs(cfg[key]):
             cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, cfg[key]))
     return cfg
 

@@ -89,6 +89,28 @@ class BatchFolder:
         return self.read(0).shape[1]
 
 
+class SyntheticBatches:
+    """synthetic: True. Random uint8 batches held in memory (a few distinct ones, reused), with the
+    interface of BatchFolder, so the whole training path runs without a dataset on disk."""
+
+    def __init__(self, n_files, batch_size, image_size, num_classes, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.files = [f'<synthetic batch {i}>' for i in range(n_files)]
+        self.batch_size, self.size = batch_size, image_size
+        self.batches = [torch.randint(0, 256, (3, image_size, image_size, batch_size), generator=g,
+                                      dtype=torch.uint8).numpy() for _ in range(min(n_files, 4))]
+        self.labels = torch.randint(0, num_classes, (n_files, batch_size), generator=g).numpy()
+
+    def __len__(self):
+        return len(self.files)
+
+    def read(self, i):
+        return self.batches[i % len(self.batches)]
+
+    def image_size(self):
+        return self.size
+
+
 def load_mean(path, image_size):
     try:
         mean = np.load(path)
@@ -129,6 +151,19 @@ def make_plan(gen, n_files, batch_size, image_size, crop_size, *, train, rand_cr
             mirror = torch.zeros(batch_size, dtype=torch.bool)
         steps.append(Step(i, cx, cy, mirror))
     return steps
+
+
+def eval_plan(n_files, batch_size, image_size, crop_size, ten_crop=False):
+    """(steps, views per file) for evaluation: the centre crop of every file, or ten views per
+    file (the four corners of the random-crop range and the centre, each also mirrored)."""
+    if not ten_crop:
+        return make_plan(None, n_files, batch_size, image_size, crop_size, train=False), 1
+    m = (image_size - crop_size) // 2
+    views = [(x, y, flip) for x, y in ((0, 0), (2 * m, 0), (0, 2 * m), (2 * m, 2 * m), (m, m))
+             for flip in (False, True)]
+    steps = [Step(i, torch.full((batch_size,), x), torch.full((batch_size,), y),
+                  torch.full((batch_size,), flip)) for i in range(n_files) for x, y, flip in views]
+    return steps, len(views)
 
 
 def to_bchw(batch):

@@ -10,6 +10,8 @@ This is not torch.optim.SGD, whose buffer accumulates raw gradients (v <- mu*v +
 and so reacts differently when lr changes. The momentum buffers are plain tensors in
 `self.momentum`, in the order of `self.names`, so a weight exchange can reach them.
 """
+import math
+
 import torch
 
 
@@ -21,6 +23,7 @@ class MomentumSGD:
         self.params = [p for _, p in named]
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self.lr, self.mu, self.decay = lr, momentum, weight_decay
+        self.lr_scale = 1.0  # per-step factor of a schedule (warm-up, cosine): lr_eff = lr * lr_scale
         self.use_momentum, self.nesterov = use_momentum, nesterov
         is_weight = [p.ndim > 1 for p in self.params]
         self.groups = [  # (indices, lr multiplier, decay)
@@ -39,7 +42,7 @@ class MomentumSGD:
                 continue
             params = [self.params[i] for i in idx]
             grads = [self.params[i].grad for i in idx]
-            lr = self.lr * lr_mult
+            lr = self.lr * self.lr_scale * lr_mult
             if decay:  # in place: the gradients are spent after the step (zero_grad drops them)
                 torch._foreach_add_(grads, params, alpha=decay)  # g + decay * p
             if not self.use_momentum:
@@ -96,9 +99,24 @@ def adjust_lr(lr, epoch, val_errors, policy, lr_step, threshold):
     step: divide by 10 after each epoch listed in lr_step.
     auto: after epoch 5, divide by 10 when the val top-1 error fell by less than `threshold`
           over the last two epochs (val_errors[-3] - val_errors[-1]).
+    cosine: unchanged (see lr_scale).
     """
     if policy == 'step':
         return lr / 10 if epoch in lr_step else lr
+    if policy == 'cosine':  # lr stays; lr_scale() does the work, step by step
+        return lr
     if epoch > 5 and len(val_errors) >= 3 and val_errors[-3] - val_errors[-1] < threshold:
         return lr / 10
     return lr
+
+
+def lr_scale(progress, n_epochs, policy, warmup_epochs):
+    """Per-step factor on lr at `progress` epochs into training (e.g. 2.5 = halfway through the
+    third epoch): a linear warm-up from 0 over warmup_epochs, then for cosine half a cosine from
+    1 down to 0 at n_epochs."""
+    if progress < warmup_epochs:
+        return progress / warmup_epochs
+    if policy != 'cosine':
+        return 1.0
+    span = max(n_epochs - warmup_epochs, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup_epochs) / span)))

@@ -48,6 +48,7 @@ class Trainer:
         self.forward = torch.compile(model) if cfg['compile'] else model
         self.gen = torch.Generator().manual_seed(cfg['seed'])  # crop / mirror / shuffle draws
         self.history = []  # one dict per finished epoch (the history.csv rows)
+        self.on_epoch_end = None  # called with weights_dir after the records are written
         self.image_size = self.train_data.image_size
 
     # --- state --------------------------------------------------------------------------
@@ -75,21 +76,24 @@ class Trainer:
         cfg, log = self.cfg, self.log
         for epoch in range(start_epoch + 1, cfg['n_epochs'] + 1):
             t0 = time.perf_counter()
-            train_loss, train_err, img_s = self.train_epoch(epoch)
+            policy_lr = self.opt.lr
+            train_loss, train_err, img_s, first_lr = self.train_epoch(epoch)
             val_err, val_top5, val_loss = self.evaluate()
             row = dict(epoch=epoch, train_loss=train_loss, train_error=train_err,
                        val_error=val_err, val_top5_error=val_top5, val_loss=val_loss,
-                       lr=self.opt.lr, seconds=time.perf_counter() - t0, img_per_s=img_s)
+                       lr=first_lr, seconds=time.perf_counter() - t0, img_per_s=img_s)
             self.history.append(row)
             log(f'epoch {epoch} | train loss {train_loss:.4f} error {train_err:.4f} | val top-1 '
                 f'error {val_err:.4f} top-5 {val_top5:.4f} loss {val_loss:.4f} | '
                 f'{row["seconds"]:.1f} s, {img_s:.0f} img/s')
             self.opt.lr = optim.adjust_lr(self.opt.lr, epoch, [h['val_error'] for h in self.history],
                                           cfg['lr_policy'], cfg['lr_step'], cfg['lr_adapt_threshold'])
-            if self.opt.lr != row['lr']:
+            if self.opt.lr != policy_lr:
                 log(f'learning rate changed to {self.opt.lr:g}')
             if self.exchanger.is_main:
                 checkpoint.write_records(cfg['weights_dir'], self.history)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(cfg['weights_dir'])
                 if epoch % cfg['snapshot_freq'] == 0 or epoch == cfg['n_epochs']:
                     checkpoint.save(cfg['weights_dir'], epoch, self.state())
         return self.history
@@ -112,9 +116,13 @@ class Trainer:
             t = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t
+            opt.lr_scale = optim.lr_scale(epoch - 1 + (it - 1) / len(plan), cfg['n_epochs'],
+                                          cfg['lr_policy'], cfg['warmup_epochs'])
+            if it == 1:
+                first_lr = opt.lr * opt.lr_scale
             with torch.autocast(**self.autocast):
                 logits = self.forward(x.contiguous(memory_format=self.memory_format))
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg['label_smoothing'])
             opt.zero_grad()
             if self.scaler is None:
                 loss.backward()
@@ -134,32 +142,25 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 err_txt = f' | error {err_v:.4f}' if cfg['print_train_error'] else ''
                 self.log(f'epoch {epoch} iter {it}/{len(plan)} | cost {loss_v:.4f}{err_txt} | '
-                         f'lr {opt.lr:g} | {n * B / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
+                         f'lr {opt.lr * opt.lr_scale:g} | {n * B / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
                          bar)
                 window.zero_()
                 wait, t_log = 0.0, time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - t_epoch
         loss_v, err_v = (self.exchanger.average(total) / len(plan)).tolist()
-        return loss_v, err_v, len(plan) * B / seconds
+        return loss_v, err_v, len(plan) * B / seconds, first_lr
 
-    @torch.no_grad()
-    def evaluate(self):
-        """[top-1 error, top-5 error, loss] over the whole val set, centre crop."""
-        cfg, model = self.cfg, self.model
-        plan = data.make_plan(self.gen, len(self.val_data), cfg['batch_size'], self.image_size,
-                              cfg['crop_size'], train=False)
-        model.eval()
-        sums = torch.zeros(3, device=self.device)
-        for x, y in self.val_data.epoch(plan):
-            with torch.autocast(**self.autocast):
-                logits = self.forward(x.contiguous(memory_format=self.memory_format)).float()
-            top5 = logits.topk(min(5, logits.shape[1]), 1).indices
-            sums += torch.stack([(top5[:, 0] != y).float().sum(),
-                                 (top5 != y[:, None]).all(1).float().sum(),
-                                 F.cross_entropy(logits, y, reduction='sum')])
-        n = len(plan) * cfg['batch_size']
-        return tuple((self.exchanger.average(sums) / n).tolist())
+    def evaluate(self, ten_crop=False):
+        """[top-1 error, top-5 error, loss] over the whole val set (centre crop, or ten crops)."""
+        plan, group = data.eval_plan(len(self.val_data), self.cfg['batch_size'], self.image_size,
+                                     self.cfg['crop_size'], ten_crop)
+        self.model.eval()
+        return evaluate(self.predict, self.val_data, plan, group, self.exchanger.average)
+
+    def predict(self, x):
+        with torch.autocast(**self.autocast):
+            return self.forward(x.contiguous(memory_format=self.memory_format)).float()
 
     def log(self, text, bar=None):
         if not self.exchanger.is_main:
@@ -168,3 +169,28 @@ class Trainer:
             bar.write(text)
         else:
             print(text, flush=True)
+
+
+@torch.no_grad()
+def evaluate(predict, loader, plan, group, average=lambda t: t):
+    """[top-1 error, top-5 error, loss] over a plan whose steps come in groups of `group` views of
+    one batch file (1: the centre crop; 10: corners and centre, each mirrored). The views'
+    softmax outputs are averaged; with one view the loss is the plain cross-entropy, exactly
+    what training's validation computes."""
+    sums, probs = None, None
+    for i, (x, y) in enumerate(loader.epoch(plan)):
+        logits = predict(x)                                           # (B, classes) float32
+        if group > 1:
+            p = logits.softmax(1) / group
+            probs = p if i % group == 0 else probs + p
+            if i % group != group - 1:
+                continue
+            scores, loss = probs, F.nll_loss(probs.log(), y, reduction='sum')
+        else:
+            scores, loss = logits, F.cross_entropy(logits, y, reduction='sum')
+        top5 = scores.topk(min(5, scores.shape[1]), 1).indices
+        batch = torch.stack([(top5[:, 0] != y).float().sum(), (top5 != y[:, None]).all(1).float().sum(),
+                             loss])
+        sums = batch if sums is None else sums + batch
+    n = len(plan) // group * len(y)
+    return tuple((average(sums) / n).tolist())

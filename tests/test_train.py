@@ -48,7 +48,8 @@ def test_train_py_end_to_end(tmp_path):
     saved = yaml.safe_load(open(w / 'config.yaml'))
     assert saved['weights_dir'] == str(w) and saved['n_epochs'] == 3 and saved['learning_rate'] == 0.003
     assert sorted(os.listdir(w)) == ['config.yaml', 'history.csv', 'model_1.pt', 'model_2.pt',
-                                     'model_3.pt', 'val_record.npy']
+                                     'model_3.pt', 'training.png', 'val_record.npy']
+    assert (w / 'training.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_snapshot_is_one_weights_only_dict(tmp_path):

@@ -1,0 +1,103 @@
+"""validate_performance.py, ten crops, plot.py, synthetic data, cosine/warm-up, label smoothing."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import plot
+import train
+import validate_performance
+from lib import config, data, optim
+from tests.test_train import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('run'))
+    cfg = tiny_config(root, n_epochs=2, learning_rate=0.003)
+    train.run(cfg)
+    return root, cfg
+
+
+def test_validate_reproduces_the_val_record_row(trained):
+    root, cfg = trained
+    record = np.load(os.path.join(root, 'w', 'val_record.npy'))
+    for epoch in (1, 2):
+        top1, top5, loss, n, _ = validate_performance.validate(
+            dict(cfg, load_epoch=epoch, **{k: v for k, (v, _) in config.EVALUATE.items()}))
+        assert n == 2 * 8
+        assert (top1, loss) == (record[epoch - 1, 0], record[epoch - 1, 1])  # bit for bit
+
+
+def test_validate_cli_prints_six_significant_digits_and_ten_crop(trained):
+    root, cfg = trained
+    args = [sys.executable, os.path.join(ROOT, 'validate_performance.py')] + [
+        f'{k}={cfg[k]}' for k in ('val_folder', 'label_folder', 'mean_file', 'batch_size',
+                                  'weights_dir')] + ['gpu=cpu']
+    r = subprocess.run(args + ['load_epoch=2'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    top1 = float(r.stdout.split('top-1 error ')[1].split()[0])
+    assert top1 == pytest.approx(np.load(os.path.join(root, 'w', 'val_record.npy'))[1, 0], abs=1e-6)
+    assert 'centre crop' in r.stdout and 'loss ' in r.stdout
+    ten = subprocess.run(args + [f'checkpoint={root}/w/model_1.pt', 'ten_crop=True'],
+                         capture_output=True, text=True, timeout=120)
+    assert ten.returncode == 0 and 'ten crops' in ten.stdout, ten.stderr
+    missing = subprocess.run(args + ['load_epoch=9'], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and 'model_9.pt' in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_ten_crop_views_are_corners_and_centre_each_mirrored():
+    steps, group = data.eval_plan(2, 4, 36, 32, ten_crop=True)
+    assert group == 10 and len(steps) == 20 and [s.file for s in steps] == [0] * 10 + [1] * 10
+    views = {(int(s.crop_x[0]), int(s.crop_y[0]), bool(s.mirror[0])) for s in steps[:10]}
+    assert views == {(x, y, m) for x, y in ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2))
+                     for m in (False, True)}
+    assert data.eval_plan(2, 4, 36, 32)[1] == 1
+
+
+def test_plot_writes_a_png_from_history_or_val_record(trained, tmp_path):
+    root, _ = trained
+    out = tmp_path / 'p.png'
+    assert plot.main([os.path.join(root, 'w'), '--out', str(out)]) == 0
+    assert out.read_bytes()[:4] == b'\x89PNG'
+    original = tmp_path / 'original'   # a run of the original: val_record.npy only
+    original.mkdir()
+    np.save(original / 'val_record.npy', np.array([[0.9, 2.3], [0.8, 2.0]]))
+    assert plot.main([str(original)]) == 0 and (original / 'training.png').exists()
+    assert plot.main([str(tmp_path / 'nothing')]) == 2
+
+
+def test_synthetic_trains_with_no_dataset_on_disk(tmp_path):
+    cfg = config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+        synthetic=True, synthetic_batches=3, num_classes=7, model='alexnet_cifar', crop_size=32,
+        batch_size=4, n_epochs=1, gpu='cpu', weights_dir=str(tmp_path / 'w'),
+        train_folder='/nonexistent', label_folder='/nonexistent', mean_file='/nonexistent'), None)])
+    history = train.run(cfg)
+    assert len(history) == 1 and math.isfinite(history[0]['train_loss'])
+    state = torch.load(tmp_path / 'w' / 'model_1.pt', weights_only=True)
+    assert state['model']['classifier.bias'].shape == (7,)
+
+
+def test_cosine_and_warmup_schedules():
+    assert optim.lr_scale(0.0, 10, 'step', 0) == 1.0
+    assert optim.lr_scale(0.5, 10, 'step', 2) == 0.25               # warm-up, any policy
+    assert optim.lr_scale(2.0, 10, 'cosine', 2) == 1.0              # cosine starts after it
+    assert optim.lr_scale(6.0, 10, 'cosine', 2) == pytest.approx(0.5)
+    assert optim.lr_scale(10.0, 10, 'cosine', 2) == pytest.approx(0.0)
+    assert optim.adjust_lr(0.1, 5, [], 'cosine', [1, 5], 0.01) == 0.1  # no step division
+
+
+def test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss(tmp_path):
+    plain = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=2, learning_rate=0.003))
+    smooth = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, learning_rate=0.003,
+                                   lr_policy='cosine', warmup_epochs=1, label_smoothing=0.1))
+    assert [h['lr'] for h in plain] == [0.003, 0.003]
+    assert smooth[0]['lr'] == 0.0 and smooth[1]['lr'] == pytest.approx(0.003)  # warm-up, then 1.0
+    assert smooth[0]['train_loss'] != plain[0]['train_loss']

@@ -1,0 +1,72 @@
+"""Evaluate a snapshot on the validation set: top-1 error, top-5 error and loss.
+
+    python validate_performance.py load_epoch=20                 # weights_dir/model_20.pt
+    python validate_performance.py checkpoint=weights/model_60.pt ten_crop=True
+    python validate_performance.py --config my.yaml --spec my_spec.yaml load_epoch=5
+
+Same config files and key=value overrides as train.py (val_folder, label_folder, mean_file,
+batch_size, gpu, ...), plus `checkpoint` and `ten_crop`. The network (model, crop_size, dropout)
+comes from the snapshot's own config. With the centre crop this computes exactly what training's
+validation wrote in that epoch's row of val_record.npy; ten_crop averages the softmax over the four
+corners and the centre of the crop range, each also mirrored.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import train
+from lib import checkpoint, config, data, model, trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
+
+
+def validate(cfg):
+    """(top-1 error, top-5 error, loss, images, snapshot path) of a snapshot on the val set."""
+    path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    cfg = dict(cfg, **{k: state['config'][k] for k in ('model', 'crop_size', 'dropout')
+                       if k in state.get('config', {})})
+    device = trainer.resolve_device(cfg['gpu'])
+    val, = train.data_sources(cfg, splits=('val',))
+    size = val.image_size()
+    mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
+            else data.load_mean(cfg['mean_file'], size))
+    loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
+    n_classes = list(state['model'].values())[-1].shape[0]  # the last layer's bias
+    net = model.build(cfg['model'], n_classes, cfg['dropout'], cfg['crop_size'], cfg['seed'])
+    net.load_state_dict(state['model'])
+    net.to(device).eval()
+    plan, group = data.eval_plan(len(val), cfg['batch_size'], size, cfg['crop_size'],
+                                 cfg['ten_crop'])
+    top1, top5, loss = trainer.evaluate(lambda x: net(x).float(), loader, plan, group)
+    return top1, top5, loss, len(val) * cfg['batch_size'], path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                epilog='key=value overrides any config key (values are YAML)')
+    p.add_argument('--config', default=os.path.join(HERE, 'config.yaml'))
+    p.add_argument('--spec', default=os.path.join(HERE, 'spec_1gpu.yaml'))
+    p.add_argument('overrides', nargs='*', metavar='key=value')
+    args = p.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
+        top1, top5, loss, n, path = validate(cfg)
+    except (config.ConfigError, data.DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+        return 2
+    views = 'ten crops' if cfg['ten_crop'] else 'centre crop'
+    print(f'{path}: {n} images, {views}')
+    print(f'top-1 error {top1:.6f} ({100 * (1 - top1):.4f} % accuracy)')
+    print(f'top-5 error {top5:.6f} ({100 * (1 - top5):.4f} % accuracy)')
+    print(f'loss {loss:.6f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
