@@ -1,0 +1,351 @@
+"""serve.py: a real server in a subprocess, spoken to over real sockets (http.client)."""
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import serve
+from lib import data, model
+from preprocessing.images import load_rgb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ['cat', 'dog', 'bird']
+SIZE, CROP = 36, 32
+MAX_BYTES = 200_000
+CHROMIUM = '/usr/bin/chromium'
+
+
+def make_snapshot(root, paths_in_config=True):
+    """alexnet_cifar with 3 classes and weights large enough to give distinct probabilities;
+    mean image root/misc/img_mean.npy and root/dataset.yaml beside root/labels, as training has."""
+    net = model.build('alexnet_cifar', len(CLASSES), 0.0, CROP, 0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if p.ndim > 1 else 0.1))
+    os.makedirs(os.path.join(root, 'labels'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'misc'), exist_ok=True)
+    mean_file = os.path.join(root, 'misc', 'img_mean.npy')
+    np.save(mean_file, (np.random.RandomState(0).rand(3, SIZE, SIZE) * 60 + 100).astype(np.float32))
+    with open(os.path.join(root, 'dataset.yaml'), 'w') as f:
+        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES}, f)
+    cfg = {'model': 'alexnet_cifar', 'crop_size': CROP, 'dropout': 0.0, 'seed': 1}
+    if paths_in_config:
+        cfg.update(mean_file=mean_file, label_folder=os.path.join(root, 'labels'))
+    path = os.path.join(root, 'model_1.pt')
+    torch.save({'model': net.state_dict(), 'config': cfg, 'epoch': 1}, path)
+    return {'path': path, 'net': net.eval(), 'mean_file': mean_file,
+            'dataset_yaml': os.path.join(root, 'dataset.yaml')}
+
+
+def start_server(args, log_dir, wait=True):
+    """serve.py on a free port; returns (process, port, stdout path, stderr path)."""
+    out, err = os.path.join(log_dir, 'stdout'), os.path.join(log_dir, 'stderr')
+    with open(out, 'w') as fo, open(err, 'w') as fe:
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'serve.py'), *args],
+                                stdout=fo, stderr=fe, cwd=REPO)
+    if not wait:
+        return proc, None, out, err
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open(out) as f:
+            m = re.search(r'http://127\.0\.0\.1:(\d+)/', f.read())
+        if m:
+            return proc, int(m.group(1)), out, err
+        if proc.poll() is not None:
+            with open(err) as f:
+                pytest.fail(f'serve.py exited with {proc.returncode}: {f.read()}')
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail('serve.py did not print its URL within 60 s')
+
+
+def stop_server(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope='module')
+def snapshot(tmp_path_factory):
+    return make_snapshot(str(tmp_path_factory.mktemp('snapshot')))
+
+
+@pytest.fixture(scope='module')
+def server(snapshot, tmp_path_factory):
+    proc, port, _, _ = start_server([snapshot['path'], '--port', '0', '--device', 'cpu',
+                                     '--max-bytes', str(MAX_BYTES)],
+                                    str(tmp_path_factory.mktemp('server')))
+    yield port
+    assert stop_server(proc) == 0
+
+
+# ----------------------------------------------------------------------------- client helpers
+
+def multipart(fields, boundary='--------------------------0d7a1c5b3e9f'):
+    """Body and Content-Type of a form with [(name, filename, bytes)] fields, as browsers send."""
+    body = b''
+    for name, filename, content in fields:
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                 f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                 ).encode() + content + b'\r\n'
+    return body + f'--{boundary}--\r\n'.encode(), f'multipart/form-data; boundary={boundary}'
+
+
+def request(port, method, path, body=None, headers=None, conn=None):
+    """(status, headers, parsed JSON or text) over a fresh or the given connection."""
+    c = conn or http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        raw = r.read()
+        ctype = r.getheader('Content-Type', '')
+        return r.status, r, json.loads(raw) if ctype.startswith('application/json') else raw.decode()
+    finally:
+        if conn is None:
+            c.close()
+
+
+def upload(port, content, field='image', conn=None):
+    body, ctype = multipart([(field, 'upload.bin', content)])
+    return request(port, 'POST', '/api', body, {'Content-Type': ctype}, conn)
+
+
+def encode(im, fmt, **kw):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _make_images(seed=0):
+    rng = np.random.RandomState(seed)
+    rgb = Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8))
+    photo = Image.fromarray(rng.randint(0, 256, (48, 64, 3), dtype=np.uint8))
+    gray16 = Image.fromarray(rng.randint(0, 65536, (30, 30)).astype(np.uint16))
+    return {'png': encode(rgb, 'PNG'), 'jpeg': encode(photo, 'JPEG', quality=90),
+            'gray16.png': encode(gray16, 'PNG')}
+
+
+IMAGES = _make_images()
+
+
+def reference(snapshot, content, tmp_path):
+    """Probabilities of the training pipeline: the preprocessing writer's decoder on a file, a
+    c01b batch of one, the validation plan's centre crop with the mean subtracted (lib/data)."""
+    path = tmp_path / 'image'
+    path.write_bytes(content)
+    rgb = load_rgb(str(path), SIZE)                                        # (S, S, 3) uint8
+    batch = torch.from_numpy(np.ascontiguousarray(rgb[..., None].transpose(2, 0, 1, 3)))
+    mean = data.load_mean(snapshot['mean_file'], SIZE)
+    step = data.make_plan(torch.Generator(), 1, 1, SIZE, CROP, train=False)[0]
+    x = data.crop_mirror(batch, mean, step, CROP)                          # (1, 3, c, c)
+    with torch.no_grad():
+        return torch.softmax(snapshot['net'](x), dim=1)[0]
+
+
+def assert_serving(port):
+    status, _, answer = upload(port, IMAGES['png'])
+    assert status == 200, answer
+    assert len(answer['top5']) == len(CLASSES)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize('kind', sorted(IMAGES))
+def test_upload_matches_training_preprocessing(server, snapshot, tmp_path, kind):
+    status, r, answer = upload(server, IMAGES[kind])
+    assert status == 200, answer
+    assert r.getheader('Content-Type') == 'application/json'
+    assert answer['model'] == 'alexnet_cifar' and answer['ms'] >= 0
+    top = answer['top5']
+    assert len(top) == min(5, len(CLASSES))
+    assert sum(t['probability'] for t in top) == pytest.approx(1, abs=1e-5)
+    expected = reference(snapshot, IMAGES[kind], tmp_path)
+    assert [t['index'] for t in top] == torch.argsort(expected, descending=True).tolist()
+    for t in top:
+        assert t['class'] == CLASSES[t['index']]
+        assert t['probability'] == pytest.approx(expected[t['index']].item(), abs=1e-6)
+    assert max(t['probability'] for t in top) > 0.4  # the weights do tell the images apart
+
+
+@pytest.mark.parametrize('content, field, message', [
+    (b'this is not an image\x00\xff' * 50, 'image', 'not an image'),
+    (IMAGES['png'][:len(IMAGES['png']) // 2], 'image', 'decode'),
+    (IMAGES['jpeg'][:len(IMAGES['jpeg']) // 2], 'image', 'decode'),
+    (b'', 'image', 'empty'),
+    (IMAGES['png'], 'file', "no field 'image'"),
+], ids=['garbage', 'truncated-png', 'truncated-jpeg', 'empty', 'missing-field'])
+def test_bad_upload_is_400_and_connection_stays_usable(server, content, field, message):
+    conn = http.client.HTTPConnection('127.0.0.1', server, timeout=30)
+    try:
+        status, _, answer = upload(server, content, field, conn)
+        assert status == 400 and message in answer['error'], answer
+        status, _, answer = upload(server, IMAGES['png'], conn=conn)  # same keep-alive connection
+        assert status == 200, answer
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize('body, ctype, message', [
+    (IMAGES['png'], 'image/png', 'multipart/form-data'),
+    (b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nxx', 'multipart/form-data; boundary=b',
+     'no closing boundary'),
+    (b'no delimiter at all', 'multipart/form-data; boundary=b', 'no boundary'),
+    (b'', 'multipart/form-data', 'boundary'),
+], ids=['not-multipart', 'truncated-multipart', 'no-delimiter', 'no-boundary'])
+def test_malformed_form_is_400(server, body, ctype, message):
+    status, _, answer = request(server, 'POST', '/api', body, {'Content-Type': ctype})
+    assert status == 400 and message in answer['error'], answer
+    assert_serving(server)
+
+
+def raw_exchange(port, head, body=b''):
+    """Status line and JSON of a hand-written request (http.client always adds Content-Length)."""
+    with socket.create_connection(('127.0.0.1', port), timeout=30) as s:
+        s.sendall(head + body)
+        reply = b''
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, payload = reply.partition(b'\r\n\r\n')
+    return head.split(b'\r\n')[0].decode(), json.loads(payload)
+
+
+def test_oversize_and_missing_length(server):
+    body, ctype = multipart([('image', 'big.png', b'\0' * (MAX_BYTES + 1))])
+    status, r, answer = request(server, 'POST', '/api', body, {'Content-Type': ctype})
+    assert status == 413 and str(MAX_BYTES) in answer['error'], answer
+    assert r.getheader('Connection') == 'close'
+    # Expect: 100-continue gets the 413 before sending any of the body
+    line, answer = raw_exchange(server, (
+        'POST /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 1000000000\r\n'
+        f'Content-Type: {ctype}\r\n\r\n').encode())
+    assert line.startswith('HTTP/1.1 413') and 'larger' in answer['error']
+    # no Content-Length (chunked): refused
+    line, answer = raw_exchange(server, (
+        'POST /api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n'
+        f'Content-Type: {ctype}\r\n\r\n').encode(), b'5\r\nhello\r\n0\r\n\r\n')
+    assert line.startswith('HTTP/1.1 411') and 'Content-Length' in answer['error']
+    # a body shorter than announced, then the client hangs up
+    with socket.create_connection(('127.0.0.1', server), timeout=30) as s:
+        s.sendall(f'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n'
+                  f'Content-Type: {ctype}\r\n\r\n'.encode() + body[:100])
+        s.shutdown(socket.SHUT_WR)
+        assert b' 400 ' in s.recv(65536).split(b'\r\n')[0]
+    assert_serving(server)
+
+
+@pytest.mark.parametrize('method, path, status', [
+    ('GET', '/api', 405), ('POST', '/', 405), ('PUT', '/api', 405), ('DELETE', '/', 405),
+    ('GET', '/nothing', 404), ('POST', '/nothing', 404), ('GET', '/../etc/passwd', 404),
+])
+def test_wrong_method_or_path(server, method, path, status):
+    got, _, answer = request(server, method, path, b'x' * 10 if method != 'GET' else None)
+    assert got == status and answer['error'], answer
+    assert_serving(server)
+
+
+def test_index_page(server):
+    status, r, page = request(server, 'GET', '/')
+    assert status == 200 and r.getheader('Content-Type').startswith('text/html')
+    assert '<form' in page and 'type="file"' in page and 'name="image"' in page
+    assert "fetch('api'" in page and 'alexnet_cifar' in page
+    assert 'id="classify" disabled>' in page  # until the script runs
+    status, r, _ = request(server, 'HEAD', '/')
+    assert status == 200 and int(r.getheader('Content-Length')) == len(page.encode())
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f'no {CHROMIUM}')
+def test_index_page_in_a_browser(server, tmp_path):
+    """Headless Chromium loads the page and runs its script without an error."""
+    res = subprocess.run(
+        [CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-dev-shm-usage',
+         f'--user-data-dir={tmp_path / "profile"}', '--enable-logging=stderr', '--v=0',
+         '--virtual-time-budget=3000', '--dump-dom', f'http://127.0.0.1:{server}/'],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert '<form id="form">' in dom and 'type="file"' in dom
+    assert '<button type="submit" id="classify">Classify</button>' in dom  # enabled by the script
+    assert 'Uncaught' not in res.stderr, res.stderr[-2000:]
+
+
+def test_multipart_parser_is_binary_safe():
+    tricky = b'\r\n--\r--boundar\n\r\n\r\n\x00\xff--'  # line ends and dashes in the content
+    body, ctype = multipart([('other', 'a.txt', b'x'), ('image', 'b.png', tricky)],
+                            boundary='boundary')
+    boundary = serve.multipart_boundary(ctype)
+    assert serve.multipart_fields(b'preamble\r\n' + body, boundary) == [
+        ('other', b'x'), ('image', tricky)]
+    assert serve.multipart_boundary('multipart/form-data; boundary="a b:c"') == b'a b:c'
+    with pytest.raises(serve.BadRequest):
+        serve.multipart_fields(body[:-30], boundary)
+
+
+def test_missing_mean_or_classes_is_a_one_line_error(tmp_path, capsys):
+    snap = make_snapshot(str(tmp_path), paths_in_config=False)
+    assert serve.main([snap['path'], '--classes', snap['dataset_yaml']]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'mean_file' in err and '--mean' in err
+    missing = str(tmp_path / 'nope.npy')
+    assert serve.main([snap['path'], '--mean', missing, '--classes', snap['dataset_yaml']]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and missing in err
+    shutil.move(snap['dataset_yaml'], str(tmp_path / 'moved.yaml'))
+    assert serve.main([snap['path'], '--mean', snap['mean_file']]) == 2
+    assert 'label_folder' in capsys.readouterr().err
+    assert serve.main([snap['path'], '--mean', snap['mean_file'],
+                       '--classes', snap['dataset_yaml']]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and snap['dataset_yaml'] in err
+    assert serve.main([str(tmp_path / 'none.pt')]) == 2
+    assert 'none.pt' in capsys.readouterr().err
+
+
+def test_port_in_use_exits_2(snapshot, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc, _, out, err = start_server([snapshot['path'], '--port', str(port)], str(tmp_path),
+                                         wait=False)
+        assert proc.wait(60) == 2
+    with open(err) as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 1 and str(port) in lines[0] and lines[0].startswith('error:'), lines
+
+
+def test_explicit_files_and_ctrl_c(tmp_path):
+    """--mean / --classes for a snapshot whose config names neither; SIGINT stops it with 0."""
+    snap = make_snapshot(str(tmp_path), paths_in_config=False)
+    proc, port, out, _ = start_server([snap['path'], '--port', '0', '--mean', snap['mean_file'],
+                                       '--classes', snap['dataset_yaml']], str(tmp_path))
+    try:
+        status, _, answer = upload(port, IMAGES['jpeg'])
+        assert status == 200 and {t['class'] for t in answer['top5']} == set(CLASSES)
+    finally:
+        assert stop_server(proc) == 0
+    with open(out) as f:
+        assert 'stopped' in f.read()
+
+
+def test_still_serving_after_everything(server):
+    assert_serving(server)
