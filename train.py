@@ -8,7 +8,6 @@ Writes into weights_dir: config.yaml (the merged config), val_record.npy ([top-1
 epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
 Resume with resume_train=True load_epoch=N.
 """
-import argparse
 import os
 import sys
 
@@ -17,8 +16,6 @@ import yaml
 
 import plot
 from lib import checkpoint, config, data, exchange, loader, model, optim, trainer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def num_classes(cfg, sources):
@@ -99,15 +96,8 @@ def run(cfg, exchanger=None, part=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                epilog='key=value overrides any config key (values are YAML)')
-    p.add_argument('--config', default=os.path.join(HERE, 'config.yaml'))
-    p.add_argument('--spec', default=os.path.join(HERE, 'spec_1gpu.yaml'))
-    p.add_argument('overrides', nargs='*', metavar='key=value')
-    args = p.parse_args(argv)
     try:
-        cfg = config.load(args.config, args.spec, args.overrides,
-                          {**config.CONFIG, **config.SPEC_1GPU})
+        cfg = config.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
         if cfg['lib_conv']:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
         print('config:\n' + config.describe(cfg), flush=True)

@@ -10,7 +10,6 @@ comes from the snapshot's own config. With the centre crop this computes exactly
 validation wrote in that epoch's row of val_record.npy; ten_crop averages the softmax over the four
 corners and the centre of the crop range, each also mirrored.
 """
-import argparse
 import os
 import sys
 
@@ -18,8 +17,6 @@ import torch
 
 import train
 from lib import checkpoint, config, data, model, trainer
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 
 
@@ -48,14 +45,8 @@ def validate(cfg):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                epilog='key=value overrides any config key (values are YAML)')
-    p.add_argument('--config', default=os.path.join(HERE, 'config.yaml'))
-    p.add_argument('--spec', default=os.path.join(HERE, 'spec_1gpu.yaml'))
-    p.add_argument('overrides', nargs='*', metavar='key=value')
-    args = p.parse_args(argv)
     try:
-        cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
+        cfg = config.command_line(__doc__, argv, SCHEMA)
         top1, top5, loss, n, path = validate(cfg)
     except (config.ConfigError, data.DataError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

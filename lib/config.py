@@ -6,6 +6,7 @@ valid one. Paths set in a YAML file are relative to that file; paths given on th
 relative to the current directory. The merged config is a plain dict of plain values (no queues,
 sockets or processes in it).
 """
+import argparse
 import difflib
 import os
 
@@ -201,3 +202,15 @@ def dump(cfg, path):
 def describe(cfg):
     width = max(map(len, cfg))
     return '\n'.join(f'  {k:<{width}} : {v}' for k, v in cfg.items())
+
+
+def command_line(doc, argv, schema, spec='spec_1gpu.yaml'):
+    """`[--config FILE] [--spec FILE] [key=value ...]` -> the merged config (ConfigError if bad).
+    The defaults are the repo's config.yaml and `spec`."""
+    p = argparse.ArgumentParser(description=doc.split('\n')[0],
+                                epilog='key=value overrides any config key (values are YAML)')
+    p.add_argument('--config', default=os.path.join(REPO_ROOT, 'config.yaml'))
+    p.add_argument('--spec', default=os.path.join(REPO_ROOT, spec))
+    p.add_argument('overrides', nargs='*', metavar='key=value')
+    args = p.parse_args(argv)
+    return load(args.config, args.spec, args.overrides, schema)
