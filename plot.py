@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from lib.atomic import atomic_write
+
 
 def curves(weights_dir):
     """{name: (epochs, values)} from history.csv, else from val_record.npy."""
@@ -54,10 +56,8 @@ def write(weights_dir, out=None):
         ax.legend()
     fig.suptitle(os.path.basename(os.path.normpath(weights_dir)))
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(out) or '.', f'.{os.path.basename(out)}.tmp{os.getpid()}.png')
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

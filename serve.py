@@ -36,6 +36,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from lib import model as models
+from lib.data import crop_mirror, make_plan
 from preprocessing.images import load_rgb
 
 FIELD = 'image'
@@ -141,9 +142,9 @@ class Classifier:
             classes_file = os.path.join(os.path.dirname(os.path.normpath(cfg['label_folder'])),
                                         'dataset.yaml')
         mean = _mean_image(mean_file, self.crop_size)
-        self.image_size = mean.shape[1]
-        m = (self.image_size - self.crop_size) // 2  # the validation crop of lib/data.make_plan
-        self.mean_crop = mean[:, m:m + self.crop_size, m:m + self.crop_size].contiguous()
+        self.image_size, self.mean = mean.shape[1], mean
+        # validation's centre crop, no mirror (lib/data.make_plan with train=False)
+        self.step = make_plan(None, 1, 1, self.image_size, self.crop_size, train=False)[0]
         self.classes = _class_names(classes_file, self.num_classes)
         self.mean_file, self.classes_file = mean_file, classes_file
         self.lock = threading.Lock()  # one image at a time: bounds memory, ReLUs are in place
@@ -165,9 +166,8 @@ class Classifier:
             rgb = load_rgb(io.BytesIO(data), self.image_size)  # uint8 (S, S, 3)
         except Exception as e:  # noqa: BLE001 -- BadImage, and anything a hostile file raises
             raise BadRequest(f'cannot decode the image: {" ".join(str(e).split())}') from None
-        img = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (3, S, S) as stored
-        m, c = (self.image_size - self.crop_size) // 2, self.crop_size
-        return (img[:, m:m + c, m:m + c].float() - self.mean_crop).unsqueeze(0)
+        batch = torch.from_numpy(rgb.transpose(2, 0, 1)[..., None])  # (3, S, S, 1) as stored
+        return crop_mirror(batch, self.mean, self.step, self.crop_size)  # (1, 3, c, c)
 
     def classify(self, data, k=5):
         """The top-k as [{class, index, probability}], best first, and the milliseconds taken."""
