@@ -44,7 +44,7 @@ def data_sources(cfg, part=None, splits=('train', 'val')):
             for split in splits]
 
 
-def build_loaders(cfg, device, part=None):
+def build_loaders(cfg, device, part=None, port=None):
     """(train, val) loaders (in-process, or served by one loader process) and the class count."""
     train, val = data_sources(cfg, part)
     size = train.image_size()
@@ -55,7 +55,7 @@ def build_loaders(cfg, device, part=None):
         print('notice: synthetic batches are made in-process; para_load is ignored', flush=True)
     if cfg['para_load'] and not cfg['synthetic']:
         proc = loader.LoaderProcess([train, val], cfg['mean_file'], cfg['crop_size'], device,
-                                    cfg['use_data_layer'], cfg['loader_timeout'], cfg['sock_data'])
+                                    cfg['use_data_layer'], cfg['loader_timeout'], port)
         loaders = [proc.loader(0), proc.loader(1)]
     else:
         mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
@@ -65,15 +65,21 @@ def build_loaders(cfg, device, part=None):
     return loaders, num_classes(cfg, (train, val))
 
 
-def run(cfg, exchanger=None, part=None):
-    """Build everything from a merged config and train; returns the history (list of dicts)."""
+def run(cfg, exchanger=None, part=None, gpu=None, port=None):
+    """Build everything from a merged config and train; returns the history (list of dicts).
+
+    The multi-worker launchers pass their exchanger, the part of each batch this worker trains
+    on (the _0 / _1 files), its device and its loader port (default: the gpu / sock_data keys)."""
     exchanger = exchanger or exchange.Local()
-    device = trainer.resolve_device(cfg['gpu'])
+    device = trainer.resolve_device(gpu or cfg['gpu'])
     os.makedirs(cfg['weights_dir'], exist_ok=True)
-    (train_data, val_data), n_cls = build_loaders(cfg, device, part)
+    (train_data, val_data), n_cls = build_loaders(cfg, device, part,
+                                                  port if port is not None else cfg.get('sock_data'))
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
                           cfg['seed']).to(device)
+        if exchanger.rank:  # same initial weights everywhere, but each worker its own dropout
+            torch.manual_seed(cfg['seed'] + trainer.WORKER_SEED_STRIDE * exchanger.rank)
         opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
                                 cfg['weight_decay'], cfg['use_momentum'],
                                 cfg['use_nesterov_momentum'])
@@ -84,6 +90,7 @@ def run(cfg, exchanger=None, part=None):
             start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
             loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
                      f'(epoch {start}, lr {opt.lr:g})')
+        exchanger.attach(opt.params, opt.momentum, device)  # after channels_last and resume
         if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
             config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         n_params = sum(p.numel() for p in net.parameters())
@@ -93,6 +100,15 @@ def run(cfg, exchanger=None, part=None):
     finally:
         train_data.close()
         val_data.close()
+
+
+def summary(cfg, history):
+    if not history:
+        return f"done: nothing to train (n_epochs {cfg['n_epochs']})"
+    last = history[-1]
+    return (f"done: epoch {last['epoch']}, val top-1 accuracy {100 * (1 - last['val_error']):.2f} %"
+            f" (top-5 {100 * (1 - last['val_top5_error']):.2f} %); records in "
+            f"{os.path.join(cfg['weights_dir'], 'val_record.npy')}")
 
 
 def main(argv=None):
@@ -109,11 +125,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
-    if history:
-        last = history[-1]
-        print(f"done: epoch {last['epoch']}, val top-1 accuracy {100 * (1 - last['val_error']):.2f} %"
-              f" (top-5 {100 * (1 - last['val_top5_error']):.2f} %); records in "
-              f"{os.path.join(cfg['weights_dir'], 'val_record.npy')}")
+    print(summary(cfg, history))
     return 0
 
 

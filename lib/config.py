@@ -76,6 +76,12 @@ SPEC_2GPU = {
     'batch_size': (128, 'images per step per worker'),
     'train_folder': ('data/imagenet/train_hkl_b256_b_128', 'folder of NNNN_0.hkl / NNNN_1.hkl'),
     'val_folder': ('data/imagenet/val_hkl_b256_b_128', 'folder of validation halves'),
+    'exchange_freq': (1, 'average parameters and momentum every this many steps'),
+    'exchange_transport': ('auto', 'auto | ipc (CUDA IPC) | shm (CPU shared memory) | tcp (bytes '
+                                   'over ZeroMQ); auto: ipc for 2 GPUs, shm for 2 CPUs, else tcp'),
+    'peer_timeout': (120.0, 'seconds a worker waits for the other before stopping with an error'),
+    'exchange_host': ('', "address worker 0 binds sock_gpu on ('': 127.0.0.1, this host only)"),
+    'curve_dir': ('', 'folder of worker0/worker1 CURVE keys: encrypt and authenticate the link'),
 }
 
 EVALUATE = {
@@ -83,11 +89,13 @@ EVALUATE = {
     'ten_crop': (False, 'average the softmax over 4 corners + centre, each mirrored'),
 }
 
-PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder', 'checkpoint')
+PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder', 'checkpoint',
+             'curve_dir')
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
     'lr_policy': ('step', 'auto', 'cosine'),
     'precision': ('fp32', 'bf16', 'fp16'),
+    'exchange_transport': ('auto', 'ipc', 'shm', 'tcp'),
 }
 
 

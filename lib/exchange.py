@@ -1,23 +1,255 @@
 """How workers keep their weights in step. The training loop talks to one of these and never
 asks how many workers there are.
 
-    after_step(step)     called after every optimiser step (the 2-worker exchanger swaps and
+    rank, is_main        this worker's number; True for the one worker that logs and writes files
+    size                 the number of workers (their images per step add up)
+    attach(params, momentum, device)
+                         called once the model and optimiser exist (after a resume)
+    after_step()         called after every optimiser step (the 2-worker exchanger swaps and
                          averages parameters and momentum here every exchange_freq steps)
+    flush()              end of an epoch: exchange now if steps are pending, so that every
+                         worker validates and snapshots the same weights
     average(tensor)      the mean of a metrics tensor over all workers
-    is_main              True for the one worker that logs and writes files
-    close()
+    close(reason=None)   with a reason: this worker stops on an error, tell the others
+
+Pair is the original's 2-GPU exchange (reference §1.3), made exact and fast: parameters and
+momentum live in ONE flat float32 buffer per worker, [params | momentum], the module's tensors
+being views into it; an exchange averages it with the peer's. Each worker averages its own half
+of the buffer, (mine + peer) / 2, and writes the result into both buffers, so the two workers end
+bitwise identical and each reads and writes half the bytes:
+
+    shm  CPU workers: both buffers are files in a private folder on /dev/shm, mapped by both
+    ipc  GPU workers on one host: the peer's buffer is opened from its CUDA IPC handle, once
+    tcp  the bytes travel over the ZeroMQ link (workers on two hosts, or a CPU and a GPU):
+         each sends the half the other averages, then gets its averaged half back
+
+The link (lib/link.py) carries barriers and metrics as typed messages and fails loudly.
 """
+import os
+
+import numpy as np
+import torch
+
+from lib import link
+from lib.link import ExchangeError, PeerError  # noqa: F401  (re-exported for the launchers)
+
+TRANSPORTS = ('auto', 'ipc', 'shm', 'tcp')
+BLOCK = 1 << 18  # CPU averaging block (1 MiB of float32): average and copy back while in cache
 
 
 class Local:
     """One worker: nothing to exchange."""
-    is_main = True
+    rank, is_main, size = 0, True, 1
 
-    def after_step(self, step):
+    def attach(self, params, momentum, device):
+        pass
+
+    def after_step(self):
+        pass
+
+    def flush(self):
         pass
 
     def average(self, tensor):
         return tensor
 
-    def close(self):
+    def close(self, reason=None):
         pass
+
+
+def flatten(params, momentum, alloc):
+    """Move the parameters (in place, through .data) and their momentum buffers (list entries
+    replaced) into one flat buffer [params | momentum] made by alloc(numel); returns it.
+    Each view keeps its tensor's strides, so channels_last weights stay channels_last."""
+    dtypes = {p.dtype for p in params} | {p.device for p in params}
+    if len(dtypes) != 2 or params[0].dtype != torch.float32:
+        raise ExchangeError(f'the exchange needs float32 parameters on one device, got {dtypes}')
+    n = sum(p.numel() for p in params)
+    flat = alloc(2 * n)
+    offset = 0
+    for i, p in enumerate(params):
+        if not (p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)):
+            raise ExchangeError(f'parameter {i} {tuple(p.shape)} is not dense')
+        view = flat.as_strided(p.shape, p.stride(), offset)
+        view.copy_(p.detach())
+        p.data = view
+        m = flat.as_strided(p.shape, p.stride(), n + offset)
+        m.copy_(momentum[i])
+        momentum[i] = m
+        offset += p.numel()
+    return flat
+
+
+def transport_for(choice, devices, same_host=True):
+    """The transport `auto` picks for two workers on `devices` (torch.device pair)."""
+    kinds = {d.type for d in devices}
+    if choice != 'auto':
+        if choice == 'ipc' and kinds != {'cuda'}:
+            raise ExchangeError(f'exchange_transport ipc needs two CUDA workers, got {devices}')
+        if choice == 'shm' and kinds != {'cpu'}:
+            raise ExchangeError(f'exchange_transport shm needs two CPU workers, got {devices}')
+        if choice in ('ipc', 'shm') and not same_host:
+            raise ExchangeError(f'exchange_transport {choice} needs both workers on one host')
+        return choice
+    if not same_host or len(kinds) > 1:
+        return 'tcp'
+    return 'ipc' if kinds == {'cuda'} else 'shm'
+
+
+def ipc_share(t):
+    """The CUDA IPC description of a flat device tensor, as JSON-able plain values."""
+    dev, handle, size, offset, ref, ref_offset, event, event_sync = t.untyped_storage()._share_cuda_()
+    return {'device': dev, 'handle': handle.hex(), 'size': size, 'offset': offset,
+            'ref': ref.hex(), 'ref_offset': ref_offset, 'event': event.hex() if event else None,
+            'event_sync': bool(event_sync), 'storage_offset': t.storage_offset(), 'numel': t.numel()}
+
+
+def ipc_open(info):
+    """The peer's flat tensor from its ipc_share() description (opened once)."""
+    event = bytes.fromhex(info['event']) if info['event'] else None
+    storage = torch.UntypedStorage._new_shared_cuda(
+        info['device'], bytes.fromhex(info['handle']), info['size'], info['offset'],
+        bytes.fromhex(info['ref']), info['ref_offset'], event, info['event_sync'])
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
+
+
+class Pair:
+    """One of the two workers of train_2gpu.py (see the module docstring)."""
+
+    def __init__(self, rank, cfg, token, transport, shm_dir=''):
+        self.rank, self.is_main, self.size = rank, rank == 0, 2
+        self.cfg, self.token, self.transport, self.shm_dir = cfg, token, transport, shm_dir
+        self.freq, self.timeout = cfg['exchange_freq'], cfg['peer_timeout']
+        self.link = None
+        self.seq = 0        # collective operations so far: both workers must agree on it
+        self.pending = 0    # optimiser steps since the last exchange
+        self.exchanges = 0
+
+    # --- setup ----------------------------------------------------------------------------
+    def attach(self, params, momentum, device):
+        self.device = device
+        own_file = os.path.join(self.shm_dir, f'state{self.rank}') if self.transport == 'shm' else None
+        n = 2 * sum(p.numel() for p in params)
+        if own_file:
+            alloc = lambda numel: torch.from_file(own_file, shared=True, size=numel,  # noqa: E731
+                                                  dtype=torch.float32)
+        else:
+            alloc = lambda numel: torch.empty(numel, dtype=torch.float32, device=device)  # noqa: E731
+        self.flat = flatten(params, momentum, alloc)
+        info = {'rank': self.rank, 'numel': n, 'transport': self.transport, 'pid': os.getpid()}
+        if self.transport == 'ipc':
+            info['ipc'] = ipc_share(self.flat)
+        host = self.cfg['exchange_host'] or '127.0.0.1'
+        self.link = link.Link(self.rank, host, self.cfg['sock_gpu'], self.token, self.timeout,
+                              self.cfg['curve_dir'])
+        peer = self.link.handshake(info)
+        if peer.get('numel') != n or peer.get('transport') != self.transport:
+            raise ExchangeError(f"worker {1 - self.rank} holds {peer.get('numel')} values over "
+                                f"{peer.get('transport')}, this worker {n} over {self.transport}: "
+                                f"the two workers must run the same model and config")
+        half = n // 2  # worker 0 averages [0, half), worker 1 [half, n)
+        self.own = (0, half) if self.rank == 0 else (half, n)
+        self.other = (half, n) if self.rank == 0 else (0, half)
+        if self.transport == 'shm':
+            peer_file = os.path.join(self.shm_dir, f'state{1 - self.rank}')
+            self.peer_flat = torch.from_file(peer_file, shared=True, size=n, dtype=torch.float32)
+        elif self.transport == 'ipc':
+            self.peer_flat = ipc_open(peer['ipc'])
+            if self.peer_flat.device != self.flat.device:  # two GPUs: a peer-to-peer copy first
+                self.scratch = torch.empty(self.own[1] - self.own[0], device=device)
+        else:
+            self.host = (self.flat if device.type == 'cpu'
+                         else torch.empty(n, pin_memory=torch.cuda.is_available()))
+            self.scratch = torch.empty(self.own[1] - self.own[0])
+        self.exchange()  # start from bitwise identical weights, whatever happened before
+        if own_file:     # both buffers are mapped now: nothing is left on /dev/shm if we are killed
+            os.unlink(own_file)
+
+    # --- the exchange -----------------------------------------------------------------------
+    def after_step(self):
+        self.pending += 1
+        if self.pending >= self.freq:
+            self.exchange()
+
+    def flush(self):
+        if self.pending:
+            self.exchange()
+
+    def exchange(self):
+        """Average [params | momentum] with the peer's: both end with (mine + peer) / 2."""
+        self.seq += 1
+        if self.transport == 'tcp':
+            self._exchange_tcp(self.seq)
+        else:
+            self._exchange_shared(self.seq)
+        self.pending = 0
+        self.exchanges += 1
+
+    def _sync(self):
+        if self.device.type == 'cuda':  # the step's kernels have written the buffer
+            torch.cuda.synchronize(self.device)
+
+    def _exchange_shared(self, seq):
+        lo, hi = self.own
+        self._sync()
+        self.link.send(link.ARRIVE, seq)          # barrier: both buffers hold this step's values
+        self.link.recv(link.ARRIVE, seq)
+        mine, peer = self.flat[lo:hi], self.peer_flat[lo:hi]
+        if self.device.type == 'cuda':
+            if peer.device != mine.device:
+                self.scratch.copy_(peer)
+                peer_local = self.scratch
+            else:
+                peer_local = peer
+            mine.add_(peer_local).mul_(0.5)
+            peer.copy_(mine)
+        else:
+            with torch.no_grad():
+                for b in range(0, hi - lo, BLOCK):
+                    m, p = mine[b:b + BLOCK], peer[b:b + BLOCK]
+                    m.add_(p).mul_(0.5)
+                    p.copy_(m)
+        self._sync()
+        self.link.send(link.DONE, seq)            # barrier: nobody reads my buffer any more
+        self.link.recv(link.DONE, seq)
+
+    def _exchange_tcp(self, seq):
+        lo, hi = self.own
+        plo, phi = self.other
+        if self.host is not self.flat:
+            self.host.copy_(self.flat)
+        host = self.host.numpy()
+        sent = self.link.send(link.DATA, seq, memoryview(host[plo:phi]), track=True)
+        self.link.recv(link.DATA, seq, into=self.scratch.numpy())
+        mine = self.host[lo:hi]
+        mine.add_(self.scratch).mul_(0.5)
+        self._wait_sent(sent, seq)                # before that half is overwritten
+        back = self.link.send(link.DATA, seq, memoryview(host[lo:hi]), track=True)
+        self.link.recv(link.DATA, seq, into=host[plo:phi])
+        self._wait_sent(back, seq)                # before the next step writes the buffer
+        if self.host is not self.flat:
+            self.flat.copy_(self.host)
+
+    def _wait_sent(self, tracker, seq):
+        try:
+            tracker.wait(self.timeout)
+        except Exception:  # zmq.NotDone
+            raise PeerError(f'worker {1 - self.rank} did not take the exchange data within '
+                            f'{self.timeout:g} s (peer_timeout) at step {seq}') from None
+
+    # --- metrics and shutdown -------------------------------------------------------------------
+    def average(self, tensor):
+        self.seq += 1
+        mine = tensor.detach().to('cpu', torch.float64).contiguous()
+        self.link.send(link.METRIC, self.seq, mine.numpy().tobytes())
+        frames = self.link.recv(link.METRIC, self.seq)
+        if len(frames) != 1 or len(frames[0]) != mine.numel() * 8:
+            raise ExchangeError(f'worker {1 - self.rank} sent a metric of another size at step {self.seq}')
+        peer = torch.from_numpy(np.frombuffer(frames[0], np.float64).copy()).view(mine.shape)
+        return ((mine + peer) / 2).to(tensor.dtype).to(tensor.device)
+
+    def close(self, reason=None):
+        if self.link is not None:
+            self.link.close(reason)
+            self.link = None

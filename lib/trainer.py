@@ -32,6 +32,9 @@ def resolve_device(name):
     return torch.device(f'cuda:{index}')
 
 
+WORKER_SEED_STRIDE = 7919  # worker r draws crops and dropout from seed + r * this
+
+
 class Trainer:
     def __init__(self, cfg, model, optimizer, loaders, device, exchanger):
         self.cfg, self.model, self.opt, self.device = cfg, model, optimizer, device
@@ -46,7 +49,8 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         # self.model stays the plain module (its state_dict keys have no '_orig_mod.' prefix)
         self.forward = torch.compile(model) if cfg['compile'] else model
-        self.gen = torch.Generator().manual_seed(cfg['seed'])  # crop / mirror / shuffle draws
+        # crop / mirror / shuffle draws; other workers draw their own (initial weights are shared)
+        self.gen = torch.Generator().manual_seed(cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank)
         self.history = []  # one dict per finished epoch (the history.csv rows)
         self.on_epoch_end = None  # called with weights_dir after the records are written
         self.image_size = self.train_data.image_size
@@ -65,6 +69,10 @@ class Trainer:
         self.model.load_state_dict(state['model'])
         self.opt.load_state_dict(state)
         checkpoint.set_rng_state(state['rng'], self.gen, self.device)
+        if self.exchanger.rank:  # the snapshot holds worker 0's streams: this worker draws its own
+            seed = self.cfg['seed'] + WORKER_SEED_STRIDE * self.exchanger.rank + int(state['epoch'])
+            self.gen.manual_seed(seed)
+            torch.manual_seed(seed)
         self.history = list(state['history'])
         if self.scaler is not None and 'loss_scale' in state:
             self.scaler.scale.copy_(state['loss_scale'])
@@ -101,6 +109,7 @@ class Trainer:
     def train_epoch(self, epoch):
         cfg, model, opt = self.cfg, self.model, self.opt
         B = cfg['batch_size']
+        images = B * self.exchanger.size  # per step, all workers together
         plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
                               train=True, rand_crop=cfg['rand_crop'],
                               batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'])
@@ -130,7 +139,7 @@ class Trainer:
             else:
                 (loss * self.scaler.scale).backward()
                 self.scaler.step(opt)
-            self.exchanger.after_step(it)
+            self.exchanger.after_step()
             with torch.no_grad():
                 stats = torch.stack([loss.detach(), (logits.argmax(1) != y).float().mean()])
                 total += stats
@@ -142,14 +151,15 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 err_txt = f' | error {err_v:.4f}' if cfg['print_train_error'] else ''
                 self.log(f'epoch {epoch} iter {it}/{len(plan)} | cost {loss_v:.4f}{err_txt} | '
-                         f'lr {opt.lr * opt.lr_scale:g} | {n * B / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
+                         f'lr {opt.lr * opt.lr_scale:g} | {n * images / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
                          bar)
                 window.zero_()
                 wait, t_log = 0.0, time.perf_counter()
         bar.close()
+        self.exchanger.flush()  # every worker validates and snapshots the same weights
         seconds = time.perf_counter() - t_epoch
         loss_v, err_v = (self.exchanger.average(total) / len(plan)).tolist()
-        return loss_v, err_v, len(plan) * B / seconds, first_lr
+        return loss_v, err_v, len(plan) * images / seconds, first_lr
 
     def evaluate(self, ten_crop=False):
         """[top-1 error, top-5 error, loss] over the whole val set (centre crop, or ten crops)."""

@@ -1,0 +1,251 @@
+"""The control link between the two workers of train_2gpu.py: typed ZeroMQ messages, never pickle.
+
+Worker 0 binds a ROUTER socket on host:sock_gpu (127.0.0.1 unless a host is configured) and
+worker 1 connects a DEALER to it. Every message is a 16-byte header
+
+    magic b'ALXW', version, kind, 2 pad bytes, sequence number (u64)
+
+followed by raw frames (bytes of a buffer, UTF-8 text, or a JSON object for the hello). The
+hello carries a 32-byte secret that the launcher gave both workers: until a client has proved
+it, nothing it sends is read past the header, and after the handshake worker 0 drops every
+message that does not come from worker 1's connection (with a warning), so a stray or hostile
+client can neither hijack the link nor make a worker act on anything. Between hosts, CURVE
+encryption and key authentication can be switched on (curve_dir).
+
+Failures: every receive waits at most `timeout` seconds; ZeroMQ heartbeats run on the link (a
+peer whose process is frozen or whose host vanished is disconnected after a few seconds); a
+disconnection of the peer's connection, or its BYE (sent when it stops with an error), raises
+PeerError at once, naming the peer and the sequence number (the step) it happened at.
+"""
+import hmac
+import json
+import os
+import struct
+import sys
+import time
+
+import zmq
+import zmq.utils.monitor
+
+MAGIC, VERSION = b'ALXW', 1
+HELLO, ARRIVE, DONE, DATA, METRIC, BYE = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {HELLO: 'hello', ARRIVE: 'arrive', DONE: 'done', DATA: 'data', METRIC: 'metric',
+              BYE: 'bye'}
+HEADER = struct.Struct('<4sBBxxQ')
+TOKEN_BYTES = 32
+HEARTBEAT_MS = 1000
+
+
+class ExchangeError(RuntimeError):
+    """The exchange cannot go on (bad setup, protocol violation); the message says why."""
+
+
+class PeerError(ExchangeError):
+    """The other worker died, stalled, disconnected or stopped with an error."""
+
+
+def header(kind, seq):
+    return HEADER.pack(MAGIC, VERSION, kind, seq)
+
+
+def parse_header(frame):
+    """bytes -> (kind, seq); ValueError for anything that is not one of our headers."""
+    if len(frame) != HEADER.size:
+        raise ValueError(f'bad header ({len(frame)} bytes)')
+    magic, version, kind, seq = HEADER.unpack(frame)
+    if magic != MAGIC or version != VERSION or kind not in KIND_NAMES:
+        raise ValueError(f'not an exchange message (magic {magic!r}, version {version}, kind {kind})')
+    return kind, seq
+
+
+def curve_keys(curve_dir, rank):
+    """(public, secret) of this worker from curve_dir/worker<rank>.key_secret, and the public
+    key of the other worker, as written by zmq.auth.create_certificates(curve_dir, 'worker<r>')."""
+    from zmq.auth import load_certificate
+    own = os.path.join(curve_dir, f'worker{rank}.key_secret')
+    peer = os.path.join(curve_dir, f'worker{1 - rank}.key')
+    try:
+        public, secret = load_certificate(own)
+        peer_public, _ = load_certificate(peer)
+    except (OSError, ValueError) as e:
+        raise ExchangeError(f'curve_dir: cannot read the CURVE keys {own} / {peer}: {e}') from None
+    if secret is None:
+        raise ExchangeError(f'curve_dir: {own} holds no secret key')
+    return public, secret, peer_public
+
+
+class Link:
+    """One end of the two-worker link. rank 0 binds, rank 1 connects."""
+
+    def __init__(self, rank, host, port, token, timeout, curve_dir=''):
+        if len(token) != TOKEN_BYTES:
+            raise ExchangeError('the exchange secret must be 32 bytes')
+        self.rank, self.peer, self.token, self.timeout = rank, 1 - rank, token, timeout
+        self.address = f'{host}:{port}'
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.sock = self.ctx.socket(zmq.ROUTER if rank == 0 else zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * min(max(timeout, 3.0), 10.0)))
+        self.sock.setsockopt(zmq.HEARTBEAT_TTL, int(1000 * min(max(timeout, 3.0), 10.0)))
+        if curve_dir:
+            self._curve(curve_dir)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.peer_id = self.peer_fd = None
+        self.rejected = 0
+        endpoint = f'tcp://{self.address}'
+        if rank == 0:
+            try:
+                self.sock.bind(endpoint)
+            except zmq.ZMQError as e:
+                self.close()
+                raise ExchangeError(f'cannot bind the exchange socket {self.address} (sock_gpu): '
+                                    f'{e.strerror}') from None
+        else:
+            self.sock.setsockopt(zmq.IDENTITY, b'worker1-' + os.urandom(8).hex().encode())
+            self.sock.connect(endpoint)
+
+    def _curve(self, curve_dir):
+        public, secret, peer_public = curve_keys(curve_dir, self.rank)
+        self.sock.curve_publickey, self.sock.curve_secretkey = public, secret
+        if self.rank == 0:
+            from zmq.auth.thread import ThreadAuthenticator
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve(domain='*', location=curve_dir)  # the *.key public keys there
+            self.sock.curve_server = True
+        else:
+            self.sock.curve_serverkey = peer_public
+
+    # --- sending ------------------------------------------------------------------------------
+    def send(self, kind, seq, *frames, track=False):
+        parts = ([self.peer_id] if self.rank == 0 else []) + [header(kind, seq), *frames]
+        return self.sock.send_multipart(parts, copy=not track, track=track)
+
+    # --- receiving ----------------------------------------------------------------------------
+    def _poll(self, deadline, seq, what):
+        """Wait for a message on the link; PeerError on timeout or the peer's disconnection."""
+        while True:
+            if self.sock.poll(100):
+                return
+            while self.monitor.poll(0):
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor)
+                if self.peer_id is not None and (self.rank == 1 or event['value'] == self.peer_fd):
+                    raise PeerError(f'lost the connection to worker {self.peer} at step {seq} '
+                                    f'while waiting for its {what} (it died, or its link timed out)')
+            if time.monotonic() > deadline:
+                raise PeerError(f'worker {self.peer} did not answer within {self.timeout:g} s '
+                                f'(peer_timeout) at step {seq} while waiting for its {what}: '
+                                f'stalled or dead')
+
+    def _from_peer(self, first):
+        """rank 0: is this routing id the authenticated worker 1?"""
+        return self.rank == 1 or (self.peer_id is not None and first == self.peer_id)
+
+    def _reject(self, who, why):
+        self.rejected += 1
+        if self.rejected <= 5 or self.rejected % 1000 == 0:
+            print(f'exchange: rejected a message from {who} on {self.address}: {why} '
+                  f'({self.rejected} so far)', file=sys.stderr, flush=True)
+
+    def _drain(self):
+        while self.sock.getsockopt(zmq.RCVMORE):
+            self.sock.recv()
+
+    def recv(self, kind, seq, into=None):
+        """The frames after the header of the peer's next message, which must be (kind, seq).
+        With `into` (a writable buffer), the one payload frame is received straight into it and
+        must fill it exactly. Messages from anyone but the peer are dropped."""
+        what = KIND_NAMES[kind]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self._poll(deadline, seq, what)
+            if self.rank == 0:
+                ident = self.sock.recv()
+                if not self._from_peer(ident):
+                    self._drain()
+                    self._reject('an unknown client', 'not the authenticated worker 1')
+                    continue
+                if not self.sock.getsockopt(zmq.RCVMORE):
+                    raise ExchangeError(f'worker {self.peer} sent an empty message at step {seq}')
+            frame = self.sock.recv()
+            try:
+                got_kind, got_seq = parse_header(frame)
+            except ValueError as e:
+                self._drain()
+                raise ExchangeError(f'worker {self.peer} sent a malformed message at step {seq}: {e}')
+            if got_kind == BYE:
+                text = self.sock.recv().decode('utf-8', 'replace') if self.sock.getsockopt(zmq.RCVMORE) else ''
+                self._drain()
+                raise PeerError(f'worker {self.peer} stopped at its step {got_seq}: {text or "no reason given"}')
+            if (got_kind, got_seq) != (kind, seq):
+                self._drain()
+                raise ExchangeError(f'worker {self.peer} is out of step: expected {what} {seq}, '
+                                    f'got {KIND_NAMES[got_kind]} {got_seq}')
+            if into is None:
+                frames = []
+                while self.sock.getsockopt(zmq.RCVMORE):
+                    frames.append(self.sock.recv())
+                return frames
+            nbytes = len(memoryview(into).cast('B'))
+            got = self.sock.recv_into(into) if self.sock.getsockopt(zmq.RCVMORE) else -1
+            extra = self.sock.getsockopt(zmq.RCVMORE)
+            self._drain()
+            if got != nbytes or extra:
+                raise ExchangeError(f'worker {self.peer} sent {got} bytes at step {seq}, expected {nbytes}')
+            return []
+
+    # --- handshake --------------------------------------------------------------------------
+    def handshake(self, info):
+        """Exchange `info` (a JSON-able dict) with the peer after both proved the secret;
+        returns the peer's info. Clients that fail the proof are rejected and waited past."""
+        mine = [header(HELLO, 0), self.token, json.dumps(info).encode()]
+        deadline = time.monotonic() + self.timeout
+        if self.rank == 1:
+            self.sock.send_multipart(mine)
+        while True:
+            try:
+                self._poll(deadline, 0, 'hello')
+            except PeerError:
+                raise PeerError(f'worker {self.peer} did not connect to {self.address} within '
+                                f'{self.timeout:g} s (peer_timeout)') from None
+            parts = self.sock.recv_multipart(copy=False)
+            ident = parts.pop(0) if self.rank == 0 else None
+            try:
+                kind, _ = parse_header(parts[0].bytes if parts else b'')
+                if kind != HELLO or len(parts) != 3:
+                    raise ValueError('not a hello')
+                if not hmac.compare_digest(parts[1].bytes, self.token):
+                    raise ValueError('wrong secret')
+                peer_info = json.loads(parts[2].bytes.decode())
+                if not isinstance(peer_info, dict):
+                    raise ValueError('hello is not a JSON object')
+            except (ValueError, UnicodeDecodeError) as e:
+                if self.rank == 1:
+                    raise ExchangeError(f'the exchange server at {self.address} is not worker 0: {e}')
+                self._reject('a client', e)
+                continue
+            if self.rank == 0:
+                self.peer_id, self.peer_fd = ident.bytes, parts[0].get(zmq.SRCFD)
+                self.send(HELLO, 0, *mine[1:])
+            else:
+                self.peer_id = b'worker0'
+            return peer_info
+
+    def close(self, reason=None):
+        """Close the link; with a reason, first tell the peer we stop (best effort)."""
+        if self.sock.closed:
+            return
+        if reason is not None and self.peer_id is not None:
+            try:
+                self.sock.setsockopt(zmq.LINGER, 1000)  # let the BYE reach the wire
+                self.send(BYE, 0, str(reason).encode()[:2000])
+            except zmq.ZMQError:
+                pass
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()

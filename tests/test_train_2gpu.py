@@ -1,0 +1,260 @@
+"""train_2gpu.py: two workers averaging after every step train exactly as one worker on the whole
+batches; both CPU transports; a dead or stalled worker stops everything; hostile clients."""
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+import train
+from lib import config, exchange, link
+from tests.helpers import make_batches
+from tests.test_loader import children, gone_within
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, 'train_2gpu.py')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def dataset(tmp_path, n_train=4, batch=8):
+    keys = make_batches(str(tmp_path / 'data'), n_train=n_train, n_val=2, batch=batch, size=36)
+    halves = {k: v.replace(f'_b{batch}_b_{batch}', f'_b{batch}_b_{batch // 2}')
+              for k, v in keys.items() if k.endswith('_folder') and k != 'label_folder'}
+    return keys, dict(keys, **halves, batch_size=batch // 2)
+
+
+COMMON = dict(model='alexnet_cifar', crop_size=32, n_epochs=2, print_freq=2, dropout=0.0,
+              rand_crop=False, shuffle=False, learning_rate=0.01)
+
+
+def args(values):
+    return [f'{k}={v}' for k, v in values.items()]
+
+
+def settings(tmp_path, halves, **over):
+    values = dict(halves, **COMMON, gpu0='cpu', gpu1='cpu', weights_dir=str(tmp_path / 'w2'),
+                  sock_gpu=free_port(), peer_timeout=30.0)
+    values.update(over)
+    return values
+
+
+def run_2gpu(tmp_path, halves, timeout=240, **over):
+    values = settings(tmp_path, halves, **over)
+    return subprocess.run([sys.executable, SCRIPT] + args(values), capture_output=True,
+                          text=True, timeout=timeout, cwd=tmp_path)
+
+
+def started(proc):
+    """The worker pids [worker 0, worker 1] once training runs in both."""
+    pids = None
+    for line in proc.stdout:
+        if line.startswith('train_2gpu: worker 0 pid'):
+            pids = [int(line.split()[4].rstrip(',')), int(line.split()[8])]
+        if 'epoch 1 iter' in line:
+            assert set(pids) <= set(children(proc.pid)), (pids, children(proc.pid))
+            return pids
+    raise AssertionError(f'training did not start: {proc.stderr.read()}')
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('transport', ['shm', 'tcp'])
+def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, transport):
+    full, halves = dataset(tmp_path)
+    one = train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+                                 [('test', dict(full, **COMMON, gpu='cpu',
+                                                weights_dir=str(tmp_path / 'w1')), None)]))
+    r = run_2gpu(tmp_path, halves, exchange_transport=transport)
+    assert r.returncode == 0, r.stderr
+    assert f'exchange over {transport} every 1 step(s)' in r.stdout
+    assert r.stdout.count('epoch 1 iter') == 2  # worker 0 alone logs
+    a = torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)
+    b = torch.load(tmp_path / 'w2' / 'model_2.pt', weights_only=True)
+    for part in ('model', 'momentum'):
+        for k in a[part]:
+            assert relative_error(b[part][k], a[part][k]) < 1e-5, (part, k)
+    rec1, rec2 = np.load(tmp_path / 'w1' / 'val_record.npy'), np.load(tmp_path / 'w2' / 'val_record.npy')
+    assert rec2.shape == (2, 2)
+    np.testing.assert_allclose(rec2, rec1, rtol=1e-4)  # averaged over the two halves of val
+    assert [h['train_loss'] for h in b['history']] == pytest.approx(
+        [h['train_loss'] for h in one], rel=1e-4)
+    assert sorted(os.listdir(tmp_path / 'w2')) == ['config.yaml', 'history.csv', 'model_1.pt',
+                                                   'model_2.pt', 'training.png', 'val_record.npy']
+
+
+def test_resume_and_exchange_freq(tmp_path):
+    _, halves = dataset(tmp_path)
+    over = dict(exchange_freq=3, dropout=0.5, rand_crop=True, shuffle=True)
+    r = run_2gpu(tmp_path, halves, n_epochs=1, **over)
+    assert r.returncode == 0, r.stderr
+    first = torch.load(tmp_path / 'w2' / 'model_1.pt', weights_only=True)
+    r = run_2gpu(tmp_path, halves, n_epochs=2, resume_train=True, load_epoch=1, **over)
+    assert r.returncode == 0, r.stderr
+    assert 'resumed from' in r.stdout and 'epoch 2 |' in r.stdout and 'epoch 1 |' not in r.stdout
+    second = torch.load(tmp_path / 'w2' / 'model_2.pt', weights_only=True)
+    assert second['val_record'].shape == (2, 2)
+    assert torch.equal(second['val_record'][0], first['val_record'][0])
+    assert not torch.equal(second['momentum']['classifier.weight'],
+                           first['momentum']['classifier.weight'])
+
+
+def test_a_killed_worker_stops_the_other_and_the_launcher(tmp_path):
+    _, halves = dataset(tmp_path, n_train=400)
+    values = settings(tmp_path, halves, sock_gpu=free_port(), peer_timeout=20.0, n_epochs=50)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        victim = started(proc)[1]
+        workers = children(proc.pid)  # both workers (and multiprocessing's resource tracker)
+        t0 = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert elapsed < 20.0
+    assert 'worker 0: error: lost the connection to worker 1 at step' in err, err
+    assert 'alexnet-worker1 exit code -9' in err
+    for pid in workers:
+        assert gone_within(pid, 5)
+
+
+def test_a_stalled_worker_is_named_within_peer_timeout(tmp_path):
+    _, halves = dataset(tmp_path, n_train=400)
+    values = settings(tmp_path, halves, sock_gpu=free_port(), peer_timeout=4.0, n_epochs=50)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        victim = started(proc)[1]
+        workers = children(proc.pid)  # both workers (and multiprocessing's resource tracker)
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert elapsed < 4.0 + 15.0
+    assert 'worker 0: error:' in err and 'worker 1' in err and 'at step' in err, err
+    for pid in workers:
+        assert gone_within(pid, 5)
+
+
+def test_hostile_clients_are_rejected_and_training_goes_on(tmp_path):
+    _, halves = dataset(tmp_path, n_train=60)
+    port = free_port()
+    values = settings(tmp_path, halves, sock_gpu=port, peer_timeout=30.0, n_epochs=3)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    marker = tmp_path / 'pwned'
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+
+    ctx = zmq.Context()
+    try:
+        started(proc)
+        for sock_type in (zmq.DEALER, zmq.PAIR, zmq.REQ):
+            s = ctx.socket(sock_type)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f'tcp://127.0.0.1:{port}')
+            s.send_multipart([pickle.dumps(Evil())]) if sock_type != zmq.REQ else s.send(b'garbage')
+            s.send_multipart([link.header(link.HELLO, 0), b'x' * 32, b'{}']) \
+                if sock_type == zmq.DEALER else None
+            s.send_multipart([link.header(link.ARRIVE, 1)]) if sock_type == zmq.DEALER else None
+            time.sleep(0.3)
+            s.close()
+        raw = socket.create_connection(('127.0.0.1', port))  # not even ZeroMQ
+        raw.sendall(pickle.dumps(Evil()))
+        raw.close()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert 'done: epoch 3' in out
+    assert 'exchange: rejected a message from' in err
+    assert not marker.exists()
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path):
+    _, halves = dataset(tmp_path)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_2gpu(tmp_path, halves, sock_gpu=port, peer_timeout=10.0)
+    assert r.returncode == 1
+    assert f'cannot bind the exchange socket 127.0.0.1:{port} (sock_gpu): Address already in use' \
+        in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / 'w2' / 'model_1.pt')
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    _, halves = dataset(tmp_path)
+    for over, msg in (({'exchange_transport': 'ipc'}, 'exchange_transport ipc needs two CUDA workers'),
+                      ({'exchange_transport': 'udp'}, "must be one of auto, ipc, shm, tcp, got 'udp'"),
+                      ({'exchange_freq': 0}, 'exchange_freq must be at least 1'),
+                      ({'gpu1': 'tpu'}, "gpu: 'tpu' is not a device")):
+        r = run_2gpu(tmp_path, halves, **over)
+        assert r.returncode == 2, (over, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_flatten_makes_views_of_one_buffer():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    net.to(memory_format=torch.channels_last)
+    params = list(net.parameters())
+    before = [p.detach().clone() for p in params]
+    momentum = [torch.full_like(p, i) for i, p in enumerate(params)]
+    flat = exchange.flatten(params, momentum, lambda n: torch.empty(n))
+    n = sum(p.numel() for p in params)
+    assert flat.shape == (2 * n,)
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    for p, b, m in zip(params, before, momentum):
+        assert torch.equal(p, b) and p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert m.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    flat.zero_()
+    assert all(p.abs().sum() == 0 for p in params) and all(m.abs().sum() == 0 for m in momentum)
+    out = net(torch.randn(2, 3, 4, 4))
+    out.sum().backward()  # autograd still works on the views
+    assert params[0].grad.shape == params[0].shape
+
+
+def test_transport_choice():
+    cpu, gpu = torch.device('cpu'), torch.device('cuda:0')
+    assert exchange.transport_for('auto', [cpu, cpu]) == 'shm'
+    assert exchange.transport_for('auto', [gpu, gpu]) == 'ipc'
+    assert exchange.transport_for('auto', [gpu, cpu]) == 'tcp'
+    assert exchange.transport_for('auto', [gpu, gpu], same_host=False) == 'tcp'
+    with pytest.raises(exchange.ExchangeError, match='shm needs two CPU workers'):
+        exchange.transport_for('shm', [gpu, gpu])
+
+
+def test_headers_reject_anything_else():
+    assert link.parse_header(link.header(link.DATA, 7)) == (link.DATA, 7)
+    for bad in (b'', b'x' * 16, pickle.dumps({'a': 1}), b'ALXW' + bytes([9]) + b'\0' * 11,
+                link.header(link.DATA, 7)[:-1]):
+        with pytest.raises(ValueError):
+            link.parse_header(bad)

@@ -1,0 +1,210 @@
+"""Train AlexNet with two worker processes that average their weights after every step.
+
+    python train_2gpu.py                              # config.yaml <- spec_2gpu.yaml
+    python train_2gpu.py gpu0=cpu gpu1=cpu            # two CPU workers (shared memory)
+    python train_2gpu.py --config my.yaml --spec my_spec.yaml n_epochs=10
+
+Each worker runs train.py's loop on its half of every batch (NNNN_0.hkl / NNNN_1.hkl) from the
+same initial weights; every exchange_freq steps they average parameters and momentum over
+the exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link bound to
+127.0.0.1:sock_gpu (lib/link.py). Worker 0 logs and writes weights_dir (as train.py does).
+
+If a worker dies or stalls, the other stops within peer_timeout naming it and the step, and
+this launcher stops what is left and exits non-zero; Ctrl-C stops everything.
+
+On two hosts: set exchange_host (the address worker 0 binds) and curve_dir (keys made by
+`python train_2gpu.py --make-keys DIR`, copied to both hosts), then run
+`python train_2gpu.py --worker 0 ...` on the first host and `--worker 1 ...` on the second.
+"""
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+import train
+from lib import config, data, exchange, loader, trainer
+
+SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
+ERRORS = (config.ConfigError, data.DataError, loader.LoaderError, exchange.ExchangeError,
+          FileNotFoundError, ValueError)
+
+
+def devices(cfg):
+    return [trainer.resolve_device(cfg[f'gpu{r}']) for r in (0, 1)]
+
+
+def watch_parent(parent):
+    """Exit when the launcher is gone (killed -9): a worker never outlives it."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        print('worker: the launcher is gone; stopping', file=sys.stderr, flush=True)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name='watch-launcher').start()
+
+
+def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
+    """One worker: train.run on its half with the Pair exchanger. Returns the exit code."""
+    if parent is not None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        watch_parent(parent)
+    device = trainer.resolve_device(cfg[f'gpu{rank}'])
+    if device.type == 'cpu':  # two CPU workers share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
+    try:
+        history = train.run(cfg, pair, part=rank, gpu=cfg[f'gpu{rank}'], port=cfg[f'sock_data{rank}'])
+        if rank == 0:
+            print(train.summary(cfg, history), flush=True)
+    except ERRORS as e:
+        print(f'worker {rank}: error: {e}', file=sys.stderr, flush=True)
+        pair.close(reason=e)
+        return 2
+    except KeyboardInterrupt:
+        pair.close(reason='interrupted')
+        return 130
+    except BaseException as e:
+        pair.close(reason=f'{type(e).__name__}: {e}')
+        raise
+    pair.close()
+    return 0
+
+
+def _child(rank, cfg, token, transport, shm_dir, parent):
+    sys.exit(worker_main(rank, cfg, token, transport, shm_dir, parent))
+
+
+def stop(procs, grace):
+    """SIGINT, then SIGKILL after `grace` seconds, every worker still running."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def launch(cfg):
+    """Start both workers on this host and wait for them; the exit code of the run."""
+    transport = exchange.transport_for(cfg['exchange_transport'], devices(cfg))
+    token = secrets.token_bytes(32)
+    shm_root = '/dev/shm' if os.path.isdir('/dev/shm') else None
+    shm_dir = tempfile.mkdtemp(prefix='alexnet-2gpu-', dir=shm_root)  # mode 0700
+    ctx = multiprocessing.get_context('spawn')
+    procs = [ctx.Process(target=_child, name=f'alexnet-worker{r}',
+                         args=(r, cfg, token, transport, shm_dir, os.getpid())) for r in (0, 1)]
+    print(f'train_2gpu: 2 workers on {cfg["gpu0"]} and {cfg["gpu1"]}, exchange over {transport} '
+          f'every {cfg["exchange_freq"]} step(s), link 127.0.0.1:{cfg["sock_gpu"]}', flush=True)
+    try:
+        for p in procs:
+            p.start()
+        print(f'train_2gpu: worker 0 pid {procs[0].pid}, worker 1 pid {procs[1].pid}', flush=True)
+        return wait(procs, cfg['peer_timeout'])
+    except KeyboardInterrupt:
+        stop(procs, 10.0)
+        print('interrupted', file=sys.stderr)
+        return 130
+    finally:
+        stop(procs, 5.0)
+        shutil.rmtree(shm_dir, ignore_errors=True)
+
+
+def wait(procs, peer_timeout):
+    """Wait for both workers. When one fails, the other has a few seconds to notice (it names
+    the failure itself) before it is stopped; when one ends well, the other should follow."""
+    running, failed, deadline = list(procs), None, None
+    while running:
+        ready = multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+        for p in [p for p in running if p.sentinel in ready]:
+            p.join()
+            running.remove(p)
+            if p.exitcode != 0 and failed is None:
+                failed, deadline = p, time.monotonic() + min(peer_timeout, 10.0)
+            elif p.exitcode == 0 and deadline is None:
+                deadline = time.monotonic() + peer_timeout + 60.0
+        if running and time.monotonic() > (deadline or float('inf')):
+            print(f"train_2gpu: stopping {', '.join(p.name for p in running)}", file=sys.stderr)
+            stop(running, 5.0)
+            failed = failed or running[0]
+            break
+    if failed is not None:
+        codes = ', '.join(f'{p.name} exit code {p.exitcode}' for p in procs)
+        print(f'train_2gpu: error: a worker failed ({codes})', file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def make_keys(folder):
+    """CURVE key pairs for worker0 and worker1 (copy the folder to both hosts)."""
+    import zmq.auth
+    os.makedirs(folder, exist_ok=True)
+    for r in (0, 1):
+        zmq.auth.create_certificates(folder, f'worker{r}')
+    print(f'wrote CURVE keys worker0/worker1 to {folder}')
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['--make-keys'] and len(argv) == 2:
+        make_keys(argv[1])
+        return 0
+    rank = None
+    if '--worker' in argv:  # one worker of a two-host run
+        i = argv.index('--worker')
+        rank = argv[i + 1] if i + 1 < len(argv) else ''
+        del argv[i:i + 2]
+        if rank not in ('0', '1'):
+            print(f"error: --worker must be 0 or 1, got '{rank}'", file=sys.stderr)
+            return 2
+        rank = int(rank)
+    try:
+        cfg = config.command_line(__doc__, argv, SCHEMA, spec='spec_2gpu.yaml')
+        if cfg['lib_conv']:
+            print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
+        if cfg['exchange_freq'] < 1:
+            raise config.ConfigError(f"exchange_freq must be at least 1, got {cfg['exchange_freq']}")
+        if rank is None:
+            if cfg['exchange_host']:
+                raise config.ConfigError('exchange_host is for two hosts: start each worker with '
+                                         '--worker 0 / --worker 1 (see train_2gpu.py --help)')
+            devices(cfg)  # a bad device is a one-line error before anything starts
+            print('config:\n' + config.describe(cfg), flush=True)
+            return launch(cfg)
+        if not (cfg['exchange_host'] and cfg['curve_dir']):
+            raise config.ConfigError('--worker needs exchange_host and curve_dir (the link '
+                                     'between hosts is always authenticated and encrypted)')
+        keys = [open(os.path.join(cfg['curve_dir'], f'worker{r}.key'), 'rb').read() for r in (0, 1)]
+        token = hashlib.sha256(b''.join(keys)).digest()
+        device = trainer.resolve_device(cfg[f'gpu{rank}'])
+        transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
+                                           same_host=False)
+        if rank == 0:
+            print('config:\n' + config.describe(cfg), flush=True)
+        return worker_main(rank, cfg, token, transport, '')
+    except ERRORS + (OSError,) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the workers as Ctrl-C does
+
+
+if __name__ == '__main__':
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.exit(main())
