@@ -58,7 +58,7 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         watch_parent(parent)
     device = trainer.resolve_device(cfg[f'gpu{rank}'])
-    if device.type == 'cpu':  # two CPU workers share the cores
+    if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # two workers share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
     try:
