@@ -128,7 +128,8 @@ def _check(key, value, schema, where):
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
                                              for v in value)
-    else:  # str
+    else:  # str; `key=` on the command line (YAML null) means the empty string
+        value = '' if value is None else value
         ok = isinstance(value, str)
     if not ok:
         raise ConfigError(f"config key '{key}' in {where} must be {type(default).__name__} "

@@ -258,3 +258,24 @@ def test_headers_reject_anything_else():
                 link.header(link.DATA, 7)[:-1]):
         with pytest.raises(ValueError):
             link.parse_header(bad)
+
+
+def test_two_hosts_mode_with_curve_keys(tmp_path):
+    """--worker 0 / --worker 1 as on two hosts (here both on loopback), CURVE-encrypted tcp."""
+    _, halves = dataset(tmp_path)
+    r = subprocess.run([sys.executable, SCRIPT, '--make-keys', str(tmp_path / 'keys')],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / 'keys')) == ['worker0.key', 'worker0.key_secret',
+                                                     'worker1.key', 'worker1.key_secret']
+    values = settings(tmp_path, halves, exchange_host='127.0.0.1', curve_dir=str(tmp_path / 'keys'))
+    procs = [subprocess.Popen([sys.executable, SCRIPT, '--worker', str(rank)] + args(values),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for rank in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert 'done: epoch 2' in outs[0][0] and 'done:' not in outs[1][0]
+    assert os.path.exists(tmp_path / 'w2' / 'model_2.pt')
+    r = subprocess.run([sys.executable, SCRIPT, '--worker', '1'] + args(dict(values, curve_dir='')),
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 2 and '--worker needs exchange_host and curve_dir' in r.stderr
