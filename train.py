@@ -3,6 +3,12 @@
     python train.py                                   # config.yaml <- spec_1gpu.yaml
     python train.py --config my.yaml --spec my_spec.yaml
     python train.py n_epochs=10 learning_rate=0.005 gpu=cpu
+    torchrun --nproc-per-node=N train.py [key=value ...]     # N GPUs (NCCL), or N CPU ranks
+                                                             # (gloo) with gpu=cpu
+
+Under torchrun each rank trains on rows [r*B/N, (r+1)*B/N) of every batch file and the ranks keep
+their weights in step (exchange: average | gradients); rank 0 logs and writes. A restart by
+torchrun --max-restarts resumes from the last snapshot.
 
 Writes into weights_dir: config.yaml (the merged config), val_record.npy ([top-1 error, loss] per
 epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
@@ -10,8 +16,11 @@ Resume with resume_train=True load_epoch=N.
 """
 import os
 import sys
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import yaml
 
 import plot
@@ -30,23 +39,35 @@ def num_classes(cfg, sources):
     return int(max(s.labels.max() for s in sources)) + 1
 
 
-def data_sources(cfg, part=None, splits=('train', 'val')):
+@dataclass
+class Worker:
+    """What differs between the workers of one run; the defaults are train.py on its own."""
+    exchanger: object = None    # lib/exchange.py: Local, Pair (train_2gpu.py), Distributed (torchrun)
+    part: int = None            # train on the NNNN_<part>.hkl halves (train_2gpu.py)
+    rows: tuple = None          # train on rows [lo, hi) of every batch file (torchrun)
+    gpu: str = None             # device (default: the gpu key)
+    port: int = None            # loader port where there is no ipc:// (default: sock_data)
+
+
+def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
     """The batch sources of `splits`: batch folders and their labels, or synthetic batches."""
     B = cfg['batch_size']
     if cfg['synthetic']:
         size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
         n_files = {'train': cfg['synthetic_batches'], 'val': max(1, cfg['synthetic_batches'] // 10)}
-        return [data.SyntheticBatches(n_files[s], B, size, cfg['num_classes'] or 1000,
+        rows = worker.rows or (0, B)
+        return [data.SyntheticBatches(n_files[s], rows[1] - rows[0], size, cfg['num_classes'] or 1000,
                                       cfg['seed'] + (s == 'val')) for s in splits]
-    suffix = '' if part is None else f'_{part}'
+    suffix = '' if worker.part is None else f'_{worker.part}'
     return [data.BatchFolder(cfg[f'{split}_folder'],
-                             os.path.join(cfg['label_folder'], f'{split}_labels{suffix}.npy'), B, part)
+                             os.path.join(cfg['label_folder'], f'{split}_labels{suffix}.npy'), B,
+                             worker.part, worker.rows)
             for split in splits]
 
 
-def build_loaders(cfg, device, part=None, port=None):
+def build_loaders(cfg, device, worker=Worker()):
     """(train, val) loaders (in-process, or served by one loader process) and the class count."""
-    train, val = data_sources(cfg, part)
+    train, val = data_sources(cfg, worker)
     size = train.image_size()
     if cfg['crop_size'] > size:
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
@@ -55,7 +76,8 @@ def build_loaders(cfg, device, part=None, port=None):
         print('notice: synthetic batches are made in-process; para_load is ignored', flush=True)
     if cfg['para_load'] and not cfg['synthetic']:
         proc = loader.LoaderProcess([train, val], cfg['mean_file'], cfg['crop_size'], device,
-                                    cfg['use_data_layer'], cfg['loader_timeout'], port)
+                                    cfg['use_data_layer'], cfg['loader_timeout'],
+                                    cfg['sock_data'] if worker.port is None else worker.port)
         loaders = [proc.loader(0), proc.loader(1)]
     else:
         mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
@@ -65,16 +87,12 @@ def build_loaders(cfg, device, part=None, port=None):
     return loaders, num_classes(cfg, (train, val))
 
 
-def run(cfg, exchanger=None, part=None, gpu=None, port=None):
-    """Build everything from a merged config and train; returns the history (list of dicts).
-
-    The multi-worker launchers pass their exchanger, the part of each batch this worker trains
-    on (the _0 / _1 files), its device and its loader port (default: the gpu / sock_data keys)."""
-    exchanger = exchanger or exchange.Local()
-    device = trainer.resolve_device(gpu or cfg['gpu'])
+def run(cfg, worker=Worker()):
+    """Build everything from a merged config and train; returns the history (list of dicts)."""
+    exchanger = worker.exchanger or exchange.Local()
+    device = trainer.resolve_device(worker.gpu or cfg['gpu'])
     os.makedirs(cfg['weights_dir'], exist_ok=True)
-    (train_data, val_data), n_cls = build_loaders(cfg, device, part,
-                                                  port if port is not None else cfg.get('sock_data'))
+    (train_data, val_data), n_cls = build_loaders(cfg, device, worker)
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
                           cfg['seed']).to(device)
@@ -95,7 +113,8 @@ def run(cfg, exchanger=None, part=None, gpu=None, port=None):
             config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         n_params = sum(p.numel() for p in net.parameters())
         loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
-                 f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}')
+                 f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}'
+                 + (f' ({exchanger.size} workers x {train_data.batch_size})' if worker.rows else ''))
         return loop.fit(start)
     finally:
         train_data.close()
@@ -111,21 +130,64 @@ def summary(cfg, history):
             f"{os.path.join(cfg['weights_dir'], 'val_record.npy')}")
 
 
+def torchrun_worker(cfg):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group and return this
+    rank's Worker; None when not under torchrun. A restart (--max-restarts) resumes from the
+    last snapshot in weights_dir."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return None
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    B = cfg['batch_size']
+    if B % world:
+        raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks')
+    if cfg['gpu'] == 'cpu' or not torch.cuda.is_available():
+        gpu, backend = 'cpu', 'gloo'
+    else:
+        gpu, backend = f'cuda:{local}', 'nccl'
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg['peer_timeout']))
+    restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    latest = checkpoint.latest_epoch(cfg['weights_dir'])
+    if restarts and latest:
+        cfg.update(resume_train=True, load_epoch=latest)
+        if rank == 0:
+            print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
+    return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
+                  rows=(rank * B // world, (rank + 1) * B // world), gpu=gpu,
+                  port=cfg['sock_data'] + local)
+
+
 def main(argv=None):
+    rank = os.environ.get('RANK')
+    who = f'rank {rank}: ' if rank is not None else ''
     try:
         cfg = config.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
-        if cfg['lib_conv']:
+        worker = torchrun_worker(cfg) or Worker()
+        quiet = not worker.exchanger.is_main if worker.exchanger else False
+        if cfg['lib_conv'] and not quiet:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
-        print('config:\n' + config.describe(cfg), flush=True)
-        history = run(cfg)
+        if not quiet:
+            print('config:\n' + config.describe(cfg), flush=True)
+        history = run(cfg, worker)
     except (config.ConfigError, data.DataError, loader.LoaderError, FileNotFoundError,
             ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        print(f'{who}error: {e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # DistError, or gloo's RuntimeError: a peer rank died or stalled
+        if not dist.is_initialized():
+            raise
+        print(f'{who}error: a peer rank died, stalled or failed (torch.distributed: '
+              f'{str(e).strip().splitlines()[0]})', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
-    print(summary(cfg, history))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not quiet:
+        print(summary(cfg, history))
     return 0
 
 

@@ -62,7 +62,8 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
     try:
-        history = train.run(cfg, pair, part=rank, gpu=cfg[f'gpu{rank}'], port=cfg[f'sock_data{rank}'])
+        history = train.run(cfg, train.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
+                                              port=cfg[f'sock_data{rank}']))
         if rank == 0:
             print(train.summary(cfg, history), flush=True)
     except ERRORS as e:

@@ -32,12 +32,24 @@ def save(weights_dir, epoch, state):
     return path
 
 
+def epochs(weights_dir):
+    """The epochs of the snapshots in weights_dir, sorted."""
+    if not os.path.isdir(weights_dir):
+        return []
+    return sorted(int(n[6:-3]) for n in os.listdir(weights_dir)
+                  if n.startswith('model_') and n.endswith('.pt') and n[6:-3].isdigit())
+
+
+def latest_epoch(weights_dir):
+    """The epoch of the newest snapshot, 0 when there is none."""
+    have = epochs(weights_dir)
+    return have[-1] if have else 0
+
+
 def load(weights_dir, epoch):
     path = snapshot_path(weights_dir, epoch)
     if not os.path.exists(path):
-        have = sorted(int(n[6:-3]) for n in os.listdir(weights_dir)
-                      if n.startswith('model_') and n.endswith('.pt') and n[6:-3].isdigit()) \
-            if os.path.isdir(weights_dir) else []
+        have = epochs(weights_dir)
         raise FileNotFoundError(f'no snapshot {path} to resume from (load_epoch: {epoch}; '
                                 f'snapshots there: {have or "none"})')
     return torch.load(path, map_location='cpu', weights_only=True)

@@ -52,6 +52,11 @@ CONFIG = {
     'compile': (False, 'torch.compile the network (slow first steps, faster after)'),
     'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
     'lib_conv': ('', "the original's conv library switch: accepted, ignored with a notice"),
+    # --- several workers (train_2gpu.py, torchrun) --------------------------------------------
+    'exchange': ('average', 'torchrun: average (parameters + momentum every exchange_freq steps, '
+                            'the original) | gradients (DistributedDataParallel)'),
+    'exchange_freq': (1, 'average parameters and momentum every this many steps'),
+    'peer_timeout': (120.0, 'seconds a worker waits for the others before stopping with an error'),
     # --- output -----------------------------------------------------------------------------
     'weights_dir': ('weights', 'snapshots, val_record.npy, history.csv, config.yaml'),
     'snapshot_freq': (1, 'save model_<epoch>.pt every this many epochs'),
@@ -76,10 +81,8 @@ SPEC_2GPU = {
     'batch_size': (128, 'images per step per worker'),
     'train_folder': ('data/imagenet/train_hkl_b256_b_128', 'folder of NNNN_0.hkl / NNNN_1.hkl'),
     'val_folder': ('data/imagenet/val_hkl_b256_b_128', 'folder of validation halves'),
-    'exchange_freq': (1, 'average parameters and momentum every this many steps'),
     'exchange_transport': ('auto', 'auto | ipc (CUDA IPC) | shm (CPU shared memory) | tcp (bytes '
                                    'over ZeroMQ); auto: ipc for 2 GPUs, shm for 2 CPUs, else tcp'),
-    'peer_timeout': (120.0, 'seconds a worker waits for the other before stopping with an error'),
     'exchange_host': ('', "address worker 0 binds sock_gpu on ('': 127.0.0.1, this host only)"),
     'curve_dir': ('', 'folder of worker0/worker1 CURVE keys: encrypt and authenticate the link'),
 }
@@ -96,6 +99,7 @@ CHOICES = {
     'lr_policy': ('step', 'auto', 'cosine'),
     'precision': ('fp32', 'bf16', 'fp16'),
     'exchange_transport': ('auto', 'ipc', 'shm', 'tcp'),
+    'exchange': ('average', 'gradients'),
 }
 
 

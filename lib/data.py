@@ -57,10 +57,13 @@ def batch_files(folder, part=None):
 
 
 class BatchFolder:
-    """The batch files of one split and their labels, shape (n_files, batch_size)."""
+    """The batch files of one split and their labels, shape (n_files, batch_size).
 
-    def __init__(self, folder, labels_file, batch_size, part=None):
-        self.folder, self.labels_file, self.part = folder, labels_file, part
+    rows=(lo, hi): only images lo..hi-1 of every file (a torchrun rank's share of each batch);
+    batch_size is then hi - lo, and file_batch the images per file."""
+
+    def __init__(self, folder, labels_file, batch_size, part=None, rows=None):
+        self.folder, self.labels_file, self.part, self.rows = folder, labels_file, part, rows
         self.files = batch_files(folder, part)
         try:
             labels = np.load(labels_file)
@@ -71,18 +74,24 @@ class BatchFolder:
             raise DataError(f'{labels_file} holds {labels.size} labels, {folder} needs '
                             f'{len(self.files)} batches x {batch_size} = {need}')
         self.labels = labels[:need].astype(np.int64).reshape(len(self.files), batch_size)
-        self.batch_size = batch_size
+        self.file_batch = self.batch_size = batch_size
+        if rows is not None:
+            lo, hi = rows
+            self.labels = np.ascontiguousarray(self.labels[:, lo:hi])
+            self.batch_size = hi - lo
 
     def __len__(self):
         return len(self.files)
 
     def read(self, i):
-        """uint8 array (3, S, S, B) of file i, checked against the batch size."""
+        """uint8 array (3, S, S, B) of file i (its rows), checked against the batch size."""
         x = read_hkl(self.files[i])
         if x.dtype != np.uint8 or x.shape[0] != 3 or x.shape[1] != x.shape[2] \
-                or x.shape[3] != self.batch_size:
-            raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.batch_size}), '
+                or x.shape[3] != self.file_batch:
+            raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.file_batch}), '
                             f'got {x.dtype} {x.shape}')
+        if self.rows is not None:
+            x = np.ascontiguousarray(x[..., self.rows[0]:self.rows[1]])
         return x
 
     def image_size(self):
@@ -218,6 +227,7 @@ class InProcessLoader:
 
     def __init__(self, source, mean, crop_size, device, on_device=False):
         self.source, self.crop_size, self.device = source, crop_size, torch.device(device)
+        self.batch_size = source.batch_size
         self.on_device = on_device
         self.image_size = source.image_size()
         self.mean = mean.to(self.device) if on_device else mean

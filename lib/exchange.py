@@ -3,6 +3,8 @@ asks how many workers there are.
 
     rank, is_main        this worker's number; True for the one worker that logs and writes files
     size                 the number of workers (their images per step add up)
+    wrap(model)          the module the loop calls forward on (DistributedDataParallel for
+                         torchrun's exchange: gradients; the model itself otherwise)
     attach(params, momentum, device)
                          called once the model and optimiser exist (after a resume)
     after_step()         called after every optimiser step (the 2-worker exchanger swaps and
@@ -40,6 +42,9 @@ BLOCK = 1 << 18  # CPU averaging block (1 MiB of float32): average and copy back
 class Local:
     """One worker: nothing to exchange."""
     rank, is_main, size = 0, True, 1
+
+    def wrap(self, model):
+        return model
 
     def attach(self, params, momentum, device):
         pass
@@ -127,6 +132,9 @@ class Pair:
         self.exchanges = 0
 
     # --- setup ----------------------------------------------------------------------------
+    def wrap(self, model):
+        return model
+
     def attach(self, params, momentum, device):
         self.device = device
         own_file = os.path.join(self.shm_dir, f'state{self.rank}') if self.transport == 'shm' else None
@@ -253,3 +261,63 @@ class Pair:
         if self.link is not None:
             self.link.close(reason)
             self.link = None
+
+
+class Distributed:
+    """torchrun: one process per rank on torch.distributed (NCCL on GPUs, gloo on CPUs), with the
+    process group already initialised.
+
+    mode 'average': the original's semantics for N workers: every `freq` steps, all-reduce the
+      flat [params | momentum] buffer and divide by N (one collective per exchange).
+    mode 'gradients': DistributedDataParallel averages the gradients during backward (bucketed,
+      overlapped with compute); parameters and momentum then stay identical without exchanges.
+    """
+
+    def __init__(self, mode, freq):
+        import torch.distributed as dist
+        self.dist = dist
+        self.mode, self.freq = mode, freq
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.pending = 0
+        self.flat = None
+
+    def wrap(self, model):
+        if self.mode != 'gradients':
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
+                                       broadcast_buffers=False)
+
+    def attach(self, params, momentum, device):
+        if self.mode == 'average':
+            self.flat = flatten(params, momentum,
+                                lambda n: torch.empty(n, dtype=torch.float32, device=device))
+            self.exchange()  # identical start, whatever happened before
+        else:  # DDP broadcast rank 0's parameters; the momentum (zeros, or resumed) follows it
+            for m in momentum:
+                self.dist.broadcast(m, 0)
+
+    def after_step(self):
+        if self.mode == 'average':
+            self.pending += 1
+            if self.pending >= self.freq:
+                self.exchange()
+
+    def flush(self):
+        if self.pending:
+            self.exchange()
+
+    def exchange(self):
+        self.dist.all_reduce(self.flat)  # sum over ranks
+        self.flat.div_(self.size)
+        self.pending = 0
+
+    def average(self, tensor):
+        t = tensor.detach().clone()
+        self.dist.all_reduce(t)
+        return t / self.size
+
+    def close(self, reason=None):
+        pass

@@ -100,8 +100,8 @@ def loader_main(job):
     """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: just stop, no traceback
     torch.set_num_threads(1)                      # leave the cores to the trainer
-    sources = [data.BatchFolder(folder, labels, job['batch_size'], part)
-               for folder, labels, part in job['sources']]
+    sources = [data.BatchFolder(folder, labels, file_batch, part, rows)
+               for folder, labels, file_batch, part, rows in job['sources']]
     mean = data.load_mean(job['mean_file'], job['image_size'])
     slots = map_slots(job['dir'], slot_spec(job['batch_size'], job['image_size'], job['crop_size'],
                                             job['raw']), job['n_slots'], create=False)
@@ -174,7 +174,7 @@ class LoaderProcess:
                 raise LoaderError(f'cannot bind the loader socket 127.0.0.1:{port} '
                                   f'(sock_data): {e}') from None
             endpoint = f'tcp://127.0.0.1:{port}'
-        job = dict(sources=[(s.folder, s.labels_file, s.part) for s in sources],
+        job = dict(sources=[(s.folder, s.labels_file, s.file_batch, s.part, s.rows) for s in sources],
                    batch_size=sources[0].batch_size, image_size=self.image_size,
                    crop_size=crop_size, raw=on_device, mean_file=mean_file, dir=self.dir,
                    n_slots=N_SLOTS, endpoint=endpoint, parent=os.getpid())
@@ -246,6 +246,7 @@ class ProcessLoader:
     def __init__(self, process, split):
         self.process, self.split = process, split
         self.source = process.sources[split]
+        self.batch_size = self.source.batch_size
         self.image_size = process.image_size
 
     def __len__(self):

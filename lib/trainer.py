@@ -47,8 +47,10 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
         if cfg['channels_last']:
             model.to(memory_format=torch.channels_last)
-        # self.model stays the plain module (its state_dict keys have no '_orig_mod.' prefix)
-        self.forward = torch.compile(model) if cfg['compile'] else model
+        # self.model stays the plain module (its state_dict keys have no '_orig_mod.' or
+        # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
+        net = exchanger.wrap(model)
+        self.forward = torch.compile(net) if cfg['compile'] else net
         # crop / mirror / shuffle draws; other workers draw their own (initial weights are shared)
         self.gen = torch.Generator().manual_seed(cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank)
         self.history = []  # one dict per finished epoch (the history.csv rows)
@@ -108,7 +110,7 @@ class Trainer:
 
     def train_epoch(self, epoch):
         cfg, model, opt = self.cfg, self.model, self.opt
-        B = cfg['batch_size']
+        B = self.train_data.batch_size  # this worker's images per step
         images = B * self.exchanger.size  # per step, all workers together
         plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
                               train=True, rand_crop=cfg['rand_crop'],
@@ -163,7 +165,7 @@ class Trainer:
 
     def evaluate(self, ten_crop=False):
         """[top-1 error, top-5 error, loss] over the whole val set (centre crop, or ten crops)."""
-        plan, group = data.eval_plan(len(self.val_data), self.cfg['batch_size'], self.image_size,
+        plan, group = data.eval_plan(len(self.val_data), self.val_data.batch_size, self.image_size,
                                      self.cfg['crop_size'], ten_crop)
         self.model.eval()
         return evaluate(self.predict, self.val_data, plan, group, self.exchanger.average)

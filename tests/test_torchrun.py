@@ -1,0 +1,124 @@
+"""train.py under torchrun (gloo on CPU): N ranks train exactly as one worker, in both exchange
+modes; a dead rank stops the others; --max-restarts resumes from the last snapshot."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from lib import config
+from tests.helpers import make_batches
+from tests.test_loader import children, gone_within
+from tests.test_train_2gpu import COMMON, args, free_port, relative_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(n, extra=()):
+    return [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={n}',
+            '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}', *extra,
+            os.path.join(ROOT, 'train.py')]
+
+
+def rank_of(pid):
+    try:
+        with open(f'/proc/{pid}/environ', 'rb') as f:
+            env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+    except OSError:
+        return None
+    return int(env[b'RANK']) if b'RANK' in env else None
+
+
+def ranks(agent_pid):
+    """{rank: pid} of the workers torchrun's agent started."""
+    return {rank_of(p): p for p in children(agent_pid) if rank_of(p) is not None}
+
+
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+    """One worker on the whole batches: the reference every torchrun run must match."""
+    root = tmp_path_factory.mktemp('torchrun')
+    keys = make_batches(str(root / 'data'), n_train=4, n_val=2, batch=8, size=36)
+    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+                           [('test', dict(keys, **COMMON, gpu='cpu', weights_dir=str(root / 'w1')), None)]))
+    return keys, torch.load(root / 'w1' / 'model_2.pt', weights_only=True)
+
+
+@pytest.mark.parametrize('n', [2, 4])
+@pytest.mark.parametrize('mode', ['average', 'gradients'])
+def test_n_ranks_equal_one_worker(tmp_path, single, n, mode):
+    keys, ref = single
+    values = dict(keys, **COMMON, gpu='cpu', weights_dir=str(tmp_path / 'w'), exchange=mode)
+    r = subprocess.run(torchrun(n) + args(values), capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('done: epoch 2') == 1  # rank 0 alone reports
+    assert f'batches of 8 ({n} workers x {8 // n})' in r.stdout
+    got = torch.load(tmp_path / 'w' / 'model_2.pt', weights_only=True)
+    for part in ('model', 'momentum'):
+        for k in ref[part]:
+            assert relative_error(got[part][k], ref[part][k]) < 1e-5, (mode, n, part, k)
+    assert got['val_record'].numpy() == pytest.approx(ref['val_record'].numpy(), rel=1e-4)
+
+
+def test_a_dead_rank_stops_the_others(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=300, n_val=2, batch=8, size=36)
+    values = dict(keys, **dict(COMMON, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
+                  peer_timeout=20.0)
+    proc = subprocess.Popen(torchrun(2) + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        for line in proc.stdout:
+            if 'epoch 1 iter' in line:
+                break
+        pids = ranks(proc.pid)
+        assert sorted(pids) == [0, 1]
+        t0 = time.monotonic()
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 20.0 + 15.0
+    assert 'rank 0: error: a peer rank died, stalled or failed (torch.distributed:' in err, err[-3000:]
+    for pid in pids.values():
+        assert gone_within(pid, 10)
+
+
+def test_max_restarts_resumes_from_the_last_snapshot(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=100, n_val=2, batch=8, size=36)
+    values = dict(keys, **dict(COMMON, n_epochs=3, print_freq=10), gpu='cpu',
+                  weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
+    proc = subprocess.Popen(torchrun(2, ['--max-restarts=1']) + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith('epoch 2 iter'):
+                break
+        os.kill(ranks(proc.pid)[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert 'torchrun restart 1: resuming from epoch 1' in out
+    assert 'done: epoch 3' in out
+    state = torch.load(tmp_path / 'w' / 'model_3.pt', weights_only=True)
+    assert [h['epoch'] for h in state['history']] == [1, 2, 3]
+
+
+def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=6, size=36)
+    values = dict(keys, **COMMON, gpu='cpu', weights_dir=str(tmp_path / 'w'))
+    r = subprocess.run(torchrun(4) + args(values), capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode != 0
+    assert 'error: batch_size 6 does not split over 4 torchrun ranks' in r.stderr
