@@ -146,8 +146,13 @@ def torchrun_worker(cfg):
     else:
         gpu, backend = f'cuda:{local}', 'nccl'
         torch.cuda.set_device(local)
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg['peer_timeout']))
+    timeout = timedelta(seconds=cfg['peer_timeout'])
     restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+    # torchrun's store outlives a restart; a namespace per attempt keeps the new group from
+    # reading the dead group's addresses (seen here: gloo 'Connection refused' after a restart)
+    store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=timeout))
+    dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
+                            store=dist.PrefixStore(f'alexnet/attempt{restarts}', store))
     latest = checkpoint.latest_epoch(cfg['weights_dir'])
     if restarts and latest:
         cfg.update(resume_train=True, load_epoch=latest)

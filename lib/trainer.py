@@ -121,7 +121,7 @@ class Trainer:
         bar = tqdm(total=len(plan), desc=f'epoch {epoch}', leave=False, file=sys.stdout,
                    disable=not (sys.stdout.isatty() and self.exchanger.is_main))
         t_epoch = t_log = time.perf_counter()
-        wait = 0.0
+        wait = exch = 0.0  # seconds waiting for data / in the exchanger, since the last log line
         batches = self.train_data.epoch(plan)
         for it in range(1, len(plan) + 1):
             t = time.perf_counter()
@@ -141,7 +141,9 @@ class Trainer:
             else:
                 (loss * self.scaler.scale).backward()
                 self.scaler.step(opt)
+            t = time.perf_counter()
             self.exchanger.after_step()
+            exch += time.perf_counter() - t
             with torch.no_grad():
                 stats = torch.stack([loss.detach(), (logits.argmax(1) != y).float().mean()])
                 total += stats
@@ -152,11 +154,12 @@ class Trainer:
                 loss_v, err_v = (self.exchanger.average(window) / n).tolist()  # host sync, here only
                 dt = time.perf_counter() - t_log
                 err_txt = f' | error {err_v:.4f}' if cfg['print_train_error'] else ''
+                exch_txt = f' | exchange {1000 * exch / n:.1f} ms' if self.exchanger.size > 1 else ''
                 self.log(f'epoch {epoch} iter {it}/{len(plan)} | cost {loss_v:.4f}{err_txt} | '
-                         f'lr {opt.lr * opt.lr_scale:g} | {n * images / dt:.0f} img/s | data wait {1000 * wait / n:.1f} ms',
-                         bar)
+                         f'lr {opt.lr * opt.lr_scale:g} | {n * images / dt:.0f} img/s | '
+                         f'data wait {1000 * wait / n:.1f} ms{exch_txt}', bar)
                 window.zero_()
-                wait, t_log = 0.0, time.perf_counter()
+                wait, exch, t_log = 0.0, 0.0, time.perf_counter()
         bar.close()
         self.exchanger.flush()  # every worker validates and snapshots the same weights
         seconds = time.perf_counter() - t_epoch
