@@ -117,7 +117,8 @@ def test_stalled_loader_times_out_naming_the_file(tiny):
         next(batches)
         os.kill(proc.proc.pid, signal.SIGSTOP)
         t = time.monotonic()
-        with pytest.raises(loader.LoaderError, match=r'stalled: no batch for 4 s .*/0001\.hkl'):
+        # which file depends on how far the ring got before the SIGSTOP landed
+        with pytest.raises(loader.LoaderError, match=r'stalled: no batch for 4 s .*/000\d\.hkl'):
             for _ in batches:
                 pass
         assert time.monotonic() - t < 10

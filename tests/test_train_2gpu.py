@@ -279,3 +279,24 @@ def test_two_hosts_mode_with_curve_keys(tmp_path):
     r = subprocess.run([sys.executable, SCRIPT, '--worker', '1'] + args(dict(values, curve_dir='')),
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 2 and '--worker needs exchange_host and curve_dir' in r.stderr
+
+
+def test_ctrl_c_stops_everything(tmp_path):
+    _, halves = dataset(tmp_path, n_train=400)
+    values = settings(tmp_path, halves, n_epochs=50, para_load=True)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+    try:
+        started(proc)
+        everyone = children(proc.pid)
+        everyone += [c for pid in everyone for c in children(pid)]  # the loader processes
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert 'interrupted' in err
+    assert len(everyone) >= 4  # 2 workers + 2 loaders (+ the resource tracker)
+    for pid in everyone:
+        assert gone_within(pid, 10), pid
