@@ -119,7 +119,23 @@ def ipc_open(info):
     return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
 
 
-class Pair:
+class Periodic:
+    """after_step / flush of the exchangers that average the flat buffer every `freq` steps."""
+    flat, freq, pending = None, 1, 0
+
+    def after_step(self):
+        if self.flat is None:  # nothing to average (torchrun's exchange: gradients)
+            return
+        self.pending += 1
+        if self.pending >= self.freq:
+            self.exchange()
+
+    def flush(self):
+        if self.pending:
+            self.exchange()
+
+
+class Pair(Periodic):
     """One of the two workers of train_2gpu.py (see the module docstring)."""
 
     def __init__(self, rank, cfg, token, transport, shm_dir=''):
@@ -175,15 +191,6 @@ class Pair:
             os.unlink(own_file)
 
     # --- the exchange -----------------------------------------------------------------------
-    def after_step(self):
-        self.pending += 1
-        if self.pending >= self.freq:
-            self.exchange()
-
-    def flush(self):
-        if self.pending:
-            self.exchange()
-
     def exchange(self):
         """Average [params | momentum] with the peer's: both end with (mine + peer) / 2."""
         self.seq += 1
@@ -263,7 +270,7 @@ class Pair:
             self.link = None
 
 
-class Distributed:
+class Distributed(Periodic):
     """torchrun: one process per rank on torch.distributed (NCCL on GPUs, gloo on CPUs), with the
     process group already initialised.
 
@@ -298,16 +305,6 @@ class Distributed:
         else:  # DDP broadcast rank 0's parameters; the momentum (zeros, or resumed) follows it
             for m in momentum:
                 self.dist.broadcast(m, 0)
-
-    def after_step(self):
-        if self.mode == 'average':
-            self.pending += 1
-            if self.pending >= self.freq:
-                self.exchange()
-
-    def flush(self):
-        if self.pending:
-            self.exchange()
 
     def exchange(self):
         self.dist.all_reduce(self.flat)  # sum over ranks
