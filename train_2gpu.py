@@ -39,7 +39,15 @@ ERRORS = (config.ConfigError, data.DataError, loader.LoaderError, exchange.Excha
 
 
 def devices(cfg):
-    return [trainer.resolve_device(cfg[f'gpu{r}']) for r in (0, 1)]
+    """The two workers' devices; a bad one is a ConfigError naming its key."""
+    out = []
+    for r in (0, 1):
+        try:
+            out.append(trainer.resolve_device(cfg[f'gpu{r}']))
+        except ValueError as e:
+            raise config.ConfigError(f"gpu{r}: {str(e).split(': ', 1)[1].split(' (use')[0]} "
+                                     f"(two CPU workers: gpu0=cpu gpu1=cpu)") from None
+    return out
 
 
 def watch_parent(parent):
