@@ -121,9 +121,10 @@ def ipc_open(info):
 
 class Periodic:
     """after_step / flush of the exchangers that average the flat buffer every `freq` steps."""
-    flat, freq, pending = None, 1, 0
+    flat, freq, pending, steps = None, 1, 0, 0
 
     def after_step(self):
+        self.steps += 1
         if self.flat is None:  # nothing to average (torchrun's exchange: gradients)
             return
         self.pending += 1
@@ -194,6 +195,7 @@ class Pair(Periodic):
     def exchange(self):
         """Average [params | momentum] with the peer's: both end with (mine + peer) / 2."""
         self.seq += 1
+        self.link.step = self.steps
         if self.transport == 'tcp':
             self._exchange_tcp(self.seq)
         else:
@@ -251,16 +253,17 @@ class Pair(Periodic):
             tracker.wait(self.timeout)
         except Exception:  # zmq.NotDone
             raise PeerError(f'worker {1 - self.rank} did not take the exchange data within '
-                            f'{self.timeout:g} s (peer_timeout) at step {seq}') from None
+                            f'{self.timeout:g} s (peer_timeout) at step {self.steps}') from None
 
     # --- metrics and shutdown -------------------------------------------------------------------
     def average(self, tensor):
         self.seq += 1
+        self.link.step = self.steps
         mine = tensor.detach().to('cpu', torch.float64).contiguous()
         self.link.send(link.METRIC, self.seq, mine.numpy().tobytes())
         frames = self.link.recv(link.METRIC, self.seq)
         if len(frames) != 1 or len(frames[0]) != mine.numel() * 8:
-            raise ExchangeError(f'worker {1 - self.rank} sent a metric of another size at step {self.seq}')
+            raise ExchangeError(f'worker {1 - self.rank} sent a metric of another size at step {self.steps}')
         peer = torch.from_numpy(np.frombuffer(frames[0], np.float64).copy()).view(mine.shape)
         return ((mine + peer) / 2).to(tensor.dtype).to(tensor.device)
 

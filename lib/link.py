@@ -15,7 +15,8 @@ encryption and key authentication can be switched on (curve_dir).
 Failures: every receive waits at most `timeout` seconds; ZeroMQ heartbeats run on the link (a
 peer whose process is frozen or whose host vanished is disconnected after a few seconds); a
 disconnection of the peer's connection, or its BYE (sent when it stops with an error), raises
-PeerError at once, naming the peer and the sequence number (the step) it happened at.
+PeerError at once, naming the peer and the training step it happened at (`step`, set by the
+exchanger; the message's sequence number where none is set).
 """
 import hmac
 import json
@@ -94,6 +95,7 @@ class Link:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.peer_id = self.peer_fd = None
         self.rejected = 0
+        self.step = None  # the owner's training step, for error messages
         endpoint = f'tcp://{self.address}'
         if rank == 0:
             try:
@@ -124,6 +126,9 @@ class Link:
         return self.sock.send_multipart(parts, copy=not track, track=track)
 
     # --- receiving ----------------------------------------------------------------------------
+    def at(self, seq):
+        return f'step {self.step}' if self.step is not None else f'message {seq}'
+
     def _poll(self, deadline, seq, what):
         """Wait for a message on the link; PeerError on timeout or the peer's disconnection."""
         while True:
@@ -132,11 +137,11 @@ class Link:
             while self.monitor.poll(0):
                 event = zmq.utils.monitor.recv_monitor_message(self.monitor)
                 if self.peer_id is not None and (self.rank == 1 or event['value'] == self.peer_fd):
-                    raise PeerError(f'lost the connection to worker {self.peer} at step {seq} '
+                    raise PeerError(f'lost the connection to worker {self.peer} at {self.at(seq)} '
                                     f'while waiting for its {what} (it died, or its link timed out)')
             if time.monotonic() > deadline:
                 raise PeerError(f'worker {self.peer} did not answer within {self.timeout:g} s '
-                                f'(peer_timeout) at step {seq} while waiting for its {what}: '
+                                f'(peer_timeout) at {self.at(seq)} while waiting for its {what}: '
                                 f'stalled or dead')
 
     def _from_peer(self, first):
@@ -168,17 +173,18 @@ class Link:
                     self._reject('an unknown client', 'not the authenticated worker 1')
                     continue
                 if not self.sock.getsockopt(zmq.RCVMORE):
-                    raise ExchangeError(f'worker {self.peer} sent an empty message at step {seq}')
+                    raise ExchangeError(f'worker {self.peer} sent an empty message at {self.at(seq)}')
             frame = self.sock.recv()
             try:
                 got_kind, got_seq = parse_header(frame)
             except ValueError as e:
                 self._drain()
-                raise ExchangeError(f'worker {self.peer} sent a malformed message at step {seq}: {e}')
+                raise ExchangeError(f'worker {self.peer} sent a malformed message at {self.at(seq)}: {e}')
             if got_kind == BYE:
                 text = self.sock.recv().decode('utf-8', 'replace') if self.sock.getsockopt(zmq.RCVMORE) else ''
                 self._drain()
-                raise PeerError(f'worker {self.peer} stopped at its step {got_seq}: {text or "no reason given"}')
+                raise PeerError(f'worker {self.peer} stopped ({text or "no reason given"}); this worker '
+                                f'was at {self.at(seq)}')
             if (got_kind, got_seq) != (kind, seq):
                 self._drain()
                 raise ExchangeError(f'worker {self.peer} is out of step: expected {what} {seq}, '
@@ -193,7 +199,7 @@ class Link:
             extra = self.sock.getsockopt(zmq.RCVMORE)
             self._drain()
             if got != nbytes or extra:
-                raise ExchangeError(f'worker {self.peer} sent {got} bytes at step {seq}, expected {nbytes}')
+                raise ExchangeError(f'worker {self.peer} sent {got} bytes at {self.at(seq)}, expected {nbytes}')
             return []
 
     # --- handshake --------------------------------------------------------------------------
