@@ -96,8 +96,6 @@ def run(cfg, worker=Worker()):
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
                           cfg['seed']).to(device)
-        if exchanger.rank:  # same initial weights everywhere, but each worker its own dropout
-            torch.manual_seed(cfg['seed'] + trainer.WORKER_SEED_STRIDE * exchanger.rank)
         opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
                                 cfg['weight_decay'], cfg['use_momentum'],
                                 cfg['use_nesterov_momentum'])
@@ -169,7 +167,7 @@ def main(argv=None):
     try:
         cfg = config.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
         worker = torchrun_worker(cfg) or Worker()
-        quiet = not worker.exchanger.is_main if worker.exchanger else False
+        quiet = worker.exchanger is not None and not worker.exchanger.is_main
         if cfg['lib_conv'] and not quiet:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
         if not quiet:
@@ -179,9 +177,9 @@ def main(argv=None):
             ValueError) as e:
         print(f'{who}error: {e}', file=sys.stderr)
         return 2
-    except RuntimeError as e:  # DistError, or gloo's RuntimeError: a peer rank died or stalled
-        if not dist.is_initialized():
-            raise
+    except RuntimeError as e:  # DistError, or gloo's plain RuntimeError: a peer rank died or stalled
+        if not (isinstance(e, dist.DistError) or 'gloo' in str(e).lower()):
+            raise  # a bug, not a peer: keep the traceback
         print(f'{who}error: a peer rank died, stalled or failed (torch.distributed: '
               f'{str(e).strip().splitlines()[0]})', file=sys.stderr)
         return 2

@@ -39,15 +39,8 @@ ERRORS = (config.ConfigError, data.DataError, loader.LoaderError, exchange.Excha
 
 
 def devices(cfg):
-    """The two workers' devices; a bad one is a ConfigError naming its key."""
-    out = []
-    for r in (0, 1):
-        try:
-            out.append(trainer.resolve_device(cfg[f'gpu{r}']))
-        except ValueError as e:
-            raise config.ConfigError(f"gpu{r}: {str(e).split(': ', 1)[1].split(' (use')[0]} "
-                                     f"(two CPU workers: gpu0=cpu gpu1=cpu)") from None
-    return out
+    """The two workers' devices; a bad one is a ValueError naming its key (gpu0 / gpu1)."""
+    return [trainer.resolve_device(cfg[f'gpu{r}'], key=f'gpu{r}') for r in (0, 1)]
 
 
 def watch_parent(parent):
@@ -65,7 +58,7 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
     if parent is not None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         watch_parent(parent)
-    device = trainer.resolve_device(cfg[f'gpu{rank}'])
+    device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # two workers share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
@@ -196,7 +189,7 @@ def main(argv=None):
                                      'between hosts is always authenticated and encrypted)')
         keys = [open(os.path.join(cfg['curve_dir'], f'worker{r}.key'), 'rb').read() for r in (0, 1)]
         token = hashlib.sha256(b''.join(keys)).digest()
-        device = trainer.resolve_device(cfg[f'gpu{rank}'])
+        device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
         transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
                                            same_host=False)
         if rank == 0:

@@ -119,7 +119,7 @@ def ipc_open(info):
     return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
 
 
-class Periodic:
+class Periodic(Local):
     """after_step / flush of the exchangers that average the flat buffer every `freq` steps."""
     flat, freq, pending, steps = None, 1, 0, 0
 
@@ -145,13 +145,8 @@ class Pair(Periodic):
         self.freq, self.timeout = cfg['exchange_freq'], cfg['peer_timeout']
         self.link = None
         self.seq = 0        # collective operations so far: both workers must agree on it
-        self.pending = 0    # optimiser steps since the last exchange
-        self.exchanges = 0
 
     # --- setup ----------------------------------------------------------------------------
-    def wrap(self, model):
-        return model
-
     def attach(self, params, momentum, device):
         self.device = device
         own_file = os.path.join(self.shm_dir, f'state{self.rank}') if self.transport == 'shm' else None
@@ -162,7 +157,7 @@ class Pair(Periodic):
         else:
             alloc = lambda numel: torch.empty(numel, dtype=torch.float32, device=device)  # noqa: E731
         self.flat = flatten(params, momentum, alloc)
-        info = {'rank': self.rank, 'numel': n, 'transport': self.transport, 'pid': os.getpid()}
+        info = {'rank': self.rank, 'numel': n, 'transport': self.transport}
         if self.transport == 'ipc':
             info['ipc'] = ipc_share(self.flat)
         host = self.cfg['exchange_host'] or '127.0.0.1'
@@ -201,7 +196,6 @@ class Pair(Periodic):
         else:
             self._exchange_shared(self.seq)
         self.pending = 0
-        self.exchanges += 1
 
     def _sync(self):
         if self.device.type == 'cuda':  # the step's kernels have written the buffer
@@ -222,11 +216,10 @@ class Pair(Periodic):
             mine.add_(peer_local).mul_(0.5)
             peer.copy_(mine)
         else:
-            with torch.no_grad():
-                for b in range(0, hi - lo, BLOCK):
-                    m, p = mine[b:b + BLOCK], peer[b:b + BLOCK]
-                    m.add_(p).mul_(0.5)
-                    p.copy_(m)
+            for b in range(0, hi - lo, BLOCK):
+                m, p = mine[b:b + BLOCK], peer[b:b + BLOCK]
+                m.add_(p).mul_(0.5)
+                p.copy_(m)
         self._sync()
         self.link.send(link.DONE, seq)            # barrier: nobody reads my buffer any more
         self.link.recv(link.DONE, seq)
@@ -241,14 +234,14 @@ class Pair(Periodic):
         self.link.recv(link.DATA, seq, into=self.scratch.numpy())
         mine = self.host[lo:hi]
         mine.add_(self.scratch).mul_(0.5)
-        self._wait_sent(sent, seq)                # before that half is overwritten
+        self._wait_sent(sent)                # before that half is overwritten
         back = self.link.send(link.DATA, seq, memoryview(host[lo:hi]), track=True)
         self.link.recv(link.DATA, seq, into=host[plo:phi])
-        self._wait_sent(back, seq)                # before the next step writes the buffer
+        self._wait_sent(back)                # before the next step writes the buffer
         if self.host is not self.flat:
             self.flat.copy_(self.host)
 
-    def _wait_sent(self, tracker, seq):
+    def _wait_sent(self, tracker):
         try:
             tracker.wait(self.timeout)
         except Exception:  # zmq.NotDone
@@ -289,8 +282,6 @@ class Distributed(Periodic):
         self.mode, self.freq = mode, freq
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.pending = 0
-        self.flat = None
 
     def wrap(self, model):
         if self.mode != 'gradients':
@@ -318,6 +309,3 @@ class Distributed(Periodic):
         t = tensor.detach().clone()
         self.dist.all_reduce(t)
         return t / self.size
-
-    def close(self, reason=None):
-        pass

@@ -144,10 +144,6 @@ class Link:
                                 f'(peer_timeout) at {self.at(seq)} while waiting for its {what}: '
                                 f'stalled or dead')
 
-    def _from_peer(self, first):
-        """rank 0: is this routing id the authenticated worker 1?"""
-        return self.rank == 1 or (self.peer_id is not None and first == self.peer_id)
-
     def _reject(self, who, why):
         self.rejected += 1
         if self.rejected <= 5 or self.rejected % 1000 == 0:
@@ -168,7 +164,7 @@ class Link:
             self._poll(deadline, seq, what)
             if self.rank == 0:
                 ident = self.sock.recv()
-                if not self._from_peer(ident):
+                if ident != self.peer_id:  # set by the handshake: the authenticated worker 1
                     self._drain()
                     self._reject('an unknown client', 'not the authenticated worker 1')
                     continue

@@ -15,20 +15,21 @@ from tqdm import tqdm
 from lib import checkpoint, data, optim
 
 
-def resolve_device(name):
-    """'auto' | 'cpu' | 'gpuN' | 'cuda:N' -> torch.device, with a clear error when CUDA is absent."""
+def resolve_device(name, key='gpu'):
+    """'auto' | 'cpu' | 'gpuN' | 'cuda:N' -> torch.device, with a clear error naming the config
+    key (gpu, gpu0, gpu1) when the value is bad or CUDA is absent."""
     if name == 'auto':
         return torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')
     if name == 'cpu':
         return torch.device('cpu')
     index = name[3:] if name.startswith('gpu') else name[5:] if name.startswith('cuda:') else ''
     if not index.isdigit():
-        raise ValueError(f"gpu: '{name}' is not a device (use auto, cpu, gpu0, gpu1 or cuda:N)")
+        raise ValueError(f"{key}: '{name}' is not a device (use auto, cpu, gpu0, gpu1 or cuda:N)")
     if not torch.cuda.is_available():
-        raise ValueError(f"gpu: '{name}' asks for CUDA, which is not available here "
-                         "(use gpu=cpu or gpu=auto)")
+        raise ValueError(f"{key}: '{name}' asks for CUDA, which is not available here "
+                         f"(use {key}=cpu or {key}=auto)")
     if int(index) >= torch.cuda.device_count():
-        raise ValueError(f"gpu: '{name}' but only {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"{key}: '{name}' but only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(f'cuda:{index}')
 
 
@@ -51,8 +52,12 @@ class Trainer:
         # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
         net = exchanger.wrap(model)
         self.forward = torch.compile(net) if cfg['compile'] else net
-        # crop / mirror / shuffle draws; other workers draw their own (initial weights are shared)
-        self.gen = torch.Generator().manual_seed(cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank)
+        # crop / mirror / shuffle draws; other workers draw their own, and their own dropout
+        # (the initial weights, drawn before, are the same everywhere)
+        seed = cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank
+        self.gen = torch.Generator().manual_seed(seed)
+        if exchanger.rank:
+            torch.manual_seed(seed)
         self.history = []  # one dict per finished epoch (the history.csv rows)
         self.on_epoch_end = None  # called with weights_dir after the records are written
         self.image_size = self.train_data.image_size
