@@ -114,7 +114,8 @@ def loader_main(job):
     try:
         while True:
             if not sock.poll(1000):
-                if os.getppid() != job['parent']:  # the trainer is gone: do not outlive it
+                if os.getppid() != job['parent']:  # the trainer is gone: do not outlive it,
+                    shutil.rmtree(job['dir'], ignore_errors=True)  # nor leave its slots in RAM
                     return
                 continue
             frames = sock.recv_multipart()

@@ -171,14 +171,16 @@ def test_loader_exits_when_its_trainer_is_killed(tiny, tmp_path):
         "src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
         "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
         "p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
-        'print(p.proc.pid, flush=True)\n'
+        'print(p.proc.pid, p.dir, flush=True)\n'
         'time.sleep(60)\n')
     trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
-    pid = int(trainer.stdout.readline())
+    pid, folder = trainer.stdout.readline().split()
+    assert os.path.isdir(folder)
     trainer.kill()   # SIGKILL: no cleanup code runs in the trainer
     trainer.wait()
-    assert gone_within(pid, 5), 'the loader outlived its trainer'
+    assert gone_within(int(pid), 5), 'the loader outlived its trainer'
+    assert not os.path.exists(folder), 'the shared-memory slots outlived the trainer'
 
 
 def test_ctrl_c_stops_trainer_and_loader(tmp_path):
