@@ -173,6 +173,8 @@ def main(argv=None):
         if not quiet:
             print('config:\n' + config.describe(cfg), flush=True)
         history = run(cfg, worker)
+        if dist.is_initialized():  # no rank tears its connections down while a peer still
+            dist.barrier()         # writes its snapshot (gloo aborted once at such a teardown)
     except (config.ConfigError, data.DataError, loader.LoaderError, FileNotFoundError,
             ValueError) as e:
         print(f'{who}error: {e}', file=sys.stderr)

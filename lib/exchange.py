@@ -288,8 +288,8 @@ class Distributed(Periodic):
             return model
         from torch.nn.parallel import DistributedDataParallel
         device = next(model.parameters()).device
-        return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None,
-                                       broadcast_buffers=False)
+        # our nets have no buffers (no batch norm), so there is nothing to broadcast per step
+        return DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
 
     def attach(self, params, momentum, device):
         if self.mode == 'average':

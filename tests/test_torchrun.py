@@ -54,8 +54,9 @@ def test_n_ranks_equal_one_worker(tmp_path, single, n, mode):
     keys, ref = single
     values = dict(keys, **COMMON, gpu='cpu', weights_dir=str(tmp_path / 'w'), exchange=mode)
     r = subprocess.run(torchrun(n) + args(values), capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert r.returncode == 0, r.stderr[-3000:]
+                       cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1'))
+    # a crash shows where it happened: the Python stacks (faulthandler) and how far training got
+    assert r.returncode == 0, r.stdout[-1500:] + '\n--- stderr:\n' + r.stderr[-6000:]
     assert r.stdout.count('done: epoch 2') == 1  # rank 0 alone reports
     assert f'batches of 8 ({n} workers x {8 // n})' in r.stdout
     got = torch.load(tmp_path / 'w' / 'model_2.pt', weights_only=True)
