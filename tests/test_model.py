@@ -1,4 +1,5 @@
 """The networks: reference §2 shapes, parameter count, LRN, dropout, initialisation."""
+import pytest
 import torch
 
 from lib import model
@@ -37,6 +38,27 @@ def test_lrn_is_pylearn2_cross_channel_normalisation():
     sq = torch.nn.functional.pad(x ** 2, (0, 0, 0, 0, 2, 2))  # channel padding
     window = sum(sq[:, i:i + 8] for i in range(5))          # sum over 5 neighbouring channels
     assert torch.allclose(y, x / (2 + 1e-4 * window) ** 0.75, rtol=1e-5)
+
+
+@pytest.mark.parametrize('size,alpha,beta,k', [(3, 5e-5, 0.75, 1.0), (5, 5e-4, 0.75, 2.0),
+                                                (4, 1e-2, 0.6, 1.0)])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_fast_lrn_matches_torch_values_and_gradients(size, alpha, beta, k, layout):
+    """model.local_response_norm (hand-written backward) == F.local_response_norm, in float64,
+    for odd and even windows; its gradient passes gradcheck; the memory layout is kept."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 7, 5, 6, dtype=torch.float64) * 30).contiguous(memory_format=layout)
+    x.requires_grad_()
+    g = torch.randn(4, 7, 5, 6, dtype=torch.float64)
+    ours = model.local_response_norm(x, size, alpha, beta, k)
+    ref = torch.nn.functional.local_response_norm(x, size, alpha, beta, k)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-12)
+    assert ours.is_contiguous(memory_format=layout)
+    g_ours, = torch.autograd.grad(ours, x, g)
+    g_ref, = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: model.local_response_norm(t, size, alpha, beta, k),
+                                    (x,))
 
 
 def test_dropout_is_not_inverted():
