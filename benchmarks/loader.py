@@ -52,7 +52,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lib.data import BatchFolder, DataError, batch_files, crop_mirror, load_mean, make_plan, read_hkl
+from lib.data import (BatchFolder, DataError, HostBuffers, batch_files, crop_mirror, load_mean,
+                      make_plan, read_hkl)
 from preprocessing import PrepError
 from preprocessing.layouts import image_files, subfolders
 
@@ -88,9 +89,12 @@ def hkl_reader(rank, procs, folder, labels, batch_size, mean_file, crop, n_batch
 
         it = steps()
 
+        buffers = HostBuffers()  # reused buffers, as the loader process and train.py do
+
         def one():
             step = next(it)
-            x = crop_mirror(torch.from_numpy(source.read(step.file)), mean, step, crop)
+            x = crop_mirror(torch.from_numpy(source.read(step.file)), mean, step, crop,
+                            buffers=buffers)
             y = torch.from_numpy(source.labels[step.file])
             return x, y
 

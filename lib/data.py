@@ -175,33 +175,67 @@ def eval_plan(n_files, batch_size, image_size, crop_size, ten_crop=False):
     return steps, len(views)
 
 
-def to_bchw(batch):
+def to_bchw(batch, out=None):
     """(3, S, S, B) c01b -> contiguous (B, 3, S, S). Images are the fastest-varying axis of c01b,
-    so one image is scattered over the whole array: gather them once, as a 2-D transpose."""
+    so one image is scattered over the whole array: gather them once, as a 2-D transpose (into
+    `out` when given)."""
     C, H, W, B = batch.shape
-    return batch.reshape(C * H * W, B).t().contiguous().view(B, C, H, W)
+    if out is None:
+        return batch.reshape(C * H * W, B).t().contiguous().view(B, C, H, W)
+    out.view(B, C * H * W).copy_(batch.reshape(C * H * W, B).t())
+    return out
 
 
-def crop_mirror(batch, mean, step, crop_size):
+class HostBuffers:
+    """Reused host buffers for crop_mirror on the CPU. A fresh tensor per batch (79 MB for 128
+    crops of 227) costs more in page faults than the crops themselves, because large blocks go
+    back to the OS when freed. `out()` cycles through `n` output buffers: a batch stays valid
+    until n more have been made (the training loop holds one while the next is prepared)."""
+
+    def __init__(self, n=2):
+        self.ring, self.i, self.work = [None] * n, 0, None
+
+    def out(self, shape):
+        self.i = (self.i + 1) % len(self.ring)
+        if self.ring[self.i] is None or self.ring[self.i].shape != shape:
+            self.ring[self.i] = torch.empty(shape, dtype=torch.float32)
+        return self.ring[self.i]
+
+    def scratch(self, shape):
+        if self.work is None or self.work.shape != shape:
+            self.work = torch.empty(shape, dtype=torch.uint8)
+        return self.work
+
+
+def crop_mirror(batch, mean, step, crop_size, out=None, buffers=None):
     """(3, S, S, B) uint8 batch -> (B, 3, c, c) float32: mean subtracted, cropped, mirrored.
 
     Subtracting the cropped mean from the cropped image gives the same numbers as the original's
     crop of (image - mean). On the CPU a loop of per-image slices is fastest (5x a gather);
-    on a GPU one gather kernel is. Both give the same bits.
+    on a GPU one gather kernel is. Both give the same bits. On the CPU the result goes into
+    `out` (e.g. a loader's shared-memory slot) or a buffer of `buffers` (a HostBuffers) when
+    given, and the transposed batch into the scratch of `buffers`.
     """
-    x = to_bchw(batch)
-    if batch.device.type == 'cpu':
-        return _crop_loop(x, mean, step, crop_size)
-    return _crop_gather(x, mean, step, crop_size)
+    C, S, _, B = batch.shape
+    if batch.device.type != 'cpu':
+        return _crop_gather(to_bchw(batch), mean, step, crop_size)
+    x = to_bchw(batch, buffers.scratch((B, C, S, S)) if buffers is not None else None)
+    if out is None:
+        out = (buffers.out((B, C, crop_size, crop_size)) if buffers is not None else
+               torch.empty(B, C, crop_size, crop_size, dtype=torch.float32))
+    return _crop_loop(x, mean, step, crop_size, out)
 
 
-def _crop_loop(x, mean, step, c):
-    out = torch.empty(x.shape[0], 3, c, c, dtype=torch.float32, device=x.device)
+def _crop_loop(x, mean, step, c, out):
+    W = x.shape[3]
+    mean_flip = mean.flip(2)  # once per batch: a mirrored crop of the mean is then a plain slice
     draws = zip(step.crop_x.tolist(), step.crop_y.tolist(), step.mirror.tolist())
     for i, (x0, y0, flip) in enumerate(draws):
-        img, m = x[i, :, y0:y0 + c, x0:x0 + c], mean[:, y0:y0 + c, x0:x0 + c]
         if flip:
-            img, m = img.flip(2), m.flip(2)
+            img = x[i, :, y0:y0 + c, x0:x0 + c].flip(2)
+            m = mean_flip[:, y0:y0 + c, W - x0 - c:W - x0]
+        else:
+            img, m = x[i, :, y0:y0 + c, x0:x0 + c], mean[:, y0:y0 + c, x0:x0 + c]
         torch.sub(img, m, out=out[i])
     return out
 
@@ -222,7 +256,8 @@ class InProcessLoader:
     """para_load False: the trainer reads and prepares each batch itself, between steps.
 
     use_data_layer True ships the uint8 batch to the device and crops there (4x fewer bytes);
-    False crops on the host and ships float32.
+    False crops on the host and ships float32. As with the loader process, a batch is valid
+    until the next one is asked for (host buffers are reused; clone to keep one).
     """
 
     def __init__(self, source, mean, crop_size, device, on_device=False):
@@ -232,6 +267,7 @@ class InProcessLoader:
         self.image_size = source.image_size()
         self.mean = mean.to(self.device) if on_device else mean
         self.pin = self.device.type == 'cuda'
+        self.buffers = HostBuffers()  # a batch is used before the next-but-one is made
 
     def __len__(self):
         return len(self.source)
@@ -247,7 +283,8 @@ class InProcessLoader:
             if self.on_device:
                 x = crop_mirror(self._to_device(batch), self.mean, step, self.crop_size)
             else:
-                x = self._to_device(crop_mirror(batch, self.mean, step, self.crop_size))
+                x = self._to_device(crop_mirror(batch, self.mean, step, self.crop_size,
+                                                buffers=self.buffers))
             y = self._to_device(torch.from_numpy(self.source.labels[step.file]))
             yield x, y
 

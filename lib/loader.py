@@ -105,6 +105,7 @@ def loader_main(job):
     mean = data.load_mean(job['mean_file'], job['image_size'])
     slots = map_slots(job['dir'], slot_spec(job['batch_size'], job['image_size'], job['crop_size'],
                                             job['raw']), job['n_slots'], create=False)
+    buffers = data.HostBuffers()  # the transposed batch's scratch; crops go straight to a slot
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)
@@ -135,8 +136,8 @@ def loader_main(job):
                 if job['raw']:
                     slots[slot].numpy()[...] = batch
                 else:
-                    slots[slot].copy_(data.crop_mirror(torch.from_numpy(batch), mean, step,
-                                                       job['crop_size']))
+                    data.crop_mirror(torch.from_numpy(batch), mean, step, job['crop_size'],
+                                     out=slots[slot], buffers=buffers)
             except (data.DataError, OSError) as e:
                 sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()])
                 continue

@@ -97,8 +97,11 @@ def test_loader_on_device_path_equals_host_path(tmp_path):
                                                                   'train_labels.npy'), 4)
     mean = data.load_mean(keys['mean_file'], 12)
     plan = data.make_plan(torch.Generator().manual_seed(0), 3, 4, 12, 10, train=True, shuffle=True)
-    host = list(data.InProcessLoader(folder, mean, 10, 'cpu', on_device=False).epoch(plan))
-    dev = list(data.InProcessLoader(folder, mean, 10, 'cpu', on_device=True).epoch(plan))
+    # a batch is valid until the next-but-one is made (reused buffers): keep copies
+    host = [(x.clone(), y) for x, y in
+            data.InProcessLoader(folder, mean, 10, 'cpu', on_device=False).epoch(plan)]
+    dev = [(x.clone(), y) for x, y in
+           data.InProcessLoader(folder, mean, 10, 'cpu', on_device=True).epoch(plan)]
     assert len(host) == 3
     for (x1, y1), (x2, y2), step in zip(host, dev, plan):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)

@@ -67,7 +67,8 @@ def test_batches_equal_the_in_process_loader(tiny, on_device):
     try:
         for split in (0, 1, 0):  # train, val, train again: slots are reused across epochs
             plan = plan_for(sources[split], seed=split)
-            want = list(data.InProcessLoader(sources[split], mean, 32, 'cpu').epoch(plan))
+            want = [(x.clone(), y) for x, y in
+                    data.InProcessLoader(sources[split], mean, 32, 'cpu').epoch(plan)]
             got = [(x.clone(), y) for x, y in proc.loader(split).epoch(plan)]
             assert len(got) == len(want)
             for (x1, y1), (x2, y2) in zip(want, got):
