@@ -5,6 +5,8 @@
     # (python -m preprocessing.make_data PATHS --workers 2) into a temporary folder, and times both
     .venv/bin/python -m benchmarks.loader --jpeg-root /tmp/cifar/cifar10-jpg --limit 300 --img-size 256
     .venv/bin/python -m benchmarks.loader --jpeg-root /tmp/cifar/cifar10-jpg --limit 300 --img-size 32
+    # the same images re-encoded at ImageNet's typical size first (decode cost of large JPEGs)
+    .venv/bin/python -m benchmarks.loader --jpeg-root /tmp/cifar/cifar10-jpg --limit 300 --source-size 400x350
     # data already preprocessed (e.g. by sh preprocessing/generate_data.sh): name both versions
     .venv/bin/python -m benchmarks.loader --jpeg-dir data/mine/raw/train \\
         --hkl-dir data/mine/train_hkl_b128_b_128 --labels data/mine/labels/train_labels.npy \\
@@ -227,8 +229,20 @@ def list_tree(root):
     return paths, labels
 
 
-def link_subset(src, dst, per_class, last=False):
-    """A class-folder tree of symlinks to the first (or last) `per_class` images of each class.
+def size_wxh(text):
+    """'400x350' -> (400, 350), for --source-size."""
+    try:
+        w, h = (int(n) for n in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not WxH, e.g. 400x350') from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: sides must be at least 1')
+    return w, h
+
+
+def link_subset(src, dst, per_class, last=False, source_size=None):
+    """A class-folder tree of symlinks to the first (or last) `per_class` images of each class;
+    with source_size (w, h), JPEG copies resized to it instead (quality 90).
     Returns (number of classes, number of files)."""
     classes = subfolders(src)
     if not classes:
@@ -238,7 +252,12 @@ def link_subset(src, dst, per_class, last=False):
         names = image_files(os.path.join(src, c))
         os.makedirs(os.path.join(dst, c))
         for n in (names[-per_class:] if last else names[:per_class]):
-            os.symlink(os.path.join(src, c, n), os.path.join(dst, c, n))
+            if source_size:
+                with Image.open(os.path.join(src, c, n)) as im:
+                    big = im.convert('RGB').resize(source_size, Image.BICUBIC)
+                big.save(os.path.join(dst, c, os.path.splitext(n)[0] + '.jpg'), quality=90)
+            else:
+                os.symlink(os.path.join(src, c, n), os.path.join(dst, c, n))
             linked += 1
     return len(classes), linked
 
@@ -250,7 +269,8 @@ def build(args, work):
     src = os.path.join(work, 'src')
     if os.path.exists(src):
         shutil.rmtree(src)
-    n_classes, n_train = link_subset(os.path.join(root, 'train'), os.path.join(src, 'train'), args.limit)
+    n_classes, n_train = link_subset(os.path.join(root, 'train'), os.path.join(src, 'train'),
+                                     args.limit, source_size=args.source_size)
     # val is only there because preprocessing wants one batch of it: take as few images as possible
     per_class = math.ceil(args.batch_size / n_classes) + 2
     val = os.path.join(root, 'val')
@@ -396,6 +416,9 @@ def main(argv=None):
     b.add_argument('--img-size', type=int, default=256, help='S, images resized to S x S (256)')
     b.add_argument('--batch-size', type=int, default=128, help='B, images per batch file (128)')
     b.add_argument('--prep-workers', type=int, default=2, help='preprocessing processes (2)')
+    b.add_argument('--source-size', type=size_wxh,
+                   help='WxH: re-encode the train images at this size first (JPEG quality 90), '
+                        'e.g. 400x350 for the decode cost of ImageNet-size sources')
     b.add_argument('--work-dir', help='keep the subset tree and batches here (default: a temporary '
                    'folder, deleted at the end); a second run with the same settings reuses them')
     p.add_argument('--crop', type=int, default=None, help='crop side c (default S - 29 for S >= 64 '
