@@ -42,7 +42,11 @@ def ranks(agent_pid):
 def single(tmp_path_factory):
     """One worker on the whole batches: the reference every torchrun run must match."""
     root = tmp_path_factory.mktemp('torchrun')
-    keys = make_batches(str(root / 'data'), n_train=4, n_val=2, batch=8, size=36)
+    # Exact up to float rounding, and rounding can flip a near-tie between two values of one
+    # max-pool window, which moves one gradient element to the neighbouring pixel (seen with
+    # seed 0 and 4 DDP ranks once the LRN changed: 2e-3 relative after 8 steps, every other
+    # element equal to 1e-7). This seed's data has no such near-tie; seeds 1-3 all pass.
+    keys = make_batches(str(root / 'data'), n_train=4, n_val=2, batch=8, size=36, seed=1)
     train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
                            [('test', dict(keys, **COMMON, gpu='cpu', weights_dir=str(root / 'w1')), None)]))
     return keys, torch.load(root / 'w1' / 'model_2.pt', weights_only=True)
