@@ -38,6 +38,26 @@ def test_crop_mirror_matches_the_reference_bitwise(per_batch):
         assert torch.equal(gathered, got)
 
 
+def test_crop_mirror_into_reused_buffers_gives_the_same_bits():
+    """buffers= (train.py's ring of 2) and out= (a loader slot) change where the result goes,
+    not what it is; a buffer is reused every second batch and reallocated on a shape change."""
+    rng = np.random.RandomState(1)
+    bufs = data.HostBuffers()
+    slot = torch.empty(6, 3, 15, 15)
+    results = []
+    for size in (20, 20, 20, 18):
+        batch = torch.from_numpy(rng.randint(0, 256, (3, size, size, 6)).astype(np.uint8))
+        mean = torch.from_numpy(rng.uniform(0, 255, (3, size, size)).astype(np.float32))
+        step = data.make_plan(torch.Generator().manual_seed(size), 1, 6, size, 15, train=True)[0]
+        want = data.crop_mirror(batch, mean, step, 15)
+        got = data.crop_mirror(batch, mean, step, 15, buffers=bufs)
+        assert torch.equal(got, want)
+        assert data.crop_mirror(batch, mean, step, 15, out=slot, buffers=bufs) is slot
+        assert torch.equal(slot, want)
+        results.append(got)
+    assert results[0].data_ptr() == results[2].data_ptr() != results[1].data_ptr()
+
+
 def test_plan_draws_are_seeded_in_range_and_centre_when_not_random():
     def plan(seed, **kw):
         return data.make_plan(torch.Generator().manual_seed(seed), 50, 64, 256, 227, **kw)
