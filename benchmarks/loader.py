@@ -432,6 +432,8 @@ def main(argv=None):
     mode_a = [args.jpeg_dir, args.hkl_dir, args.labels, args.mean]
     if bool(args.jpeg_root) == any(mode_a) or (not args.jpeg_root and not all(mode_a)):
         p.error('give either --jpeg-root, or all four of --jpeg-dir --hkl-dir --labels --mean')
+    if args.source_size and not args.jpeg_root:
+        p.error('--source-size re-encodes the images of --jpeg-root; it has no effect with --jpeg-dir')
     for name in ('limit', 'img_size', 'batch_size', 'prep_workers', 'max_procs', 'images', 'repeats'):
         if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be at least 1')
