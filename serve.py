@@ -71,6 +71,8 @@ def _resolve_device(name):
 
 
 def _class_names(path, n):
+    """(class names, pad): the dataset.yaml's class_names, and the black border preprocessing
+    framed the images with (0 when not recorded, or for a plain list of names)."""
     if not os.path.isfile(path):
         raise SetupError(f'class names file {path} not found (give --classes DATASET_YAML)')
     try:
@@ -83,7 +85,10 @@ def _class_names(path, n):
         raise SetupError(f'{path} holds no class_names list')
     if len(names) != n:
         raise SetupError(f'{path} names {len(names)} classes, the snapshot has {n} outputs')
-    return [str(c) for c in names]
+    pad = meta.get('pad', 0) if isinstance(meta, dict) else 0
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0:
+        raise SetupError(f'{path}: pad must be a non-negative integer, got {pad!r}')
+    return [str(c) for c in names], pad
 
 
 def _mean_image(path, crop_size):
@@ -145,7 +150,9 @@ class Classifier:
         self.image_size, self.mean = mean.shape[1], mean
         # validation's centre crop, no mirror (lib/data.make_plan with train=False)
         self.step = make_plan(None, 1, 1, self.image_size, self.crop_size, train=False)[0]
-        self.classes = _class_names(classes_file, self.num_classes)
+        self.classes, self.pad = _class_names(classes_file, self.num_classes)
+        if 2 * self.pad >= self.image_size:
+            raise SetupError(f'{classes_file}: pad {self.pad} does not fit images of {self.image_size} px')
         self.mean_file, self.classes_file = mean_file, classes_file
         self.lock = threading.Lock()  # one image at a time: bounds memory, ReLUs are in place
 
@@ -163,7 +170,7 @@ class Classifier:
         if w * h > MAX_PIXELS:
             raise BadRequest(f'image of {w} x {h} pixels is larger than {MAX_PIXELS} pixels')
         try:
-            rgb = load_rgb(io.BytesIO(data), self.image_size)  # uint8 (S, S, 3)
+            rgb = load_rgb(io.BytesIO(data), self.image_size, self.pad)  # uint8 (S, S, 3)
         except Exception as e:  # noqa: BLE001 -- BadImage, and anything a hostile file raises
             raise BadRequest(f'cannot decode the image: {" ".join(str(e).split())}') from None
         batch = torch.from_numpy(rgb.transpose(2, 0, 1)[..., None])  # (3, S, S, 1) as stored

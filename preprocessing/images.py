@@ -14,9 +14,13 @@ class BadImage(Exception):
     """The file is not a decodable image (truncated, empty, not an image...)."""
 
 
-def load_rgb(path, size):
-    """uint8 array (size, size, 3): the image stretched to a square (aspect ratio not kept)."""
-    return np.asarray(open_rgb(path, size).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+def load_rgb(path, size, pad=0):
+    """uint8 array (size, size, 3): the image stretched to a square (aspect ratio not kept); with
+    `pad`, stretched to size - 2 * pad and framed by `pad` black pixels on every side (random
+    crops of the framed image are then shifted copies of the image, CIFAR's usual augmentation)."""
+    inner = size - 2 * pad
+    rgb = np.asarray(open_rgb(path, inner).resize((inner, inner), Image.BILINEAR), dtype=np.uint8)
+    return np.pad(rgb, ((pad, pad), (pad, pad), (0, 0))) if pad else rgb
 
 
 def open_rgb(path, size):

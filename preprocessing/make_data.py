@@ -58,6 +58,8 @@ def make_data(paths_file, toy=False, workers=None):
                                   os.path.dirname(cfg['valtxt_filename'])])
     settings = {'img_size': cfg['img_size'], 'batch_size': cfg['batch_size'],
                 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy}
+    if cfg['pad']:  # (records of earlier runs, without pad, stay valid)
+        settings['pad'] = cfg['pad']
     record = read_record(cfg['misc_dir'])
     guard(cfg, record, settings)
     valid, labels, bad, checked = phase_1(cfg, listing, toy, workers, record)
@@ -132,6 +134,7 @@ def describe(cfg, listing, toy, valid, bad, n_batches):
                        f'{s}_dropped': len(valid[s]) - n_batches[s] * batch_size})
     return {
         'num_classes': len(listing.classes), 'class_names': listing.classes, 'img_size': cfg['img_size'],
+        'pad': cfg['pad'],
         'batch_size': batch_size, 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy,
         'counts': counts, 'bad_files': {s: len(bad[s]) for s in bad},
         'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'meta_clsloc_mat', 'val_label_file')},
@@ -169,7 +172,7 @@ def batch_jobs(cfg, root, files, tar_dir, want_sum):
         images = tuple(os.path.join(root, *f.split('/')) for f in files[k * batch_size:(k + 1) * batch_size])
         outputs = tuple((n, tuple(os.path.join(batch_dir(tar_dir, batch_size, n), name)
                                   for name in batch_names(k, n))) for n in cfg['sub_batches'])
-        yield BatchJob(images, outputs, cfg['img_size'], want_sum)
+        yield BatchJob(images, outputs, cfg['img_size'], cfg['pad'], want_sum)
 
 
 def save_labels(folder, split, labels, cfg):

@@ -25,6 +25,7 @@ KEYS = {
     'valtxt_filename': None,     # None: misc_dir/val.txt
     'traintxt_filename': None,   # None: misc_dir/train.txt
     'img_size': 256,
+    'pad': 0,                    # black border: images resized to img_size - 2 * pad, then framed
     'batch_size': 256,
     'sub_batches': [1, 2],
     'workers': None,             # None: all cores
@@ -76,6 +77,9 @@ def check_values(cfg, path):
     for key in ('img_size', 'batch_size'):
         if not positive_int(cfg[key]):
             raise PrepError(f'{path}: {key} must be a positive integer, got {cfg[key]!r}')
+    pad = cfg['pad']
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0 or 2 * pad >= cfg['img_size']:
+        raise PrepError(f'{path}: pad must be an integer from 0 to (img_size - 1) // 2, got {pad!r}')
     if cfg['workers'] is not None and not positive_int(cfg['workers']):
         raise PrepError(f'{path}: workers must be a positive integer or null, got {cfg["workers"]!r}')
     if cfg['layout'] not in LAYOUTS:

@@ -73,6 +73,7 @@ class BatchJob:
     images: tuple    # absolute paths of the B images, in batch order
     outputs: tuple   # ((n, (path of part 0, ..., part n-1)), ...) one entry per n in sub_batches
     size: int        # S
+    pad: int         # black border of S (the image is resized to S - 2 * pad)
     want_sum: bool   # return the per-pixel sum (training batches: for the mean image)
 
 
@@ -84,7 +85,7 @@ def run_job(job):
     images = []
     for path in job.images:
         try:
-            images.append(load_rgb(path, job.size))
+            images.append(load_rgb(path, job.size, job.pad))
         except BadImage as e:  # it decoded in phase 1 (of this run or of the one resumed): it changed
             raise PrepError(f'{path} became unreadable after it was checked ({e}); delete the outputs '
                             f'(batch folders, labels, misc_dir) and run again') from None

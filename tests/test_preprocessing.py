@@ -463,7 +463,8 @@ def test_demo_data(tmp_path):
     assert all(f.split('/')[0] == y for f, y in lines)
 
 
-@pytest.mark.parametrize('name', ['paths.yaml', 'demo_paths.yaml'])
+@pytest.mark.parametrize('name', ['paths.yaml', 'demo_paths.yaml', 'cifar10_paths.yaml',
+                                  'cifar10_pad4_paths.yaml'])
 def test_shipped_paths_files(name):
     from preprocessing.paths import load_paths
     path = REPO / 'preprocessing' / name
@@ -500,3 +501,30 @@ def test_train_py_trains_on_what_preprocessing_wrote(tmp_path, layout):
     assert r.returncode == 0, r.stderr
     assert '3 classes' in r.stdout and 'done: epoch 2' in r.stdout
     assert np.load(tmp_path / 'w' / 'val_record.npy').shape == (2, 2)
+
+
+def test_pad_frames_every_image_in_black(tmp_path, capsys):
+    """pad: P resizes to S - 2P and frames in P black pixels; the centre crop of S - 2P is the
+    unpadded image; dataset.yaml records pad (serve.py reads it); bad values are one-line errors."""
+    classes = ['cat', 'dog']
+    train, _ = make_train(tmp_path / 'raw', classes, hostile=False, bad=False)
+    make_val_folders(tmp_path / 'raw', classes)
+    folders = dict(layout='folders', meta_clsloc_mat=None, val_label_file=None, sub_batches=[1])
+    run(write_paths(tmp_path / 'paths.yaml', pad=3, **folders))
+    out = tmp_path / 'out'
+    assert yaml.safe_load((out / 'dataset.yaml').read_text())['pad'] == 3
+    for batch in batches(out / f'train_hkl_b{B}_b_{B}'):
+        assert batch.shape[:3] == (3, S, S)
+        inner = np.zeros(batch.shape, bool)
+        inner[:, 3:S - 3, 3:S - 3] = True
+        assert not batch[~inner].any()                                   # the frame is black
+        assert batch[inner].min() >= 20                                  # the image fills the rest
+    some = tmp_path / 'raw' / 'train' / next(iter(train))
+    framed, plain = load_rgb(some, S, pad=3), load_rgb(some, S - 6)
+    assert framed.shape == (S, S, 3) and np.array_equal(framed[3:-3, 3:-3], plain)
+    for bad in (-1, 8, 1.5, True):  # 2 * 8 >= S = 16
+        p = write_paths(tmp_path / 'bad' / 'paths.yaml', pad=bad, **folders)
+        capsys.readouterr()
+        assert make_data.main([str(p)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and 'pad must be' in err, err

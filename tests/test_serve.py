@@ -349,3 +349,24 @@ def test_explicit_files_and_ctrl_c(tmp_path):
 
 def test_still_serving_after_everything(server):
     assert_serving(server)
+
+
+def test_a_padded_dataset_is_framed_as_in_training(tmp_path):
+    """dataset.yaml's pad (preprocessing framed the images in black): serve.py frames the upload
+    the same way, so its input equals the training pipeline's centre crop of the framed image."""
+    snap = make_snapshot(str(tmp_path))
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': 2}, f)
+    clf = serve.Classifier(snap['path'], device='cpu')
+    path = tmp_path / 'image'
+    path.write_bytes(IMAGES['jpeg'])
+    rgb = load_rgb(str(path), SIZE, pad=2)
+    assert not rgb[:2].any() and not rgb[:, -2:].any()
+    batch = torch.from_numpy(np.ascontiguousarray(rgb[..., None].transpose(2, 0, 1, 3)))
+    step = data.make_plan(torch.Generator(), 1, 1, SIZE, CROP, train=False)[0]
+    want = data.crop_mirror(batch, data.load_mean(snap['mean_file'], SIZE), step, CROP)
+    assert torch.equal(clf.preprocess(IMAGES['jpeg']), want)
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE}, f)
+    with pytest.raises(serve.SetupError, match='pad'):
+        serve.Classifier(snap['path'], device='cpu')
