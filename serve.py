@@ -70,7 +70,7 @@ def _resolve_device(name):
     return torch.device(name)
 
 
-def _class_names(path, n):
+def _dataset_info(path, n):
     """(class names, pad): the dataset.yaml's class_names, and the black border preprocessing
     framed the images with (0 when not recorded, or for a plain list of names)."""
     if not os.path.isfile(path):
@@ -150,7 +150,7 @@ class Classifier:
         self.image_size, self.mean = mean.shape[1], mean
         # validation's centre crop, no mirror (lib/data.make_plan with train=False)
         self.step = make_plan(None, 1, 1, self.image_size, self.crop_size, train=False)[0]
-        self.classes, self.pad = _class_names(classes_file, self.num_classes)
+        self.classes, self.pad = _dataset_info(classes_file, self.num_classes)
         if 2 * self.pad >= self.image_size:
             raise SetupError(f'{classes_file}: pad {self.pad} does not fit images of {self.image_size} px')
         self.mean_file, self.classes_file = mean_file, classes_file
