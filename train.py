@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 
 import plot
-from lib import checkpoint, config, data, exchange, loader, model, optim, trainer
+from lib import checkpoint, config, data, exchange, halves, loader, model, optim, trainer
 
 
 def num_classes(cfg, sources):
@@ -43,7 +43,7 @@ def num_classes(cfg, sources):
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
     exchanger: object = None    # lib/exchange.py: Local, Pair (train_2gpu.py), Distributed (torchrun)
-    part: int = None            # train on the NNNN_<part>.hkl halves (train_2gpu.py)
+    part: int = None            # train on half <part> of every batch (train_2gpu.py; lib/halves.py)
     rows: tuple = None          # train on rows [lo, hi) of every batch file (torchrun)
     gpu: str = None             # device (default: the gpu key)
     port: int = None            # loader port where there is no ipc:// (default: sock_data)
@@ -58,10 +58,16 @@ def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
         rows = worker.rows or (0, B)
         return [data.SyntheticBatches(n_files[s], rows[1] - rows[0], size, cfg['num_classes'] or 1000,
                                       cfg['seed'] + (s == 'val')) for s in splits]
-    suffix = '' if worker.part is None else f'_{worker.part}'
+    if worker.part is not None:  # train_2gpu.py: halves, or half of every whole batch
+        found = [halves.half_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.part)
+                 for split in splits]
+        notices = [n for _, n in found if n]
+        if notices and worker.part == 0:
+            print('notice: ' + '; '.join(notices), flush=True)
+        return [source for source, _ in found]
     return [data.BatchFolder(cfg[f'{split}_folder'],
-                             os.path.join(cfg['label_folder'], f'{split}_labels{suffix}.npy'), B,
-                             worker.part, worker.rows)
+                             os.path.join(cfg['label_folder'], f'{split}_labels.npy'), B,
+                             rows=worker.rows)
             for split in splits]
 
 

@@ -79,8 +79,9 @@ SPEC_2GPU = {
     'sock_data0': (5000, 'loader socket of worker 0'),
     'sock_data1': (5001, 'loader socket of worker 1'),
     'batch_size': (128, 'images per step per worker'),
-    'train_folder': ('data/imagenet/train_hkl_b256_b_128', 'folder of NNNN_0.hkl / NNNN_1.hkl'),
-    'val_folder': ('data/imagenet/val_hkl_b256_b_128', 'folder of validation halves'),
+    'train_folder': ('data/imagenet/train_hkl_b256_b_256', 'NNNN.hkl batches of 2 x batch_size '
+                     '(each worker takes its half) or a folder of NNNN_0.hkl / NNNN_1.hkl halves'),
+    'val_folder': ('data/imagenet/val_hkl_b256_b_256', 'validation batches, as train_folder'),
     'exchange_transport': ('auto', 'auto | ipc (CUDA IPC) | shm (CPU shared memory) | tcp (bytes '
                                    'over ZeroMQ); auto: ipc for 2 GPUs, shm for 2 CPUs, else tcp'),
     'exchange_host': ('', "address worker 0 binds sock_gpu on ('': 127.0.0.1, this host only)"),

@@ -56,8 +56,10 @@ def make_data(paths_file, toy=False, workers=None):
     remove_stale_temps(folders + [labels_dir, cfg['misc_dir'], cfg['tar_root_dir'],
                                   os.path.dirname(cfg['traintxt_filename']),
                                   os.path.dirname(cfg['valtxt_filename'])])
+    # (sub_batches is not a setting of the data: a rerun with other sub_batches adds or omits
+    # copies of the same batches)
     settings = {'img_size': cfg['img_size'], 'batch_size': cfg['batch_size'],
-                'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy}
+                'layout': listing.layout, 'toy': toy}
     if cfg['pad']:  # (records of earlier runs, without pad, stay valid)
         settings['pad'] = cfg['pad']
     record = read_record(cfg['misc_dir'])

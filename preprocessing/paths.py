@@ -27,7 +27,7 @@ KEYS = {
     'img_size': 256,
     'pad': 0,                    # black border: images resized to img_size - 2 * pad, then framed
     'batch_size': 256,
-    'sub_batches': [1, 2],
+    'sub_batches': [1],          # train_2gpu.py takes halves of the whole batches
     'workers': None,             # None: all cores
     'layout': 'auto',
 }

@@ -2,6 +2,7 @@
 batches; both CPU transports; a dead or stalled worker stops everything; hostile clients."""
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,44 @@ def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, trans
         [h['train_loss'] for h in one], rel=1e-4)
     assert sorted(os.listdir(tmp_path / 'w2')) == ['config.yaml', 'history.csv', 'model_1.pt',
                                                    'model_2.pt', 'training.png', 'val_record.npy']
+
+
+def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
+    """One copy on disk: workers taking their half of every NNNN.hkl (the whole folder named, or
+    as the fallback of a halves folder that does not exist; in-process and through the loader
+    process) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves."""
+    full, halves = dataset(tmp_path)
+    whole = dict(halves, train_folder=full['train_folder'], val_folder=full['val_folder'])
+    over = dict(n_epochs=1, rand_crop=True, shuffle=True, dropout=0.5)
+    runs = [('halves', halves, {}), ('whole', whole, {}), ('whole_loader', whole, {'para_load': True}),
+            ('fallback', halves, {})]
+    out = {}
+    for name, keys, extra in runs:
+        if name == 'fallback':  # the halves folders are gone: their whole siblings are used
+            for k in ('train_folder', 'val_folder'):
+                shutil.rmtree(halves[k])
+        r = run_2gpu(tmp_path, keys, weights_dir=str(tmp_path / name), **over, **extra)
+        assert r.returncode == 0, (name, r.stderr)
+        out[name] = r.stdout
+    assert 'notice:' not in out['halves'] + out['whole'] + out['whole_loader']
+    notice = [line for line in out['fallback'].splitlines() if line.startswith('notice:')]
+    assert len(notice) == 1 and halves['train_folder'] in notice[0] \
+        and full['val_folder'] in notice[0], out['fallback']
+    ref = torch.load(tmp_path / 'halves' / 'model_1.pt', weights_only=True)
+    for name, _, _ in runs[1:]:
+        got = torch.load(tmp_path / name / 'model_1.pt', weights_only=True)
+        for part in ('model', 'momentum'):
+            assert all(torch.equal(got[part][k], ref[part][k]) for k in ref[part]), (name, part)
+        assert torch.equal(got['val_record'], ref['val_record']), name
+
+
+def test_whole_batches_of_another_size_are_a_one_line_error(tmp_path):
+    full, halves = dataset(tmp_path)
+    r = run_2gpu(tmp_path, dict(halves, train_folder=full['train_folder'], batch_size=8))
+    assert r.returncode == 1, r.stderr
+    assert 'worker 0: error: ' + os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images: ' \
+        'a train_2gpu.py worker takes half of every NNNN.hkl batch of 2 x batch_size = 16 ' \
+        '(batch_size is per worker: set batch_size=4)' in r.stderr, r.stderr
 
 
 def test_resume_and_exchange_freq(tmp_path):
