@@ -33,6 +33,7 @@ import yaml
 from lib.atomic import save_npy
 from preprocessing import PrepError
 from preprocessing.layouts import list_dataset
+from preprocessing.mean import MeanTotal
 from preprocessing.paths import load_paths
 from preprocessing.resume import digest, guard, read_record, save_record, shuffled_train
 from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, parallel_map,
@@ -69,7 +70,7 @@ def make_data(paths_file, toy=False, workers=None):
     guard(cfg, record, settings, files_hash)
     save_record(cfg['misc_dir'], {'settings': settings, 'files': files_hash, 'checked': checked})
     phase_1_s = time.perf_counter() - start
-    n_batches, written = phase_2(cfg, valid, workers)
+    n_batches, written = phase_2(cfg, valid, workers, digest([settings, files_hash]))
     for split in ('train', 'val'):
         save_labels(labels_dir, split, labels[split][:n_batches[split] * cfg['batch_size']], cfg)
     save_lists(cfg, valid, labels)
@@ -107,23 +108,26 @@ def phase_1(cfg, listing, toy, workers, record):
     return valid, labels, bad, {'listing': listed, 'bad': bad}
 
 
-def phase_2(cfg, valid, workers):
-    """Write the batch files (those not written yet) and the mean image.
+def phase_2(cfg, valid, workers, key):
+    """Write the batch files (those not written yet) and the mean image, kept as a running exact
+    total (preprocessing/mean.py) that a resumed run continues from (`key`: settings and files).
     Returns the number of batches per split and the number of images written by this run."""
-    batch_size, sums, written = cfg['batch_size'], {}, 0
+    batch_size, written = cfg['batch_size'], 0
+    n_batches = {split: len(valid[split]) // batch_size for split in ('train', 'val')}
+    total = MeanTotal(cfg['misc_dir'], key, cfg['img_size'], n_batches['train'])
     for split in ('train', 'val'):
-        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'],
-                          want_sum=split == 'train')
-        count = len(valid[split]) // batch_size
-        sums[split] = []
-        for batch_sum, wrote in parallel_map(run_job, jobs, count, workers, f'write {split}', batch_size):
-            sums[split].append(batch_sum)
-            written += wrote * batch_size
-    n_batches = {split: len(sums[split]) for split in sums}
-    # exact integer sums per batch: the mean does not depend on how the batches were shared out
-    total = np.sum(sums['train'], axis=0, dtype=np.uint64)                      # (3, S, S)
-    mean = (total / (n_batches['train'] * batch_size)).astype(np.float32)
-    save_npy(os.path.join(cfg['misc_dir'], 'img_mean.npy'), mean)
+        need = ~total.included if split == 'train' else np.zeros(n_batches[split], bool)
+        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'], need)
+        results = parallel_map(run_job, jobs, n_batches[split], workers, f'write {split}', batch_size)
+        try:
+            for k, (batch_sum, wrote) in enumerate(results):
+                if batch_sum is not None:
+                    total.add(k, batch_sum)
+                written += wrote * batch_size
+        finally:
+            if split == 'train':  # also when interrupted: what is summed is kept
+                total.save()
+    save_npy(os.path.join(cfg['misc_dir'], 'img_mean.npy'), total.mean(batch_size))
     return n_batches, written
 
 
@@ -168,13 +172,14 @@ def check_split(root, files, limit, size, workers, split, reuse=None):
 
 
 def batch_jobs(cfg, root, files, tar_dir, want_sum):
-    """Yield one BatchJob per whole batch of `files`; the remainder is dropped."""
+    """Yield one BatchJob per whole batch of `files`; the remainder is dropped. want_sum[k]: job k
+    returns the pixel sum of its batch."""
     batch_size = cfg['batch_size']
     for k in range(len(files) // batch_size):
         images = tuple(os.path.join(root, *f.split('/')) for f in files[k * batch_size:(k + 1) * batch_size])
         outputs = tuple((n, tuple(os.path.join(batch_dir(tar_dir, batch_size, n), name)
                                   for name in batch_names(k, n))) for n in cfg['sub_batches'])
-        yield BatchJob(images, outputs, cfg['img_size'], cfg['pad'], want_sum)
+        yield BatchJob(images, outputs, cfg['img_size'], cfg['pad'], bool(want_sum[k]))
 
 
 def save_labels(folder, split, labels, cfg):

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import h5py
 import hickle
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from preprocessing import make_data, make_demo_data
+from preprocessing import make_data, make_demo_data, mean, writer
 from preprocessing.images import load_rgb, to_rgb
 from preprocessing.paths import KEYS
 
@@ -201,7 +202,8 @@ def test_writes_exactly_the_reference_files(imagenet):
     out = root / 'out'
     n_train, n_val = len(train) // B, len(val) // B                   # 28 -> 7, 13 -> 3
     expected = {'dataset.yaml', 'misc/shuffled_train_filenames.npy', 'misc/img_mean.npy',
-                'misc/bad_images.txt', 'misc/fingerprint.json', 'misc/train.txt', 'misc/val.txt'}
+                'misc/bad_images.txt', 'misc/fingerprint.json', 'misc/train.txt', 'misc/val.txt',
+                'misc/mean_total.npz'}
     for split, n in (('train', n_train), ('val', n_val)):
         expected |= {f'labels/{split}_labels{s}.npy' for s in ('', '_0', '_1')}
         expected |= {f'{split}_hkl_b4_b_4/{k:04d}.hkl' for k in range(n)}
@@ -324,6 +326,106 @@ def test_resume_writes_only_what_is_missing(tmp_path):
     assert [p for p in before if p not in deleted and p.stat().st_mtime_ns != old] == []
     assert not stale.exists()
     np.testing.assert_array_equal(np.load(out / 'misc' / 'img_mean.npy'), mean)  # sums read back
+
+
+def old_mean(folder):
+    """img_mean.npy as the earlier make_data computed it: every batch's uint64 sum kept, then summed."""
+    sums = [b.sum(axis=3, dtype=np.uint64) for b in batches(folder)]
+    total = np.sum(sums, axis=0, dtype=np.uint64)
+    return (total / (len(sums) * B)).astype(np.float32)
+
+
+def count_reads(monkeypatch):
+    """The batch files read back (workers=1: run_job runs in this process)."""
+    reads = []
+    real = writer.read_batch
+
+    def read_batch(job):
+        reads.append(int(os.path.basename(job.outputs[0][1][0])[:4]))
+        return real(job)
+    monkeypatch.setattr(writer, 'read_batch', read_batch)
+    monkeypatch.setattr(hickle, 'load', None)  # finished batches are read with h5py only
+    return reads
+
+
+def test_mean_is_a_running_total_that_a_resume_continues(tmp_path, monkeypatch, capsys):
+    """img_mean.npy is bit for bit the old per-batch-sums formula; a run stopped in phase 2 keeps
+    the total of what it summed, and the resumed run reads back only the batches written but not
+    summed; a complete rerun reads none; a total of other data is not used."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)    # 18 images -> 4 batches
+    make_val_imagenet(tmp_path / 'raw')
+    paths = write_paths(tmp_path / 'paths.yaml', sub_batches=[2])   # parts only: read and joined
+    out = tmp_path / 'out'
+    real_add = mean.MeanTotal.add
+
+    def add(self, k, batch_sum):
+        if k == 2:
+            raise KeyboardInterrupt  # as Ctrl-C after batch 2 was written, before it was summed
+        real_add(self, k, batch_sum)
+    monkeypatch.setattr(mean.MeanTotal, 'add', add)
+    assert make_data.main([str(paths)]) == 130
+    monkeypatch.setattr(mean.MeanTotal, 'add', real_add)
+    def train_batches():  # whole batches joined from their halves
+        return [np.concatenate(p, axis=3) for p in zip(*[batches(out / 'train_hkl_b4_b_2', i)
+                                                        for i in (0, 1)])]
+    with np.load(out / 'misc' / 'mean_total.npz') as saved:
+        assert saved['included'].tolist() == [True, True, False, False]
+        done = train_batches()
+        assert len(done) == 3  # batch 2 was written, not summed
+        assert np.array_equal(saved['total'], done[0].sum(axis=3, dtype=np.uint64)
+                              + done[1].sum(axis=3, dtype=np.uint64))
+    assert not (out / 'misc' / 'img_mean.npy').exists()
+    with monkeypatch.context() as m:
+        reads = count_reads(m)
+        run(paths)
+    assert reads == [2]
+    sums = [b.sum(axis=3, dtype=np.uint64) for b in train_batches()]    # the old formula
+    expected = (np.sum(sums, axis=0, dtype=np.uint64) / (4 * B)).astype(np.float32)
+    mean_bytes = (out / 'misc' / 'img_mean.npy').read_bytes()
+    assert np.load(out / 'misc' / 'img_mean.npy').tobytes() == expected.tobytes()
+    reads = count_reads(monkeypatch)
+    run(paths)                                                        # complete: nothing to read
+    assert reads == [] and (out / 'misc' / 'img_mean.npy').read_bytes() == mean_bytes
+    # a total saved for other settings or files is not used: every batch is read back
+    total = out / 'misc' / 'mean_total.npz'
+    with np.load(total) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    with open(total, 'wb') as f:
+        np.savez(f, **dict(arrays, key=np.array('another run')))
+    capsys.readouterr()
+    run(paths)
+    assert reads == [0, 1, 2, 3] and 'is not from this run' in capsys.readouterr().err
+    assert (out / 'misc' / 'img_mean.npy').read_bytes() == mean_bytes
+
+
+def test_mean_matches_the_old_formula_bit_for_bit(imagenet):
+    out = imagenet[0] / 'out'
+    assert np.load(out / 'misc' / 'img_mean.npy').tobytes() == old_mean(out / 'train_hkl_b4_b_4').tobytes()
+
+
+def test_resume_never_unpickles_a_batch_file(tmp_path, capsys):
+    """A finished batch that must be read back is read with h5py: a hickle file holding a pickle
+    is a one-line error naming it, and is never unpickled."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw')
+    paths = write_paths(tmp_path / 'paths.yaml', sub_batches=[1])
+    run(paths)
+    out, marker = tmp_path / 'out', tmp_path / 'unpickled'
+    (out / 'misc' / 'mean_total.npz').unlink()                        # the sums must be read back
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+    evil = out / 'train_hkl_b4_b_4' / '0001.hkl'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                               # hickle: "data is serialized"
+        with h5py.File(evil, 'w') as f:
+            hickle.dump(Evil(), f)
+    capsys.readouterr()
+    assert make_data.main([str(paths)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith(f'error: {evil}: expected one 4-D array'), err
+    assert 'delete it and run again' in err and not marker.exists()
 
 
 def test_folders_layout_and_other_sub_batches(tmp_path):
