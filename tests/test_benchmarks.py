@@ -63,3 +63,15 @@ def test_loader_benchmark_rejects_a_bad_source_size():
     r = subprocess.run([sys.executable, '-m', 'benchmarks.loader', '--jpeg-root', '.', '--source-size',
                         '400'], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "'400' is not WxH" in r.stderr
+
+
+def test_prep_memory_benchmark_runs_both_ways_to_the_same_mean():
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.prep_memory', '--batches', '2', '6',
+                        '--img-size', '16', '--batch-size', '2'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [[c.strip() for c in row.split('|')[1:-1]] for row in table_rows(r.stdout)]
+    assert [(row[0].split()[0], row[1]) for row in rows] == [('list', '2'), ('running', '2'),
+                                                            ('list', '6'), ('running', '6')]
+    assert [row[5] for row in rows] == ['2', '0', '6', '0']  # batches read back by a rerun
+    assert 'img_mean.npy identical bytes for both ways: True' in r.stdout
