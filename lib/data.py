@@ -37,6 +37,32 @@ def read_hkl(path):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
+def read_hkl_rows(path, rows, file_batch):
+    """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch), as a
+    contiguous array, without copying the rest of the file: where the dataset is stored contiguously
+    (hickle's are) its bytes are mapped and only the rows copied, else an HDF5 hyperslab is read.
+    From the page cache this takes 0.2-0.5x the time of read_hkl + slice (benchmarks/row_read.py)."""
+    try:
+        with h5py.File(path, 'r') as f:
+            found = []
+            f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                         and obj.ndim == 4 else None)
+            if len(found) != 1:
+                raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
+            d = found[0]
+            if d.dtype != np.uint8 or d.shape[0] != 3 or d.shape[1] != d.shape[2] \
+                    or d.shape[3] != file_batch:
+                raise DataError(f'{path}: expected uint8 (3, S, S, {file_batch}), got {d.dtype} {d.shape}')
+            offset = d.id.get_offset()
+            if d.chunks is not None or d.external or offset is None:  # (no filters without chunks)
+                return d[..., rows[0]:rows[1]]
+            shape = d.shape
+        mapped = np.memmap(path, np.uint8, 'r', offset=offset, shape=shape)
+        return np.ascontiguousarray(mapped[..., rows[0]:rows[1]])
+    except (OSError, ValueError) as e:  # ValueError: a file shorter than its dataset
+        raise DataError(f'{path}: cannot read batch file ({e})') from None
+
+
 def batch_files(folder, part=None):
     """Sorted NNNN.hkl files (or NNNN_<part>.hkl) of a folder, checked to be numbered 0..n-1."""
     pattern = re.compile(r'^(\d{4,})\.hkl$' if part is None else rf'^(\d{{4,}})_{part}\.hkl$')
@@ -85,13 +111,13 @@ class BatchFolder:
 
     def read(self, i):
         """uint8 array (3, S, S, B) of file i (its rows), checked against the batch size."""
+        if self.rows is not None:  # only the rows: cheaper than the whole file and a slice
+            return read_hkl_rows(self.files[i], self.rows, self.file_batch)
         x = read_hkl(self.files[i])
         if x.dtype != np.uint8 or x.shape[0] != 3 or x.shape[1] != x.shape[2] \
                 or x.shape[3] != self.file_batch:
             raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.file_batch}), '
                             f'got {x.dtype} {x.shape}')
-        if self.rows is not None:
-            x = np.ascontiguousarray(x[..., self.rows[0]:self.rows[1]])
         return x
 
     def image_size(self):

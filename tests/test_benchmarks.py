@@ -75,3 +75,15 @@ def test_prep_memory_benchmark_runs_both_ways_to_the_same_mean():
                                                             ('list', '6'), ('running', '6')]
     assert [row[5] for row in rows] == ['2', '0', '6', '0']  # batches read back by a rerun
     assert 'img_mean.npy identical bytes for both ways: True' in r.stdout
+
+
+def test_row_read_benchmark_reads_the_same_rows_every_way():
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.row_read', '--files', '2', '--repeats', '1',
+                        '--size', '8', '--batch', '8', '--ranks', '2', '4'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr  # (it stops with an error if a way reads other bytes)
+    assert 'contiguous and uncompressed: True' in r.stdout
+    rows = [[c.strip() for c in row.split('|')[1:-1]] for row in table_rows(r.stdout)]
+    assert [row[:3] for row in rows] == [[cache, n, way] for cache in ('warm', 'cold')
+                                         for n in ('2', '4') for way in ('whole', 'h5py', 'rows')]
+    assert all(row[5] == '1.00' for row in rows if row[2] == 'whole')
