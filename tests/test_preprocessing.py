@@ -428,6 +428,34 @@ def test_resume_never_unpickles_a_batch_file(tmp_path, capsys):
     assert 'delete it and run again' in err and not marker.exists()
 
 
+def test_one_copy_by_default_and_halves_added_by_a_rerun(tmp_path):
+    """sub_batches defaults to [1]: whole batches only (train_2gpu.py takes halves of them); a rerun
+    with sub_batches [1, 2] over them adds the halves and their labels, touching nothing else."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw')
+    paths = write_paths(tmp_path / 'paths.yaml')
+    settings = yaml.safe_load(paths.read_text())
+    del settings['sub_batches']
+    paths.write_text(yaml.safe_dump(settings))
+    run(paths)
+    out = tmp_path / 'out'
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ['labels', 'misc', 'train_hkl_b4_b_4',
+                                                                  'val_hkl_b4_b_4']
+    assert sorted(os.listdir(out / 'labels')) == ['train_labels.npy', 'val_labels.npy']
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob('*.hkl')}
+    mean = (out / 'misc' / 'img_mean.npy').read_bytes()
+    run(write_paths(tmp_path / 'paths.yaml', sub_batches=[1, 2]))
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    assert (out / 'misc' / 'img_mean.npy').read_bytes() == mean
+    for split in ('train', 'val'):
+        whole = batches(out / f'{split}_hkl_b4_b_4')
+        for i in (0, 1):
+            assert [h.tobytes() for h in batches(out / f'{split}_hkl_b4_b_2', i)] == \
+                [w[..., 2 * i:2 * i + 2].tobytes() for w in whole]
+            y = np.load(out / 'labels' / f'{split}_labels.npy').reshape(-1, 2, 2)[:, i].ravel()
+            assert np.load(out / 'labels' / f'{split}_labels_{i}.npy').tolist() == y.tolist()
+
+
 def test_folders_layout_and_other_sub_batches(tmp_path):
     classes = ['cat', 'dog', 'frog']
     train, _ = make_train(tmp_path / 'raw', classes, hostile=False, bad=False)   # 18 -> 4 batches
