@@ -41,7 +41,7 @@ def read_hkl_rows(path, rows, file_batch):
     """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch), as a
     contiguous array, without copying the rest of the file: where the dataset is stored contiguously
     (hickle's are) its bytes are mapped and only the rows copied, else an HDF5 hyperslab is read.
-    From the page cache this takes 0.2-0.5x the time of read_hkl + slice (benchmarks/row_read.py)."""
+    From the page cache this takes about 0.2-0.4x the time of read_hkl + slice (benchmarks/row_read.py)."""
     try:
         with h5py.File(path, 'r') as f:
             found = []

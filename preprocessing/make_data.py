@@ -13,7 +13,8 @@ Outputs (B = batch_size, S = img_size, n in sub_batches; paths as set in the pat
                           {train,val}_labels_b<B//n>_<i>.npy  other n > 1
     <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders
     <misc_dir>/shuffled_train_filenames.npy, img_mean.npy (float32 (3, S, S), over all training
-        batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json
+        batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json,
+        mean_total.npz (the mean's exact running total, for resuming: preprocessing/mean.py)
     traintxt_filename ("<class>/<file> <label>", shuffled order), valtxt_filename ("<file> <label>")
 
 Two phases make the batches independent of the number of workers: 1) decode every listed file, giving
