@@ -13,6 +13,9 @@ Ways to read it (all give the same array; checked):
   rows     lib.data.read_hkl_rows, what BatchFolder.read does for rows now: np.memmap of the file
            at the dataset's offset (hickle's datasets are contiguous and uncompressed: checked and
            printed; else it reads the h5py hyperslab), then np.ascontiguousarray of the slice
+  part     read_hkl of a file holding only those rows (NNNN_<r>.hkl of a `sub_batches: [1, N]` folder;
+           for N = 2 the halves train_2gpu.py workers read before): the floor, at the price of a
+           second copy of the data on disk
 Warm: the files are in the page cache; every rank's read of every file is timed, and the table
 gives the median time per rank per file and what all N ranks of a node spend per batch (N reads).
 Cold: before each read the file is dropped from the page cache (fsync, posix_fadvise DONTNEED),
@@ -35,7 +38,7 @@ import numpy as np
 from lib.data import read_hkl, read_hkl_rows
 from preprocessing.writer import save_hkl
 
-WAYS = ('whole', 'h5py', 'rows')
+WAYS = ('whole', 'h5py', 'rows', 'part')
 FILE_BATCH = [None]  # B, set by main
 
 
@@ -55,7 +58,13 @@ def layout(path):
         return d.id.get_offset(), d.shape, d.dtype
 
 
+def part_path(path, r0, r1):
+    return f'{path[:-4]}_{r0}_{r1}.hkl'
+
+
 def read(way, path, r0, r1):
+    if way == 'part':
+        return read_hkl(part_path(path, r0, r1))
     if way == 'whole':
         return np.ascontiguousarray(read_hkl(path)[..., r0:r1])
     if way == 'h5py':
@@ -65,6 +74,8 @@ def read(way, path, r0, r1):
 
 
 def drop_cache(path):
+    if not os.path.exists(path):
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -76,6 +87,7 @@ def drop_cache(path):
 def timed(way, path, r0, r1, cold):
     if cold:
         drop_cache(path)
+        drop_cache(part_path(path, r0, r1))
     t0 = time.perf_counter()
     x = read(way, path, r0, r1)
     return time.perf_counter() - t0, x
@@ -99,7 +111,12 @@ def main(argv=None):
         paths = []
         for i in range(args.files):
             paths.append(os.path.join(tmp, f'{i:04d}.hkl'))
-            save_hkl(paths[-1], rng.integers(0, 256, (3, S, S, B), dtype=np.uint8))
+            x = rng.integers(0, 256, (3, S, S, B), dtype=np.uint8)
+            save_hkl(paths[-1], x)
+            for n in args.ranks:
+                for r in range(n):
+                    r0, r1 = r * B // n, (r + 1) * B // n
+                    save_hkl(part_path(paths[-1], r0, r1), x[..., r0:r1])
         contiguous = layout(paths[0]) is not None
         FILE_BATCH[0] = B
         mb = os.path.getsize(paths[0]) / 1e6
@@ -117,7 +134,7 @@ def main(argv=None):
                     for i, path in enumerate(paths):
                         for r0, r1 in (rows[i % n:i % n + 1] if cold else rows):
                             k += 1  # rotate the order of the ways from one read to the next
-                            order = WAYS[k % 3:] + WAYS[:k % 3]
+                            order = WAYS[k % len(WAYS):] + WAYS[:k % len(WAYS)]
                             got = {w: timed(w, path, r0, r1, cold) for w in order}
                             for w in WAYS:
                                 times[w].append(got[w][0])

@@ -85,5 +85,5 @@ def test_row_read_benchmark_reads_the_same_rows_every_way():
     assert 'contiguous and uncompressed: True' in r.stdout
     rows = [[c.strip() for c in row.split('|')[1:-1]] for row in table_rows(r.stdout)]
     assert [row[:3] for row in rows] == [[cache, n, way] for cache in ('warm', 'cold')
-                                         for n in ('2', '4') for way in ('whole', 'h5py', 'rows')]
+                                         for n in ('2', '4') for way in ('whole', 'h5py', 'rows', 'part')]
     assert all(row[5] == '1.00' for row in rows if row[2] == 'whole')
