@@ -6,7 +6,8 @@
 
 Each worker runs train.py's loop on its half of every batch (worker r: images [r*b, (r+1)*b) of
 every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/halves.py) from the same initial
-weights; every exchange_freq steps they average parameters and momentum over the exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link bound to
+weights; every exchange_freq steps they average parameters and momentum over the
+exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link bound to
 127.0.0.1:sock_gpu (lib/link.py). Worker 0 logs and writes weights_dir (as train.py does).
 
 If a worker dies or stalls, the other stops within peer_timeout naming it and the step, and
