@@ -16,6 +16,8 @@ import zmq
 
 import train
 from lib import config, exchange, link
+from lib.data import DataError
+from lib.halves import half_source, whole_sibling
 from tests.helpers import make_batches
 from tests.test_loader import children, gone_within
 
@@ -98,14 +100,13 @@ def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, trans
 
 
 def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
-    """One copy on disk: workers taking their half of every NNNN.hkl (the whole folder named, or
-    as the fallback of a halves folder that does not exist; in-process and through the loader
-    process) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves."""
+    """One copy on disk: workers taking their half of every NNNN.hkl (the whole folder named,
+    through the loader process; or in-process as the fallback of a halves folder that does not
+    exist) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves."""
     full, halves = dataset(tmp_path)
     whole = dict(halves, train_folder=full['train_folder'], val_folder=full['val_folder'])
     over = dict(n_epochs=1, rand_crop=True, shuffle=True, dropout=0.5)
-    runs = [('halves', halves, {}), ('whole', whole, {}), ('whole_loader', whole, {'para_load': True}),
-            ('fallback', halves, {})]
+    runs = [('halves', halves, {}), ('whole_loader', whole, {'para_load': True}), ('fallback', halves, {})]
     out = {}
     for name, keys, extra in runs:
         if name == 'fallback':  # the halves folders are gone: their whole siblings are used
@@ -114,7 +115,7 @@ def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
         r = run_2gpu(tmp_path, keys, weights_dir=str(tmp_path / name), **over, **extra)
         assert r.returncode == 0, (name, r.stderr)
         out[name] = r.stdout
-    assert 'notice:' not in out['halves'] + out['whole'] + out['whole_loader']
+    assert 'notice:' not in out['halves'] + out['whole_loader']
     notice = [line for line in out['fallback'].splitlines() if line.startswith('notice:')]
     assert len(notice) == 1 and halves['train_folder'] in notice[0] \
         and full['val_folder'] in notice[0], out['fallback']
@@ -126,13 +127,21 @@ def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
         assert torch.equal(got['val_record'], ref['val_record']), name
 
 
-def test_whole_batches_of_another_size_are_a_one_line_error(tmp_path):
+def test_where_a_worker_takes_its_half_from(tmp_path):
     full, halves = dataset(tmp_path)
-    r = run_2gpu(tmp_path, dict(halves, train_folder=full['train_folder'], batch_size=8))
-    assert r.returncode == 1, r.stderr
-    assert 'worker 0: error: ' + os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images: ' \
-        'a train_2gpu.py worker takes half of every NNNN.hkl batch of 2 x batch_size = 16 ' \
-        '(batch_size is per worker: set batch_size=4)' in r.stderr, r.stderr
+    source, notice = half_source(halves['train_folder'], full['label_folder'], 'train', 4, 1)
+    assert (source.folder, source.part, source.rows, notice) == (halves['train_folder'], 1, None, None)
+    source, notice = half_source(full['train_folder'], full['label_folder'], 'train', 4, 1)
+    assert (source.folder, source.part, source.rows, notice) == (full['train_folder'], None, (4, 8), None)
+    assert source.labels_file.endswith('train_labels.npy') and source.labels.shape == (4, 4)
+    with pytest.raises(DataError) as e:  # batch_size is per worker: these files hold 2 x 4
+        half_source(full['train_folder'], full['label_folder'], 'train', 8, 0)
+    assert str(e.value) == (os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images: a '
+                            'train_2gpu.py worker takes half of every NNNN.hkl batch of 2 x batch_size '
+                            '= 16 (batch_size is per worker: set batch_size=4), or the NNNN_0.hkl '
+                            'halves of a halves folder')
+    assert whole_sibling('/d/train_hkl_b256_b_128') == '/d/train_hkl_b256_b_256'
+    assert whole_sibling('/d/train_hkl_b256_b_64') is None and whole_sibling('/d/train') is None
 
 
 def test_resume_and_exchange_freq(tmp_path):
