@@ -5,6 +5,7 @@ the exchanger (lib/exchange.py). Per epoch: train over the plan drawn from the t
 generator, validate with the centre crop, adapt the learning rate, write val_record.npy /
 history.csv, and every snapshot_freq epochs a snapshot that resumes bit for bit.
 """
+import math
 import sys
 import time
 
@@ -195,17 +196,19 @@ class Trainer:
 def evaluate(predict, loader, plan, group, average=lambda t: t):
     """[top-1 error, top-5 error, loss] over a plan whose steps come in groups of `group` views of
     one batch file (1: the centre crop; 10: corners and centre, each mirrored). The views'
-    softmax outputs are averaged; with one view the loss is the plain cross-entropy, exactly
-    what training's validation computes."""
-    sums, probs = None, None
+    softmax outputs are averaged, in log space: log mean p = logsumexp(log_softmax) - log(group),
+    finite where a probability underflows; with one view the loss is the plain cross-entropy,
+    exactly what training's validation computes."""
+    sums, log_sum = None, None
     for i, (x, y) in enumerate(loader.epoch(plan)):
         logits = predict(x)                                           # (B, classes) float32
         if group > 1:
-            p = logits.softmax(1) / group
-            probs = p if i % group == 0 else probs + p
+            logp = logits.log_softmax(1)
+            log_sum = logp if i % group == 0 else torch.logaddexp(log_sum, logp)
             if i % group != group - 1:
                 continue
-            scores, loss = probs, F.nll_loss(probs.log(), y, reduction='sum')
+            log_mean = log_sum - math.log(group)  # same order as the mean probabilities
+            scores, loss = log_mean, F.nll_loss(log_mean, y, reduction='sum')
         else:
             scores, loss = logits, F.cross_entropy(logits, y, reduction='sum')
         top5 = scores.topk(min(5, scores.shape[1]), 1).indices
