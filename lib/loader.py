@@ -35,6 +35,7 @@ LOAD, STOP, READY, ERROR, HELLO = 1, 2, 3, 4, 5
 HEADER = struct.Struct('<4sBBBBI')  # magic, version, kind, split, slot, file index
 N_SLOTS = 2
 STARTUP_TIMEOUT = 120.0  # seconds for the loader to import torch and open its files
+MAX_TEXT = 16384         # bytes of an error text on the wire (longer ones are cut)
 
 
 class LoaderError(RuntimeError):
@@ -70,8 +71,10 @@ def decode(frames, batch_size=None, n_slots=N_SLOTS, n_files=None):
         if len(frames) != 1:
             raise ProtocolError(f'message kind {kind} with {len(frames)} frames')
         return kind, split, slot, file, None
-    if len(frames) != 4 or slot >= n_slots or (n_files is not None and file >= n_files[split]):
-        raise ProtocolError(f'bad LOAD message (frames {len(frames)}, slot {slot}, file {file})')
+    if len(frames) != 4 or slot >= n_slots or (n_files is not None and (
+            split >= len(n_files) or file >= n_files[split])):
+        raise ProtocolError(f'bad LOAD message (frames {len(frames)}, split {split}, slot {slot}, '
+                            f'file {file})')
     B = batch_size
     if len(frames[1]) != 8 * B or len(frames[2]) != 8 * B or len(frames[3]) != B:
         raise ProtocolError(f'LOAD arrays are not of batch size {B}')
@@ -109,6 +112,7 @@ def loader_main(job):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(8 * job['batch_size'], HEADER.size))  # LOAD's largest frame
     sock.connect(job['endpoint'])
     sock.send_multipart(encode(HELLO))
     n_files = [len(s) for s in sources]
@@ -124,7 +128,7 @@ def loader_main(job):
                 kind, split, slot, file, step = decode(frames, job['batch_size'], job['n_slots'],
                                                        n_files)
             except ProtocolError as e:
-                sock.send_multipart(encode(ERROR) + [f'rejected control message: {e}'.encode()])
+                sock.send_multipart(encode(ERROR) + [f'rejected control message: {e}'.encode()[:MAX_TEXT]])
                 continue
             if kind == STOP:
                 return
@@ -139,7 +143,7 @@ def loader_main(job):
                     data.crop_mirror(torch.from_numpy(batch), mean, step, job['crop_size'],
                                      out=slots[slot], buffers=buffers)
             except (data.DataError, OSError) as e:
-                sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()])
+                sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()[:MAX_TEXT]])
                 continue
             sock.send_multipart(encode(READY, split, slot, file))
     finally:
@@ -165,6 +169,8 @@ class LoaderProcess:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_TEXT)  # the loader's largest frame: an error text
+        self.sock.setsockopt(zmq.SNDTIMEO, int(1000 * timeout))
         if zmq.has('ipc'):
             endpoint = f'ipc://{self.dir}/ctl'
             self.sock.bind(endpoint)
@@ -222,6 +228,14 @@ class LoaderProcess:
                 raise LoaderError(f'loader process (pid {self.proc.pid}) stalled: no batch for '
                                   f'{self.timeout:g} s (loader_timeout) while preparing {path}')
 
+    def _send(self, frames, split, file):
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:  # SNDTIMEO: the connection is gone (e.g. reset for an oversized frame)
+            raise LoaderError(f'loader process (pid {self.proc.pid}) did not take the request for '
+                              f'{self.sources[split].files[file]} within {self.timeout:g} s '
+                              f'(loader_timeout): its connection was lost') from None
+
     def close(self):
         if getattr(self, 'proc', None) is not None and self.proc.is_alive():
             try:
@@ -264,7 +278,7 @@ class ProcessLoader:
         def request(slot):
             step = next(steps, None)
             if step is not None:
-                p.sock.send_multipart(encode(LOAD, split, slot, step.file, step))
+                p._send(encode(LOAD, split, slot, step.file, step), split, step.file)
                 pending.append((slot, step))
 
         try:

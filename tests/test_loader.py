@@ -148,7 +148,8 @@ def test_malformed_control_messages_are_rejected(tiny):
     import pickle
     for frames in ([b''], [b'garbage'], [pickle.dumps({'cmd': 'rm -rf'})],
                    loader.encode(loader.LOAD, 0, 0, 1)[:1],             # LOAD without arrays
-                   loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0])):  # slot 5
+                   loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0]),   # slot 5
+                   loader.encode(loader.LOAD, 2, 0, 1, plan_for(tiny[1][0])[0])):  # split 2
         with pytest.raises(loader.ProtocolError):
             loader.decode(frames, batch_size=8, n_files=[4, 2])
     keys, sources = tiny
@@ -158,6 +159,10 @@ def test_malformed_control_messages_are_rejected(tiny):
         assert proc.sock.poll(10000)
         kind, *_, text = loader.decode(proc.sock.recv_multipart())
         assert kind == loader.ERROR and text.startswith('rejected control message')
+        proc.sock.send_multipart(loader.encode(loader.LOAD, 2, 0, 0, plan_for(sources[0])[0]))
+        assert proc.sock.poll(10000)  # a split it does not serve: rejected, the loader lives on
+        kind, *_, text = loader.decode(proc.sock.recv_multipart())
+        assert kind == loader.ERROR and 'split 2' in text and proc.proc.is_alive()
         assert len(list(proc.loader(1).epoch(plan_for(sources[1])))) == 2
     finally:
         proc.close()
@@ -205,3 +210,21 @@ def test_ctrl_c_stops_trainer_and_loader(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_oversized_control_frames_never_reach_the_loader(tiny):
+    """zmq.MAXMSGSIZE: a frame larger than a LOAD's largest (8 bytes per image) is dropped by
+    ZeroMQ, which drops the connection: never read into the loader's memory, and the trainer's
+    next request stops within loader_timeout with an error saying so."""
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=3)
+    try:
+        proc.sock.send_multipart([b'x' * (1 << 20)])
+        assert not proc.sock.poll(3000)  # no answer: it was never received (unlike garbage)
+        assert proc.proc.is_alive()
+        t = time.monotonic()
+        with pytest.raises(loader.LoaderError, match='within 3 s .*connection was lost'):
+            list(proc.loader(1).epoch(plan_for(sources[1])))
+        assert time.monotonic() - t < 10
+    finally:
+        proc.close()
