@@ -162,7 +162,7 @@ class Pair(Periodic):
             info['ipc'] = ipc_share(self.flat)
         host = self.cfg['exchange_host'] or '127.0.0.1'
         self.link = link.Link(self.rank, host, self.cfg['sock_gpu'], self.token, self.timeout,
-                              self.cfg['curve_dir'])
+                              self.cfg['curve_dir'], max_frame=self.flat.element_size() * (n - n // 2))
         peer = self.link.handshake(info)
         if peer.get('numel') != n or peer.get('transport') != self.transport:
             raise ExchangeError(f"worker {1 - self.rank} holds {peer.get('numel')} values over "
