@@ -9,7 +9,9 @@ straight into that slot of a ring of shared-memory buffers, and answers READY. T
 slot in place, without a copy through a pipe, and hands it back when it asks for the next batch.
 
 Everything lives in a private (0700) directory, on /dev/shm when there is one: the socket
-(ipc://.../ctl) and one file per slot, mapped by both processes.
+(ipc://.../ctl) and one file per slot, mapped by both processes; the directory is removed as soon
+as the loader has mapped the slots and connected, so processes killed together leave nothing
+behind. /dev/shm's free space is checked first (a 64 MB container default is too small).
 
 Lifecycle: the loader exits when told to, when its parent is gone (checked every second), or on
 Ctrl-C; the trainer waits for each batch at most `timeout` seconds and checks every 0.2 s that the
@@ -98,6 +100,11 @@ def map_slots(folder, spec, n_slots, create):
             for i in range(n_slots)]
 
 
+def shm_free(folder):
+    """Bytes free in the file system of folder (/dev/shm: the shared memory left)."""
+    return shutil.disk_usage(folder).free
+
+
 # --- the loader process -------------------------------------------------------------------------
 def loader_main(job):
     """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
@@ -163,8 +170,15 @@ class LoaderProcess:
         mean = data.load_mean(mean_file, self.image_size)  # checked here: errors name the file
         self.mean = mean.to(self.device) if on_device else None
         shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
-        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
         spec = slot_spec(sources[0].batch_size, self.image_size, crop_size, on_device)
+        need = N_SLOTS * np.dtype(spec[0]).itemsize * int(np.prod(spec[1]))
+        free = shm_free(shm or tempfile.gettempdir())
+        if free < need:  # else the loader dies of SIGBUS (exit code -7) when a slot fills up
+            raise LoaderError(f'para_load needs {need / 2**20:.1f} MiB of shared memory for its '
+                              f'{N_SLOTS} slots, {shm or tempfile.gettempdir()} has '
+                              f'{free / 2**20:.1f} MiB free (enlarge it, e.g. docker --shm-size, '
+                              f'or set para_load=False)')
+        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
         self.slots = map_slots(self.dir, spec, N_SLOTS, create=True)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
@@ -204,6 +218,9 @@ class LoaderProcess:
         if kind != HELLO:
             self.close()
             raise LoaderError(f'loader process (pid {self.proc.pid}) sent kind {kind} first')
+        # both processes have mapped the slots and connected: nothing needs the names any more,
+        # so nothing is left in /dev/shm when both are killed (the memory goes with the mappings)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def loader(self, split):
         return ProcessLoader(self, split)
@@ -246,6 +263,8 @@ class LoaderProcess:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join(5)
+        if getattr(self, 'sock', None) is None:  # stopped before anything was made
+            return
         if not self.sock.closed:
             self.sock.close()
             self.ctx.term()

@@ -182,7 +182,6 @@ def test_loader_exits_when_its_trainer_is_killed(tiny, tmp_path):
     trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
     pid, folder = trainer.stdout.readline().split()
-    assert os.path.isdir(folder)
     trainer.kill()   # SIGKILL: no cleanup code runs in the trainer
     trainer.wait()
     assert gone_within(int(pid), 5), 'the loader outlived its trainer'
@@ -228,3 +227,39 @@ def test_oversized_control_frames_never_reach_the_loader(tiny):
         assert time.monotonic() - t < 10
     finally:
         proc.close()
+
+
+def test_trainer_and_loader_killed_together_leave_nothing_in_dev_shm(tiny):
+    """The slot files are unlinked once both processes mapped them (as the exchange does)."""
+    keys, _ = tiny
+    script = (
+        'import os, sys, time\n'
+        'from lib import data, loader\n'
+        'if __name__ == "__main__":\n'
+        f'    keys = {keys!r}\n'
+        "    src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
+        "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
+        "    p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
+        '    b = next(p.loader(0).epoch(data.make_plan(None, 4, 8, 36, 32, train=False)))\n'
+        '    print(p.proc.pid, p.dir, float(b[0].sum()), flush=True)\n'
+        '    time.sleep(60)\n')
+    trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        pid, folder, _ = trainer.stdout.readline().split()
+        os.kill(int(pid), signal.SIGKILL)  # both at once: no cleanup code runs anywhere
+        trainer.kill()
+        trainer.wait()
+        assert gone_within(int(pid), 5)
+        assert not os.path.exists(folder), os.listdir(folder)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_too_little_shared_memory_is_a_one_line_error(tiny, monkeypatch):
+    keys, sources = tiny
+    monkeypatch.setattr(loader, 'shm_free', lambda folder: 2**20 // 10)
+    # 2 slots of 8 float32 crops of 3 x 32 x 32: 0.1875 MiB
+    with pytest.raises(loader.LoaderError, match=r'needs 0.2 MiB .*, /dev/shm has 0.1 MiB free'):
+        loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu')
