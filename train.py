@@ -39,6 +39,18 @@ def num_classes(cfg, sources):
     return int(max(s.labels.max() for s in sources)) + 1
 
 
+def check_labels(n_classes, sources, where='num_classes'):
+    """DataError naming the labels file when a label is outside 0..n_classes-1 (instead of a
+    device-side assert in the first step)."""
+    for s in sources:
+        if getattr(s, 'labels_file', None) is None or not s.labels.size:
+            continue  # synthetic batches draw their labels below num_classes
+        lo, hi = int(s.labels.min()), int(s.labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise data.DataError(f'{s.labels_file} holds label {hi if hi >= n_classes else lo}, '
+                                 f'outside 0..{n_classes - 1} ({where} {n_classes})')
+
+
 @dataclass
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
@@ -69,6 +81,11 @@ def build_loaders(cfg, device, worker=Worker()):
     """(train, val) loaders (in-process, or served by one loader process) and the class count."""
     train, val = data_sources(cfg, worker)
     size = train.image_size()
+    if val.image_size() != size:  # else the loader's slots do not fit val's batches
+        raise data.DataError(f'{val.files[0]} holds {val.image_size()} px images, the training '
+                             f'batches ({train.files[0]}) {size} px: preprocess both at one size')
+    n_classes = num_classes(cfg, (train, val))
+    check_labels(n_classes, (train, val))
     if cfg['crop_size'] > size:
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}")
@@ -84,7 +101,7 @@ def build_loaders(cfg, device, worker=Worker()):
                 else data.load_mean(cfg['mean_file'], size))
         loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
                    for s in (train, val)]
-    return loaders, num_classes(cfg, (train, val))
+    return loaders, n_classes
 
 
 def run(cfg, worker=Worker()):
