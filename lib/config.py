@@ -47,7 +47,8 @@ CONFIG = {
     'use_nesterov_momentum': (False, 'v = mu^2*v - (1+mu)*lr*g; p = p + v'),
     'momentum': (0.9, 'mu'),
     'weight_decay': (0.0005, 'L2 decay added to the gradient of weights (not biases)'),
-    'precision': ('fp32', 'fp32 | bf16 | fp16: autocast dtype of forward/backward (fp16 adds loss scaling)'),
+    'precision': ('fp32', 'fp32 | bf16 | fp16: autocast dtype of forward/backward (fp16 adds loss '
+                          'scaling) | fp64: float64 throughout (numerical checks; slow)'),
     'channels_last': (False, 'NHWC memory layout for the convolutions (faster on recent GPUs)'),
     'compile': (False, 'torch.compile the network (slow first steps, faster after)'),
     'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
@@ -97,7 +98,7 @@ PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_fo
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
     'lr_policy': ('step', 'auto', 'cosine'),
-    'precision': ('fp32', 'bf16', 'fp16'),
+    'precision': ('fp32', 'bf16', 'fp16', 'fp64'),
     'exchange_transport': ('auto', 'ipc', 'shm', 'tcp'),
     'exchange': ('average', 'gradients'),
 }
