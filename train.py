@@ -112,7 +112,7 @@ def run(cfg, worker=Worker()):
     (train_data, val_data), n_cls = build_loaders(cfg, device, worker)
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
-                          cfg['seed']).to(device)
+                          cfg['seed']).to(device, torch.float64 if cfg['precision'] == 'fp64' else None)
         opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
                                 cfg['weight_decay'], cfg['use_momentum'],
                                 cfg['use_nesterov_momentum'])
