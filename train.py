@@ -51,6 +51,23 @@ def check_labels(n_classes, sources, where='num_classes'):
                                  f'outside 0..{n_classes - 1} ({where} {n_classes})')
 
 
+def check_snapshot(cfg, state, net):
+    """ConfigError (one line) when a snapshot was trained with another network or batch size
+    than this run's config asks for."""
+    path = checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
+    saved = state.get('config', {})
+    for key in ('model', 'crop_size', 'batch_size'):
+        if key in saved and saved[key] != cfg[key]:
+            raise config.ConfigError(f'{path} was trained with {key} {saved[key]!r}, this run '
+                                     f'has {key} {cfg[key]!r}')
+    for name, p in net.state_dict().items():
+        have = state['model'].get(name)
+        if have is None or have.shape != p.shape:
+            raise config.ConfigError(f'{path} holds {name} of shape '
+                                     f'{None if have is None else tuple(have.shape)}, this run '
+                                     f'{tuple(p.shape)} (num_classes or model differ)')
+
+
 @dataclass
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
@@ -120,7 +137,9 @@ def run(cfg, worker=Worker()):
         loop.on_epoch_end = plot.write_quietly  # training.png, when matplotlib is installed
         start = 0
         if cfg['resume_train']:
-            start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
+            state = checkpoint.load(cfg['weights_dir'], cfg['load_epoch'])
+            check_snapshot(cfg, state, net)
+            start = loop.restore(state)
             loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
                      f'(epoch {start}, lr {opt.lr:g})')
         exchanger.attach(opt.params, opt.momentum, device)  # after channels_last and resume
@@ -168,11 +187,22 @@ def torchrun_worker(cfg):
     store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=timeout))
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
                             store=dist.PrefixStore(f'alexnet/attempt{restarts}', store))
-    latest = checkpoint.latest_epoch(cfg['weights_dir'])
-    if restarts and latest:
-        cfg.update(resume_train=True, load_epoch=latest)
-        if rank == 0:
-            print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
+    if restarts:  # rank 0 decides the epoch for everyone (nodes may hold different snapshots)
+        latest = torch.tensor([checkpoint.latest_epoch(cfg['weights_dir']) if rank == 0 else 0],
+                              device=gpu)
+        dist.broadcast(latest, 0)
+        latest = int(latest.item())
+        if latest:
+            cfg.update(resume_train=True, load_epoch=latest)
+            path = checkpoint.snapshot_path(cfg['weights_dir'], latest)
+            have = torch.tensor([int(os.path.exists(path))], device=gpu)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank stops if one cannot resume
+            if not have.item():
+                raise config.ConfigError(
+                    f"rank 0 resumes from epoch {latest} but {'this rank has' if not os.path.exists(path) else 'another rank has'} "
+                    f"no {path} (a restart needs weights_dir shared by every node)")
+            if rank == 0:
+                print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
                   rows=(rank * B // world, (rank + 1) * B // world), gpu=gpu,
                   port=cfg['sock_data'] + local)

@@ -133,3 +133,46 @@ def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
                        cwd=tmp_path)
     assert r.returncode != 0
     assert 'error: batch_size 6 does not split over 4 torchrun ranks' in r.stderr
+
+
+def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
+    """Two 'nodes' with their own weights_dir (ranks started by hand, as torchrun's restart 1):
+    rank 0 holds snapshots 1 and 2, rank 1 only 1. Rank 0 decides (epoch 2); rank 1 cannot
+    resume from it, so both stop with one line instead of averaging different epochs."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=8, size=36)
+    base = dict(keys, **dict(COMMON, n_epochs=2), gpu='cpu', peer_timeout=30.0)
+    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+                           [('test', dict(base, weights_dir=str(tmp_path / 'w0')), None)]))
+    os.makedirs(tmp_path / 'w1')
+    os.link(tmp_path / 'w0' / 'model_1.pt', tmp_path / 'w1' / 'model_1.pt')
+    port = free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT='1',
+                   OMP_NUM_THREADS='1')
+        values = dict(base, n_epochs=3, weights_dir=str(tmp_path / f'w{rank}'))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + args(values),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=tmp_path, env=env))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert outs[1][1].strip().splitlines() == [
+        f"rank 1: error: rank 0 resumes from epoch 2 but this rank has no "
+        f"{tmp_path / 'w1' / 'model_2.pt'} (a restart needs weights_dir shared by every node)"]
+    assert 'rank 0: error: rank 0 resumes from epoch 2 but another rank has no' in outs[0][1]
+    assert not os.path.exists(tmp_path / 'w0' / 'model_3.pt')
+
+
+def test_resuming_a_snapshot_of_another_network_is_a_one_line_error(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=8, size=36)
+    cfg = config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+        keys, **dict(COMMON, n_epochs=1), gpu='cpu', weights_dir=str(tmp_path / 'w')), None)])
+    train.run(cfg)
+    more = dict(cfg, n_epochs=2, resume_train=True, load_epoch=1)
+    with pytest.raises(config.ConfigError, match=r'model_1.pt holds classifier.weight of shape '
+                                                 r'\(3, 1024\), this run \(5, 1024\)'):
+        train.run(dict(more, num_classes=5))
+    with pytest.raises(config.ConfigError, match=r'model_1.pt was trained with crop_size 32, '
+                                                 r'this run has crop_size 28'):
+        train.run(dict(more, crop_size=28))
