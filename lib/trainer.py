@@ -152,7 +152,7 @@ class Trainer:
                 opt.step()
             else:
                 (loss * self.scaler.scale).backward()
-                self.scaler.step(opt)
+                self.scaler.step(opt, self.exchanger.average if self.exchanger.size > 1 else None)
             t = time.perf_counter()
             self.exchanger.after_step()
             exch += time.perf_counter() - t
