@@ -39,6 +39,35 @@ def num_classes(cfg, sources):
     return int(max(s.labels.max() for s in sources)) + 1
 
 
+def check_labels(n_classes, sources, where='num_classes'):
+    """DataError naming the labels file when a label is outside 0..n_classes-1 (instead of a
+    device-side assert in the first step)."""
+    for s in sources:
+        if getattr(s, 'labels_file', None) is None or not s.labels.size:
+            continue  # synthetic batches draw their labels below num_classes
+        lo, hi = int(s.labels.min()), int(s.labels.max())
+        if lo < 0 or hi >= n_classes:
+            raise data.DataError(f'{s.labels_file} holds label {hi if hi >= n_classes else lo}, '
+                                 f'outside 0..{n_classes - 1} ({where} {n_classes})')
+
+
+def check_snapshot(cfg, state, net):
+    """ConfigError (one line) when a snapshot was trained with another network or batch size
+    than this run's config asks for."""
+    path = checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
+    saved = state.get('config', {})
+    for key in ('model', 'crop_size', 'batch_size'):
+        if key in saved and saved[key] != cfg[key]:
+            raise config.ConfigError(f'{path} was trained with {key} {saved[key]!r}, this run '
+                                     f'has {key} {cfg[key]!r}')
+    for name, p in net.state_dict().items():
+        have = state['model'].get(name)
+        if have is None or have.shape != p.shape:
+            raise config.ConfigError(f'{path} holds {name} of shape '
+                                     f'{None if have is None else tuple(have.shape)}, this run '
+                                     f'{tuple(p.shape)} (num_classes or model differ)')
+
+
 @dataclass
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
@@ -75,6 +104,11 @@ def build_loaders(cfg, device, worker=Worker()):
     """(train, val) loaders (in-process, or served by one loader process) and the class count."""
     train, val = data_sources(cfg, worker)
     size = train.image_size()
+    if val.image_size() != size:  # else the loader's slots do not fit val's batches
+        raise data.DataError(f'{val.files[0]} holds {val.image_size()} px images, the training '
+                             f'batches ({train.files[0]}) {size} px: preprocess both at one size')
+    n_classes = num_classes(cfg, (train, val))
+    check_labels(n_classes, (train, val))
     if cfg['crop_size'] > size:
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}")
@@ -90,7 +124,7 @@ def build_loaders(cfg, device, worker=Worker()):
                 else data.load_mean(cfg['mean_file'], size))
         loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
                    for s in (train, val)]
-    return loaders, num_classes(cfg, (train, val))
+    return loaders, n_classes
 
 
 def run(cfg, worker=Worker()):
@@ -101,7 +135,7 @@ def run(cfg, worker=Worker()):
     (train_data, val_data), n_cls = build_loaders(cfg, device, worker)
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
-                          cfg['seed']).to(device)
+                          cfg['seed']).to(device, torch.float64 if cfg['precision'] == 'fp64' else None)
         opt = optim.MomentumSGD(net.named_parameters(), cfg['learning_rate'], cfg['momentum'],
                                 cfg['weight_decay'], cfg['use_momentum'],
                                 cfg['use_nesterov_momentum'])
@@ -109,7 +143,9 @@ def run(cfg, worker=Worker()):
         loop.on_epoch_end = plot.write_quietly  # training.png, when matplotlib is installed
         start = 0
         if cfg['resume_train']:
-            start = loop.restore(checkpoint.load(cfg['weights_dir'], cfg['load_epoch']))
+            state = checkpoint.load(cfg['weights_dir'], cfg['load_epoch'])
+            check_snapshot(cfg, state, net)
+            start = loop.restore(state)
             loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
                      f'(epoch {start}, lr {opt.lr:g})')
         exchanger.attach(opt.params, opt.momentum, device)  # after channels_last and resume
@@ -157,11 +193,22 @@ def torchrun_worker(cfg):
     store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=timeout))
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
                             store=dist.PrefixStore(f'alexnet/attempt{restarts}', store))
-    latest = checkpoint.latest_epoch(cfg['weights_dir'])
-    if restarts and latest:
-        cfg.update(resume_train=True, load_epoch=latest)
-        if rank == 0:
-            print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
+    if restarts:  # rank 0 decides the epoch for everyone (nodes may hold different snapshots)
+        latest = torch.tensor([checkpoint.latest_epoch(cfg['weights_dir']) if rank == 0 else 0],
+                              device=gpu)
+        dist.broadcast(latest, 0)
+        latest = int(latest.item())
+        if latest:
+            cfg.update(resume_train=True, load_epoch=latest)
+            path = checkpoint.snapshot_path(cfg['weights_dir'], latest)
+            have = torch.tensor([int(os.path.exists(path))], device=gpu)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank stops if one cannot resume
+            if not have.item():
+                raise config.ConfigError(
+                    f"rank 0 resumes from epoch {latest} but {'this rank has' if not os.path.exists(path) else 'another rank has'} "
+                    f"no {path} (a restart needs weights_dir shared by every node)")
+            if rank == 0:
+                print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
                   rows=(rank * B // world, (rank + 1) * B // world), gpu=gpu,
                   port=cfg['sock_data'] + local)

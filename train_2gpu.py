@@ -176,8 +176,6 @@ def main(argv=None):
         cfg = config.command_line(__doc__, argv, SCHEMA, spec='spec_2gpu.yaml')
         if cfg['lib_conv']:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
-        if cfg['exchange_freq'] < 1:
-            raise config.ConfigError(f"exchange_freq must be at least 1, got {cfg['exchange_freq']}")
         if rank is None:
             if cfg['exchange_host']:
                 raise config.ConfigError('exchange_host is for two hosts: start each worker with '

@@ -35,6 +35,7 @@ def validate(cfg):
             else data.load_mean(cfg['mean_file'], size))
     loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
     n_classes = list(state['model'].values())[-1].shape[0]  # the last layer's bias
+    train.check_labels(n_classes, [val], where=f'{path} has classes')
     net = model.build(cfg['model'], n_classes, cfg['dropout'], cfg['crop_size'], cfg['seed'])
     net.load_state_dict(state['model'])
     net.to(device).eval()

@@ -8,7 +8,8 @@ model_<epoch>.pt is one torch.save dict, loadable with torch.load(weights_only=T
     val_record  float64 tensor (epoch, 2): [top-1 error, loss] per epoch
     history     [{history.csv row}] per epoch, so a resumed run rewrites the same records
     config      the merged config (plain values)
-    rng         {'data': crop/shuffle generator state, 'torch': CPU RNG (dropout), 'cuda': ...}
+    rng         {'data': crop/mirror generator state, 'order': file-order (shuffle) generator
+                state, 'torch': CPU RNG (dropout), 'cuda': ...}
 """
 import csv
 import os
@@ -55,15 +56,19 @@ def load(weights_dir, epoch):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def rng_state(gen, device):
+def rng_state(gen, device, order_gen=None):
     state = {'data': gen.get_state(), 'torch': torch.get_rng_state()}
+    if order_gen is not None:
+        state['order'] = order_gen.get_state()
     if device.type == 'cuda':
         state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state, gen, device):
+def set_rng_state(state, gen, device, order_gen=None):
     gen.set_state(state['data'])
+    if order_gen is not None and 'order' in state:
+        order_gen.set_state(state['order'])
     torch.set_rng_state(state['torch'])
     if device.type == 'cuda' and 'cuda' in state:
         torch.cuda.set_rng_state(state['cuda'], device)

@@ -47,7 +47,8 @@ CONFIG = {
     'use_nesterov_momentum': (False, 'v = mu^2*v - (1+mu)*lr*g; p = p + v'),
     'momentum': (0.9, 'mu'),
     'weight_decay': (0.0005, 'L2 decay added to the gradient of weights (not biases)'),
-    'precision': ('fp32', 'fp32 | bf16 | fp16: autocast dtype of forward/backward (fp16 adds loss scaling)'),
+    'precision': ('fp32', 'fp32 | bf16 | fp16: autocast dtype of forward/backward (fp16 adds loss '
+                          'scaling) | fp64: float64 throughout (numerical checks; slow)'),
     'channels_last': (False, 'NHWC memory layout for the convolutions (faster on recent GPUs)'),
     'compile': (False, 'torch.compile the network (slow first steps, faster after)'),
     'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
@@ -98,9 +99,36 @@ PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_fo
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
     'lr_policy': ('step', 'auto', 'cosine'),
-    'precision': ('fp32', 'bf16', 'fp16'),
+    'precision': ('fp32', 'bf16', 'fp16', 'fp64'),
     'exchange_transport': ('auto', 'ipc', 'shm', 'tcp'),
     'exchange': ('average', 'gradients'),
+}
+
+# key: (test, what it must be). Checked for every entry point once the sources are merged.
+RANGES = {
+    'n_epochs': (lambda v: v >= 0, 'at least 0'),
+    'load_epoch': (lambda v: v >= 0, 'at least 0'),
+    'learning_rate': (lambda v: v > 0, 'above 0'),
+    'lr_adapt_threshold': (lambda v: v >= 0, 'at least 0'),
+    'lr_step': (lambda v: all(e >= 1 for e in v), 'a list of epochs, each at least 1'),
+    'warmup_epochs': (lambda v: v >= 0, 'at least 0'),
+    'label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'loader_timeout': (lambda v: v > 0, 'above 0'),
+    'crop_size': (lambda v: v >= 1, 'at least 1'),
+    'synthetic_batches': (lambda v: v >= 1, 'at least 1'),
+    'num_classes': (lambda v: v >= 0, 'at least 0 (0: from the dataset)'),
+    'dropout': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'momentum': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'weight_decay': (lambda v: v >= 0, 'at least 0'),
+    'exchange_freq': (lambda v: v >= 1, 'at least 1'),
+    'peer_timeout': (lambda v: v > 0, 'above 0'),
+    'snapshot_freq': (lambda v: v >= 1, 'at least 1'),
+    'print_freq': (lambda v: v >= 1, 'at least 1'),
+    'batch_size': (lambda v: v >= 1, 'at least 1'),
+    'sock_data': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
+    'sock_data0': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
+    'sock_data1': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
+    'sock_gpu': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
 }
 
 
@@ -190,7 +218,15 @@ def merge(schema, sources):
     for key in PATH_KEYS:  # defaults are relative to the repo root
         if cfg.get(key) and not os.path.isabs(cfg[key]):
             cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, cfg[key]))
+    check_ranges(cfg)
     return cfg
+
+
+def check_ranges(cfg):
+    """ConfigError naming the first key whose value is out of its range (RANGES)."""
+    for key, (ok, what) in RANGES.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ConfigError(f'{key} must be {what}, got {cfg[key]!r}')
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -167,12 +167,14 @@ class Step:
 
 
 def make_plan(gen, n_files, batch_size, image_size, crop_size, *, train, rand_crop=True,
-              batch_crop_mirror=False, shuffle=False):
+              batch_crop_mirror=False, shuffle=False, order_gen=None):
     """The steps of one epoch, as the original draws them: with margin = (S - crop) // 2
     (14 for 256 -> 227), random offsets are round(u * 2 * margin), in [0, 28], and mirror is
     u >= 0.5, u ~ U[0, 1) from `gen`. Validation, and training with rand_crop False, use the
-    centre crop (offset margin) and no mirror, drawing nothing."""
-    order = torch.randperm(n_files, generator=gen).tolist() if train and shuffle else range(n_files)
+    centre crop (offset margin) and no mirror, drawing nothing. The shuffled file order comes
+    from `order_gen` when given (seeded alike in every worker: one order for all of them)."""
+    order = (torch.randperm(n_files, generator=order_gen or gen).tolist() if train and shuffle
+             else range(n_files))
     margin = (image_size - crop_size) // 2
     steps = []
     for i in order:

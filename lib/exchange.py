@@ -15,7 +15,7 @@ asks how many workers there are.
     close(reason=None)   with a reason: this worker stops on an error, tell the others
 
 Pair is the original's 2-GPU exchange (reference §1.3), made exact and fast: parameters and
-momentum live in ONE flat float32 buffer per worker, [params | momentum], the module's tensors
+momentum live in ONE flat float32 (fp64: float64) buffer per worker, [params | momentum], the module's tensors
 being views into it; an exchange averages it with the peer's. Each worker averages its own half
 of the buffer, (mine + peer) / 2, and writes the result into both buffers, so the two workers end
 bitwise identical and each reads and writes half the bytes:
@@ -67,8 +67,9 @@ def flatten(params, momentum, alloc):
     replaced) into one flat buffer [params | momentum] made by alloc(numel); returns it.
     Each view keeps its tensor's strides, so channels_last weights stay channels_last."""
     dtypes = {p.dtype for p in params} | {p.device for p in params}
-    if len(dtypes) != 2 or params[0].dtype != torch.float32:
-        raise ExchangeError(f'the exchange needs float32 parameters on one device, got {dtypes}')
+    if len(dtypes) != 2 or params[0].dtype not in (torch.float32, torch.float64):
+        raise ExchangeError(f'the exchange needs float32 (or float64) parameters on one device, '
+                            f'got {dtypes}')
     n = sum(p.numel() for p in params)
     flat = alloc(2 * n)
     offset = 0
@@ -106,7 +107,8 @@ def ipc_share(t):
     dev, handle, size, offset, ref, ref_offset, event, event_sync = t.untyped_storage()._share_cuda_()
     return {'device': dev, 'handle': handle.hex(), 'size': size, 'offset': offset,
             'ref': ref.hex(), 'ref_offset': ref_offset, 'event': event.hex() if event else None,
-            'event_sync': bool(event_sync), 'storage_offset': t.storage_offset(), 'numel': t.numel()}
+            'event_sync': bool(event_sync), 'storage_offset': t.storage_offset(), 'numel': t.numel(),
+            'dtype': str(t.dtype).removeprefix('torch.')}
 
 
 def ipc_open(info):
@@ -115,7 +117,8 @@ def ipc_open(info):
     storage = torch.UntypedStorage._new_shared_cuda(
         info['device'], bytes.fromhex(info['handle']), info['size'], info['offset'],
         bytes.fromhex(info['ref']), info['ref_offset'], event, info['event_sync'])
-    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, info['dtype']),
+                                       _internal=True)
     return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
 
 
@@ -151,37 +154,40 @@ class Pair(Periodic):
         self.device = device
         own_file = os.path.join(self.shm_dir, f'state{self.rank}') if self.transport == 'shm' else None
         n = 2 * sum(p.numel() for p in params)
+        dtype = params[0].dtype  # float32; float64 with precision fp64
         if own_file:
             alloc = lambda numel: torch.from_file(own_file, shared=True, size=numel,  # noqa: E731
-                                                  dtype=torch.float32)
+                                                  dtype=dtype)
         else:
-            alloc = lambda numel: torch.empty(numel, dtype=torch.float32, device=device)  # noqa: E731
+            alloc = lambda numel: torch.empty(numel, dtype=dtype, device=device)  # noqa: E731
         self.flat = flatten(params, momentum, alloc)
-        info = {'rank': self.rank, 'numel': n, 'transport': self.transport}
+        info = {'rank': self.rank, 'numel': n, 'transport': self.transport, 'dtype': str(dtype)}
         if self.transport == 'ipc':
             info['ipc'] = ipc_share(self.flat)
         host = self.cfg['exchange_host'] or '127.0.0.1'
         self.link = link.Link(self.rank, host, self.cfg['sock_gpu'], self.token, self.timeout,
-                              self.cfg['curve_dir'])
+                              self.cfg['curve_dir'], max_frame=self.flat.element_size() * (n - n // 2))
         peer = self.link.handshake(info)
-        if peer.get('numel') != n or peer.get('transport') != self.transport:
-            raise ExchangeError(f"worker {1 - self.rank} holds {peer.get('numel')} values over "
-                                f"{peer.get('transport')}, this worker {n} over {self.transport}: "
+        if (peer.get('numel'), peer.get('transport'), peer.get('dtype')) != (n, self.transport,
+                                                                            str(dtype)):
+            raise ExchangeError(f"worker {1 - self.rank} holds {peer.get('numel')} "
+                                f"{peer.get('dtype')} values over {peer.get('transport')}, this "
+                                f"worker {n} {dtype} over {self.transport}: "
                                 f"the two workers must run the same model and config")
         half = n // 2  # worker 0 averages [0, half), worker 1 [half, n)
         self.own = (0, half) if self.rank == 0 else (half, n)
         self.other = (half, n) if self.rank == 0 else (0, half)
         if self.transport == 'shm':
             peer_file = os.path.join(self.shm_dir, f'state{1 - self.rank}')
-            self.peer_flat = torch.from_file(peer_file, shared=True, size=n, dtype=torch.float32)
+            self.peer_flat = torch.from_file(peer_file, shared=True, size=n, dtype=dtype)
         elif self.transport == 'ipc':
             self.peer_flat = ipc_open(peer['ipc'])
             if self.peer_flat.device != self.flat.device:  # two GPUs: a peer-to-peer copy first
-                self.scratch = torch.empty(self.own[1] - self.own[0], device=device)
+                self.scratch = torch.empty(self.own[1] - self.own[0], dtype=dtype, device=device)
         else:
             self.host = (self.flat if device.type == 'cpu'
-                         else torch.empty(n, pin_memory=torch.cuda.is_available()))
-            self.scratch = torch.empty(self.own[1] - self.own[0])
+                         else torch.empty(n, dtype=dtype, pin_memory=torch.cuda.is_available()))
+            self.scratch = torch.empty(self.own[1] - self.own[0], dtype=dtype)
         self.exchange()  # start from bitwise identical weights, whatever happened before
         if own_file:     # both buffers are mapped now: nothing is left on /dev/shm if we are killed
             os.unlink(own_file)
@@ -294,7 +300,7 @@ class Distributed(Periodic):
     def attach(self, params, momentum, device):
         if self.mode == 'average':
             self.flat = flatten(params, momentum,
-                                lambda n: torch.empty(n, dtype=torch.float32, device=device))
+                                lambda n: torch.empty(n, dtype=params[0].dtype, device=device))
             self.exchange()  # identical start, whatever happened before
         else:  # DDP broadcast rank 0's parameters; the momentum (zeros, or resumed) follows it
             for m in momentum:

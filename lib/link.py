@@ -6,11 +6,14 @@ worker 1 connects a DEALER to it. Every message is a 16-byte header
     magic b'ALXW', version, kind, 2 pad bytes, sequence number (u64)
 
 followed by raw frames (bytes of a buffer, UTF-8 text, or a JSON object for the hello). The
-hello carries a 32-byte secret that the launcher gave both workers: until a client has proved
-it, nothing it sends is read past the header, and after the handshake worker 0 drops every
+handshake is a mutual challenge-response on a 32-byte secret that the launcher gave both workers
+(HMAC-SHA256 over both sides' nonces and the sender's role; the secret never travels): worker 1
+trusts nothing from a server that cannot prove it (a process that bound the port first), and
+worker 0 reads nothing from a client past its proof. After the handshake worker 0 drops every
 message that does not come from worker 1's connection (with a warning), so a stray or hostile
-client can neither hijack the link nor make a worker act on anything. Between hosts, CURVE
-encryption and key authentication can be switched on (curve_dir).
+client can neither hijack the link nor make a worker act on anything. ZeroMQ drops any frame
+larger than the largest legitimate one (max_frame: half the exchange buffer). Between hosts,
+CURVE encryption and key authentication can be switched on (curve_dir).
 
 Failures: every receive waits at most `timeout` seconds; ZeroMQ heartbeats run on the link (a
 peer whose process is frozen or whose host vanished is disconnected after a few seconds); a
@@ -18,6 +21,7 @@ disconnection of the peer's connection, or its BYE (sent when it stops with an e
 PeerError at once, naming the peer and the training step it happened at (`step`, set by the
 exchanger; the message's sequence number where none is set).
 """
+import hashlib
 import hmac
 import json
 import os
@@ -35,6 +39,7 @@ KIND_NAMES = {HELLO: 'hello', ARRIVE: 'arrive', DONE: 'done', DATA: 'data', METR
 HEADER = struct.Struct('<4sBBxxQ')
 TOKEN_BYTES = 32
 HEARTBEAT_MS = 1000
+MIN_FRAME = 1 << 16  # frame size cap when there is no exchange data (hello, bye, metrics)
 
 
 class ExchangeError(RuntimeError):
@@ -78,7 +83,7 @@ def curve_keys(curve_dir, rank):
 class Link:
     """One end of the two-worker link. rank 0 binds, rank 1 connects."""
 
-    def __init__(self, rank, host, port, token, timeout, curve_dir=''):
+    def __init__(self, rank, host, port, token, timeout, curve_dir='', max_frame=None):
         if len(token) != TOKEN_BYTES:
             raise ExchangeError('the exchange secret must be 32 bytes')
         self.rank, self.peer, self.token, self.timeout = rank, 1 - rank, token, timeout
@@ -90,6 +95,9 @@ class Link:
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * min(max(timeout, 3.0), 10.0)))
         self.sock.setsockopt(zmq.HEARTBEAT_TTL, int(1000 * min(max(timeout, 3.0), 10.0)))
+        # the largest frame a worker sends: a DATA half, or a hello / bye / metric (< 64 KiB);
+        # the slack covers CURVE's per-message overhead, which counts towards the cap
+        self.sock.setsockopt(zmq.MAXMSGSIZE, (max_frame or 0) + MIN_FRAME)
         if curve_dir:
             self._curve(curve_dir)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -199,40 +207,106 @@ class Link:
             return []
 
     # --- handshake --------------------------------------------------------------------------
+    def _mac(self, role, *parts):
+        return hmac.new(self.token, role + b''.join(parts), hashlib.sha256).digest()
+
     def handshake(self, info):
-        """Exchange `info` (a JSON-able dict) with the peer after both proved the secret;
-        returns the peer's info. Clients that fail the proof are rejected and waited past."""
-        mine = [header(HELLO, 0), self.token, json.dumps(info).encode()]
+        """Exchange `info` (a JSON-able dict) with the peer once both proved the secret; returns
+        the peer's info. Mutual challenge-response, the secret never on the wire:
+
+            1 -> 0   HELLO 0: nonce1
+            0 -> 1   HELLO 1: nonce0, HMAC(token, 'worker0' nonce1 nonce0)
+            1 -> 0   HELLO 2: HMAC(token, 'worker1' nonce0 nonce1 info1), info1
+            0 -> 1   HELLO 3: HMAC(token, 'worker0-info' nonce1 nonce0 info0), info0
+
+        Worker 1 checks worker 0's proof before it sends anything about itself, and stops with
+        an error if the server cannot prove the secret (a process that bound the port first);
+        worker 0 rejects clients that fail and waits past them."""
+        mine = json.dumps(info).encode()
         deadline = time.monotonic() + self.timeout
-        if self.rank == 1:
-            self.sock.send_multipart(mine)
-        while True:
+        return (self._handshake_server if self.rank == 0 else self._handshake_client)(mine, deadline)
+
+    def _hello_parts(self, deadline):
+        try:
+            self._poll(deadline, 0, 'hello')
+        except PeerError:
+            raise PeerError(f'worker {self.peer} did not connect to {self.address} within '
+                            f'{self.timeout:g} s (peer_timeout)') from None
+        parts = self.sock.recv_multipart(copy=False)
+        ident = parts.pop(0) if self.rank == 0 else None
+        stage = None
+        try:
+            kind, stage = parse_header(parts[0].bytes if parts else b'')
+            if kind != HELLO:
+                raise ValueError(f'{KIND_NAMES[kind]} before the handshake')
+        except ValueError as e:
+            return ident, None, parts, e
+        return ident, stage, parts, None
+
+    @staticmethod
+    def _info(frame):
+        peer_info = json.loads(frame.decode())
+        if not isinstance(peer_info, dict):
+            raise ValueError('hello is not a JSON object')
+        return peer_info
+
+    def _handshake_client(self, mine, deadline):
+        nonce1 = os.urandom(TOKEN_BYTES)
+        self.sock.send_multipart([header(HELLO, 0), nonce1])
+        stage_frames = {1: 3, 3: 3}
+        for want in (1, 3):
+            _, stage, parts, error = self._hello_parts(deadline)
             try:
-                self._poll(deadline, 0, 'hello')
-            except PeerError:
-                raise PeerError(f'worker {self.peer} did not connect to {self.address} within '
-                                f'{self.timeout:g} s (peer_timeout)') from None
-            parts = self.sock.recv_multipart(copy=False)
-            ident = parts.pop(0) if self.rank == 0 else None
-            try:
-                kind, _ = parse_header(parts[0].bytes if parts else b'')
-                if kind != HELLO or len(parts) != 3:
-                    raise ValueError('not a hello')
-                if not hmac.compare_digest(parts[1].bytes, self.token):
-                    raise ValueError('wrong secret')
-                peer_info = json.loads(parts[2].bytes.decode())
-                if not isinstance(peer_info, dict):
-                    raise ValueError('hello is not a JSON object')
+                if error:
+                    raise error
+                if stage != want or len(parts) != stage_frames[want]:
+                    raise ValueError(f'unexpected hello {stage} of {len(parts)} frames')
+                if want == 1:
+                    nonce0 = parts[1].bytes
+                    if len(nonce0) != TOKEN_BYTES or not hmac.compare_digest(
+                            parts[2].bytes, self._mac(b'worker0', nonce1, nonce0)):
+                        raise ValueError('it cannot prove the exchange secret')
+                    self.sock.send_multipart([header(HELLO, 2),
+                                              self._mac(b'worker1', nonce0, nonce1, mine), mine])
+                else:
+                    if not hmac.compare_digest(parts[1].bytes, self._mac(
+                            b'worker0-info', nonce1, nonce0, parts[2].bytes)):
+                        raise ValueError('its hello is not signed with the exchange secret')
+                    peer_info = self._info(parts[2].bytes)
             except (ValueError, UnicodeDecodeError) as e:
-                if self.rank == 1:
-                    raise ExchangeError(f'the exchange server at {self.address} is not worker 0: {e}')
+                raise ExchangeError(f'the exchange server at {self.address} is not worker 0: {e} '
+                                    f'(another process bound the port first?)') from None
+        self.peer_id = b'worker0'
+        return peer_info
+
+    def _handshake_server(self, mine, deadline):
+        pending = {}  # client identity -> (nonce1, nonce0) of the challenges answered
+        while True:
+            ident, stage, parts, error = self._hello_parts(deadline)
+            who = ident.bytes
+            try:
+                if error:
+                    raise error
+                if stage == 0 and len(parts) == 2 and len(parts[1].bytes) == TOKEN_BYTES:
+                    nonce1, nonce0 = parts[1].bytes, os.urandom(TOKEN_BYTES)
+                    if len(pending) >= 64:  # a flood of clients: forget the oldest
+                        pending.pop(next(iter(pending)))
+                    pending[who] = nonce1, nonce0
+                    self.sock.send_multipart([who, header(HELLO, 1), nonce0,
+                                              self._mac(b'worker0', nonce1, nonce0)])
+                    continue
+                if stage != 2 or len(parts) != 3 or who not in pending:
+                    raise ValueError(f'unexpected hello {stage} of {len(parts)} frames')
+                nonce1, nonce0 = pending.pop(who)
+                if not hmac.compare_digest(parts[1].bytes, self._mac(
+                        b'worker1', nonce0, nonce1, parts[2].bytes)):
+                    raise ValueError('wrong secret')
+                peer_info = self._info(parts[2].bytes)
+            except (ValueError, UnicodeDecodeError) as e:
                 self._reject('a client', e)
                 continue
-            if self.rank == 0:
-                self.peer_id, self.peer_fd = ident.bytes, parts[0].get(zmq.SRCFD)
-                self.send(HELLO, 0, *mine[1:])
-            else:
-                self.peer_id = b'worker0'
+            self.peer_id, self.peer_fd = who, parts[0].get(zmq.SRCFD)
+            self.send(HELLO, 3, self._mac(b'worker0-info', nonce1, nonce0, mine), mine)
             return peer_info
 
     def close(self, reason=None):

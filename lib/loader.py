@@ -9,7 +9,9 @@ straight into that slot of a ring of shared-memory buffers, and answers READY. T
 slot in place, without a copy through a pipe, and hands it back when it asks for the next batch.
 
 Everything lives in a private (0700) directory, on /dev/shm when there is one: the socket
-(ipc://.../ctl) and one file per slot, mapped by both processes.
+(ipc://.../ctl) and one file per slot, mapped by both processes; the directory is removed as soon
+as the loader has mapped the slots and connected, so processes killed together leave nothing
+behind. /dev/shm's free space is checked first (a 64 MB container default is too small).
 
 Lifecycle: the loader exits when told to, when its parent is gone (checked every second), or on
 Ctrl-C; the trainer waits for each batch at most `timeout` seconds and checks every 0.2 s that the
@@ -35,6 +37,7 @@ LOAD, STOP, READY, ERROR, HELLO = 1, 2, 3, 4, 5
 HEADER = struct.Struct('<4sBBBBI')  # magic, version, kind, split, slot, file index
 N_SLOTS = 2
 STARTUP_TIMEOUT = 120.0  # seconds for the loader to import torch and open its files
+MAX_TEXT = 16384         # bytes of an error text on the wire (longer ones are cut)
 
 
 class LoaderError(RuntimeError):
@@ -70,8 +73,10 @@ def decode(frames, batch_size=None, n_slots=N_SLOTS, n_files=None):
         if len(frames) != 1:
             raise ProtocolError(f'message kind {kind} with {len(frames)} frames')
         return kind, split, slot, file, None
-    if len(frames) != 4 or slot >= n_slots or (n_files is not None and file >= n_files[split]):
-        raise ProtocolError(f'bad LOAD message (frames {len(frames)}, slot {slot}, file {file})')
+    if len(frames) != 4 or slot >= n_slots or (n_files is not None and (
+            split >= len(n_files) or file >= n_files[split])):
+        raise ProtocolError(f'bad LOAD message (frames {len(frames)}, split {split}, slot {slot}, '
+                            f'file {file})')
     B = batch_size
     if len(frames[1]) != 8 * B or len(frames[2]) != 8 * B or len(frames[3]) != B:
         raise ProtocolError(f'LOAD arrays are not of batch size {B}')
@@ -95,6 +100,11 @@ def map_slots(folder, spec, n_slots, create):
             for i in range(n_slots)]
 
 
+def shm_free(folder):
+    """Bytes free in the file system of folder (/dev/shm: the shared memory left)."""
+    return shutil.disk_usage(folder).free
+
+
 # --- the loader process -------------------------------------------------------------------------
 def loader_main(job):
     """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
@@ -109,6 +119,7 @@ def loader_main(job):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max(8 * job['batch_size'], HEADER.size))  # LOAD's largest frame
     sock.connect(job['endpoint'])
     sock.send_multipart(encode(HELLO))
     n_files = [len(s) for s in sources]
@@ -124,7 +135,7 @@ def loader_main(job):
                 kind, split, slot, file, step = decode(frames, job['batch_size'], job['n_slots'],
                                                        n_files)
             except ProtocolError as e:
-                sock.send_multipart(encode(ERROR) + [f'rejected control message: {e}'.encode()])
+                sock.send_multipart(encode(ERROR) + [f'rejected control message: {e}'.encode()[:MAX_TEXT]])
                 continue
             if kind == STOP:
                 return
@@ -139,7 +150,7 @@ def loader_main(job):
                     data.crop_mirror(torch.from_numpy(batch), mean, step, job['crop_size'],
                                      out=slots[slot], buffers=buffers)
             except (data.DataError, OSError) as e:
-                sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()])
+                sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()[:MAX_TEXT]])
                 continue
             sock.send_multipart(encode(READY, split, slot, file))
     finally:
@@ -159,12 +170,21 @@ class LoaderProcess:
         mean = data.load_mean(mean_file, self.image_size)  # checked here: errors name the file
         self.mean = mean.to(self.device) if on_device else None
         shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
-        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
         spec = slot_spec(sources[0].batch_size, self.image_size, crop_size, on_device)
+        need = N_SLOTS * np.dtype(spec[0]).itemsize * int(np.prod(spec[1]))
+        free = shm_free(shm or tempfile.gettempdir())
+        if free < need:  # else the loader dies of SIGBUS (exit code -7) when a slot fills up
+            raise LoaderError(f'para_load needs {need / 2**20:.1f} MiB of shared memory for its '
+                              f'{N_SLOTS} slots, {shm or tempfile.gettempdir()} has '
+                              f'{free / 2**20:.1f} MiB free (enlarge it, e.g. docker --shm-size, '
+                              f'or set para_load=False)')
+        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
         self.slots = map_slots(self.dir, spec, N_SLOTS, create=True)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_TEXT)  # the loader's largest frame: an error text
+        self.sock.setsockopt(zmq.SNDTIMEO, int(1000 * timeout))
         if zmq.has('ipc'):
             endpoint = f'ipc://{self.dir}/ctl'
             self.sock.bind(endpoint)
@@ -198,6 +218,9 @@ class LoaderProcess:
         if kind != HELLO:
             self.close()
             raise LoaderError(f'loader process (pid {self.proc.pid}) sent kind {kind} first')
+        # both processes have mapped the slots and connected: nothing needs the names any more,
+        # so nothing is left in /dev/shm when both are killed (the memory goes with the mappings)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def loader(self, split):
         return ProcessLoader(self, split)
@@ -222,6 +245,14 @@ class LoaderProcess:
                 raise LoaderError(f'loader process (pid {self.proc.pid}) stalled: no batch for '
                                   f'{self.timeout:g} s (loader_timeout) while preparing {path}')
 
+    def _send(self, frames, split, file):
+        try:
+            self.sock.send_multipart(frames)
+        except zmq.Again:  # SNDTIMEO: the connection is gone (e.g. reset for an oversized frame)
+            raise LoaderError(f'loader process (pid {self.proc.pid}) did not take the request for '
+                              f'{self.sources[split].files[file]} within {self.timeout:g} s '
+                              f'(loader_timeout): its connection was lost') from None
+
     def close(self):
         if getattr(self, 'proc', None) is not None and self.proc.is_alive():
             try:
@@ -232,6 +263,8 @@ class LoaderProcess:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join(5)
+        if getattr(self, 'sock', None) is None:  # stopped before anything was made
+            return
         if not self.sock.closed:
             self.sock.close()
             self.ctx.term()
@@ -264,7 +297,7 @@ class ProcessLoader:
         def request(slot):
             step = next(steps, None)
             if step is not None:
-                p.sock.send_multipart(encode(LOAD, split, slot, step.file, step))
+                p._send(encode(LOAD, split, slot, step.file, step), split, step.file)
                 pending.append((slot, step))
 
         try:

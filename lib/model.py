@@ -48,10 +48,18 @@ class _LRN(torch.autograd.Function):
 
 
 def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):
-    """F.local_response_norm's formula (alpha divided by size) for 4-D inputs, faster."""
-    if x.dim() != 4:
-        return F.local_response_norm(x, size, alpha, beta, k)
-    return _LRN.apply(x, size, alpha, beta, k)
+    """F.local_response_norm's formula (alpha divided by size) for 4-D inputs, faster.
+
+    Always computed in float32 (forward and the hand-written backward): under fp16 autocast the
+    window sum of x^2 overflows past 65,504 (5 channels of 115 do) and zeroes the output.
+    The result is cast back to the input's dtype (the gradient too, by autograd)."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    t = x.float() if low else x
+    if t.dim() != 4:
+        y = F.local_response_norm(t, size, alpha, beta, k)
+    else:
+        y = _LRN.apply(t, size, alpha, beta, k)
+    return y.to(x.dtype) if low else y
 
 
 class LRN(nn.LocalResponseNorm):

@@ -80,11 +80,17 @@ class LossScaler:
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
         self.growth, self.backoff, self.interval = growth, backoff, interval
 
-    def step(self, opt):
-        """Unscale the gradients and step unless they overflowed; True if the step was taken."""
+    def step(self, opt, average=None):
+        """Unscale the gradients and step unless they overflowed; True if the step was taken.
+
+        average: the exchanger's mean over workers (lib/exchange.py). With several workers the
+        decision is everyone's: all skip when any overflowed (else an averaged step would be half
+        a step, and the loss scales would drift apart), so the scales stay identical."""
         self.found_inf.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(
             [p.grad for p in opt.params], self.found_inf, self.scale.reciprocal())
+        if average is not None:
+            self.found_inf.copy_((average(self.found_inf) > 0).float())
         took = not bool(self.found_inf.item())  # a host sync, for fp16 only: skip the bad step
         if took:
             opt.step()

@@ -5,6 +5,7 @@ the exchanger (lib/exchange.py). Per epoch: train over the plan drawn from the t
 generator, validate with the centre crop, adapt the learning rate, write val_record.npy /
 history.csv, and every snapshot_freq epochs a snapshot that resumes bit for bit.
 """
+import math
 import sys
 import time
 
@@ -34,6 +35,7 @@ def resolve_device(name, key='gpu'):
 
 
 WORKER_SEED_STRIDE = 7919  # worker r draws crops and dropout from seed + r * this
+ORDER_SEED = 104729        # every worker draws the file order from seed + this: one order
 
 
 class Trainer:
@@ -42,7 +44,9 @@ class Trainer:
         self.train_data, self.val_data = loaders
         self.exchanger = exchanger
         precision = cfg['precision']
-        self.autocast = dict(device_type=device.type, enabled=precision != 'fp32',
+        # fp64: parameters, inputs and the loss in float64 (the model is built in float64)
+        self.dtype = torch.float64 if precision == 'fp64' else torch.float32
+        self.autocast = dict(device_type=device.type, enabled=precision in ('bf16', 'fp16'),
                              dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
         self.scaler = optim.LossScaler(device) if precision == 'fp16' else None
         self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
@@ -52,10 +56,11 @@ class Trainer:
         # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
         net = exchanger.wrap(model)
         self.forward = torch.compile(net) if cfg['compile'] else net
-        # crop / mirror / shuffle draws; other workers draw their own, and their own dropout
-        # (the initial weights, drawn before, are the same everywhere)
+        # crop / mirror draws; other workers draw their own, and their own dropout (the initial
+        # weights, drawn before, and the file order are the same everywhere)
         seed = cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank
         self.gen = torch.Generator().manual_seed(seed)
+        self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED)  # same everywhere
         if exchanger.rank:
             torch.manual_seed(seed)
         self.history = []  # one dict per finished epoch (the history.csv rows)
@@ -70,13 +75,14 @@ class Trainer:
                 'val_record': torch.tensor([[h['val_error'], h['val_loss']] for h in self.history],
                                            dtype=torch.float64).reshape(-1, 2),
                 'history': self.history, 'config': self.cfg,
-                'rng': checkpoint.rng_state(self.gen, self.device)}
+                'rng': checkpoint.rng_state(self.gen, self.device, self.order_gen)}
 
     def restore(self, state):
         self.model.load_state_dict(state['model'])
         self.opt.load_state_dict(state)
-        checkpoint.set_rng_state(state['rng'], self.gen, self.device)
+        checkpoint.set_rng_state(state['rng'], self.gen, self.device, self.order_gen)
         if self.exchanger.rank:  # the snapshot holds worker 0's streams: this worker draws its own
+            # (crops, dropout; the file order is everyone's)
             seed = self.cfg['seed'] + WORKER_SEED_STRIDE * self.exchanger.rank + int(state['epoch'])
             self.gen.manual_seed(seed)
             torch.manual_seed(seed)
@@ -119,7 +125,8 @@ class Trainer:
         images = B * self.exchanger.size  # per step, all workers together
         plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
                               train=True, rand_crop=cfg['rand_crop'],
-                              batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'])
+                              batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'],
+                              order_gen=self.order_gen)
         model.train()
         total = torch.zeros(2, device=self.device)     # sums of [loss, error] over the epoch
         window = torch.zeros(2, device=self.device)    # ... since the last log line
@@ -137,20 +144,20 @@ class Trainer:
             if it == 1:
                 first_lr = opt.lr * opt.lr_scale
             with torch.autocast(**self.autocast):
-                logits = self.forward(x.contiguous(memory_format=self.memory_format))
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg['label_smoothing'])
+                logits = self.forward(x.to(self.dtype).contiguous(memory_format=self.memory_format))
+                loss = F.cross_entropy(logits.to(self.dtype), y, label_smoothing=cfg['label_smoothing'])
             opt.zero_grad()
             if self.scaler is None:
                 loss.backward()
                 opt.step()
             else:
                 (loss * self.scaler.scale).backward()
-                self.scaler.step(opt)
+                self.scaler.step(opt, self.exchanger.average if self.exchanger.size > 1 else None)
             t = time.perf_counter()
             self.exchanger.after_step()
             exch += time.perf_counter() - t
             with torch.no_grad():
-                stats = torch.stack([loss.detach(), (logits.argmax(1) != y).float().mean()])
+                stats = torch.stack([loss.detach().float(), (logits.argmax(1) != y).float().mean()])
                 total += stats
                 window += stats
             bar.update()
@@ -180,7 +187,7 @@ class Trainer:
 
     def predict(self, x):
         with torch.autocast(**self.autocast):
-            return self.forward(x.contiguous(memory_format=self.memory_format)).float()
+            return self.forward(x.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
 
     def log(self, text, bar=None):
         if not self.exchanger.is_main:
@@ -195,17 +202,19 @@ class Trainer:
 def evaluate(predict, loader, plan, group, average=lambda t: t):
     """[top-1 error, top-5 error, loss] over a plan whose steps come in groups of `group` views of
     one batch file (1: the centre crop; 10: corners and centre, each mirrored). The views'
-    softmax outputs are averaged; with one view the loss is the plain cross-entropy, exactly
-    what training's validation computes."""
-    sums, probs = None, None
+    softmax outputs are averaged, in log space: log mean p = logsumexp(log_softmax) - log(group),
+    finite where a probability underflows; with one view the loss is the plain cross-entropy,
+    exactly what training's validation computes."""
+    sums, log_sum = None, None
     for i, (x, y) in enumerate(loader.epoch(plan)):
         logits = predict(x)                                           # (B, classes) float32
         if group > 1:
-            p = logits.softmax(1) / group
-            probs = p if i % group == 0 else probs + p
+            logp = logits.log_softmax(1)
+            log_sum = logp if i % group == 0 else torch.logaddexp(log_sum, logp)
             if i % group != group - 1:
                 continue
-            scores, loss = probs, F.nll_loss(probs.log(), y, reduction='sum')
+            log_mean = log_sum - math.log(group)  # same order as the mean probabilities
+            scores, loss = log_mean, F.nll_loss(log_mean, y, reduction='sum')
         else:
             scores, loss = logits, F.cross_entropy(logits, y, reduction='sum')
         top5 = scores.topk(min(5, scores.shape[1]), 1).indices

@@ -93,3 +93,30 @@ def test_train_py_reports_unknown_key_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown config key 'n_epoch' in command-line overrides; did you mean 'n_epochs'?"]
+
+
+@pytest.mark.parametrize('override,msg', [
+    ('snapshot_freq=0', 'snapshot_freq must be at least 1, got 0'),
+    ('print_freq=0', 'print_freq must be at least 1, got 0'),
+    ('exchange_freq=0', 'exchange_freq must be at least 1, got 0'),
+    ('batch_size=0', 'batch_size must be at least 1, got 0'),
+    ('n_epochs=-1', 'n_epochs must be at least 0, got -1'),
+    ('learning_rate=0', 'learning_rate must be above 0, got 0.0'),
+    ('momentum=1', 'momentum must be in [0, 1), got 1.0'),
+    ('dropout=1.0', 'dropout must be in [0, 1), got 1.0'),
+    ('crop_size=0', 'crop_size must be at least 1, got 0'),
+    ('weight_decay=-1e-4', 'weight_decay must be at least 0, got -0.0001'),
+    ('sock_data=70000', 'sock_data must be a port in 1..65535, got 70000'),
+])
+def test_values_out_of_range_are_named_at_start_up(tmp_path, override, msg):
+    g = write(tmp_path / 'g.yaml', '')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(g, g, [override], SCHEMA)
+    assert str(e.value) == msg
+
+
+def test_out_of_range_value_is_a_one_line_error_before_training(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), 'snapshot_freq=0'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ['error: snapshot_freq must be at least 1, got 0']

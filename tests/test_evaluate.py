@@ -11,7 +11,7 @@ import torch
 import plot
 import train
 import validate_performance
-from lib import config, data, optim
+from lib import config, data, optim, trainer
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,3 +101,23 @@ def test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss(t
     assert [h['lr'] for h in plain] == [0.003, 0.003]
     assert smooth[0]['lr'] == 0.0 and smooth[1]['lr'] == pytest.approx(0.003)  # warm-up, then 1.0
     assert smooth[0]['train_loss'] != plain[0]['train_loss']
+
+
+def test_ten_crop_loss_is_finite_when_a_probability_underflows():
+    """The ten views' probabilities are averaged in log space (log-sum-exp): a true class whose
+    float32 softmax underflows to 0 in every view gives its true loss, not inf."""
+    class Views:  # one batch file of 2 images; predict() gives the logits of each view
+        batch_size = 2
+
+        def epoch(self, plan):
+            for _ in plan:
+                yield torch.zeros(2, 1), torch.tensor([1, 0])
+
+    logits = [torch.tensor([[0.0, -200.0 - v, 5.0], [3.0, 0.0, -1.0]]) for v in range(10)]
+    it = iter(logits)
+    plan = [None] * 10
+    top1, top5, loss = trainer.evaluate(lambda x: next(it), Views(), plan, 10)
+    logp = torch.stack([t.double().log_softmax(1) for t in logits])     # (views, B, classes)
+    want = -(torch.logsumexp(logp, 0) - math.log(10))[[0, 1], [1, 0]].mean().item()
+    assert math.isfinite(loss) and loss == pytest.approx(want, rel=1e-6)  # about 102.2
+    assert top1 == 0.5                                                    # image 0 is wrong

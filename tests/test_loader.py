@@ -148,7 +148,8 @@ def test_malformed_control_messages_are_rejected(tiny):
     import pickle
     for frames in ([b''], [b'garbage'], [pickle.dumps({'cmd': 'rm -rf'})],
                    loader.encode(loader.LOAD, 0, 0, 1)[:1],             # LOAD without arrays
-                   loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0])):  # slot 5
+                   loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0]),   # slot 5
+                   loader.encode(loader.LOAD, 2, 0, 1, plan_for(tiny[1][0])[0])):  # split 2
         with pytest.raises(loader.ProtocolError):
             loader.decode(frames, batch_size=8, n_files=[4, 2])
     keys, sources = tiny
@@ -158,6 +159,10 @@ def test_malformed_control_messages_are_rejected(tiny):
         assert proc.sock.poll(10000)
         kind, *_, text = loader.decode(proc.sock.recv_multipart())
         assert kind == loader.ERROR and text.startswith('rejected control message')
+        proc.sock.send_multipart(loader.encode(loader.LOAD, 2, 0, 0, plan_for(sources[0])[0]))
+        assert proc.sock.poll(10000)  # a split it does not serve: rejected, the loader lives on
+        kind, *_, text = loader.decode(proc.sock.recv_multipart())
+        assert kind == loader.ERROR and 'split 2' in text and proc.proc.is_alive()
         assert len(list(proc.loader(1).epoch(plan_for(sources[1])))) == 2
     finally:
         proc.close()
@@ -177,7 +182,6 @@ def test_loader_exits_when_its_trainer_is_killed(tiny, tmp_path):
     trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
     pid, folder = trainer.stdout.readline().split()
-    assert os.path.isdir(folder)
     trainer.kill()   # SIGKILL: no cleanup code runs in the trainer
     trainer.wait()
     assert gone_within(int(pid), 5), 'the loader outlived its trainer'
@@ -205,3 +209,57 @@ def test_ctrl_c_stops_trainer_and_loader(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_oversized_control_frames_never_reach_the_loader(tiny):
+    """zmq.MAXMSGSIZE: a frame larger than a LOAD's largest (8 bytes per image) is dropped by
+    ZeroMQ, which drops the connection: never read into the loader's memory, and the trainer's
+    next request stops within loader_timeout with an error saying so."""
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=3)
+    try:
+        proc.sock.send_multipart([b'x' * (1 << 20)])
+        assert not proc.sock.poll(3000)  # no answer: it was never received (unlike garbage)
+        assert proc.proc.is_alive()
+        t = time.monotonic()
+        with pytest.raises(loader.LoaderError, match='within 3 s .*connection was lost'):
+            list(proc.loader(1).epoch(plan_for(sources[1])))
+        assert time.monotonic() - t < 10
+    finally:
+        proc.close()
+
+
+def test_trainer_and_loader_killed_together_leave_nothing_in_dev_shm(tiny):
+    """The slot files are unlinked once both processes mapped them (as the exchange does)."""
+    keys, _ = tiny
+    script = (
+        'import os, sys, time\n'
+        'from lib import data, loader\n'
+        'if __name__ == "__main__":\n'
+        f'    keys = {keys!r}\n'
+        "    src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
+        "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
+        "    p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
+        '    b = next(p.loader(0).epoch(data.make_plan(None, 4, 8, 36, 32, train=False)))\n'
+        '    print(p.proc.pid, p.dir, float(b[0].sum()), flush=True)\n'
+        '    time.sleep(60)\n')
+    trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        pid, folder, _ = trainer.stdout.readline().split()
+        os.kill(int(pid), signal.SIGKILL)  # both at once: no cleanup code runs anywhere
+        trainer.kill()
+        trainer.wait()
+        assert gone_within(int(pid), 5)
+        assert not os.path.exists(folder), os.listdir(folder)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+
+
+def test_too_little_shared_memory_is_a_one_line_error(tiny, monkeypatch):
+    keys, sources = tiny
+    monkeypatch.setattr(loader, 'shm_free', lambda folder: 2**20 // 10)
+    # 2 slots of 8 float32 crops of 3 x 32 x 32: 0.1875 MiB
+    with pytest.raises(loader.LoaderError, match=r'needs 0.2 MiB .*, /dev/shm has 0.1 MiB free'):
+        loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu')

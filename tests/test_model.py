@@ -100,3 +100,32 @@ def test_alexnet_cifar_is_the_18pct_net():
     assert net.classifier.in_features == 64 * 4 * 4
     assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     assert model.build('alexnet_cifar', 10, 0.0, 24, seed=1)(torch.zeros(1, 3, 24, 24)).shape == (1, 10)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_lrn_runs_in_float32_under_autocast(dtype):
+    """AlexNet's conv1/conv2 outputs on 0-255 pixels reach ~130: 8 channels of 130 sum to
+    5 x 130^2 = 84,500 in a window, past float16's 65,504. The LRN must upcast: values and
+    gradients as in float32, to the low precision's own rounding."""
+    torch.manual_seed(0)
+    x32 = (130 + torch.randn(2, 8, 5, 5)).to(dtype).float().requires_grad_()  # representable
+    g = torch.randn(2, 8, 5, 5).to(dtype).float()
+    ref = model.CrossChannelLRN()(x32)
+    g_ref, = torch.autograd.grad(ref, x32, g)
+    x = x32.detach().to(dtype).requires_grad_()
+    with torch.autocast('cpu', dtype=dtype):
+        y = model.CrossChannelLRN()(x)
+    assert y.dtype == dtype                       # the activations stay in the autocast dtype
+    g_x, = torch.autograd.grad(y, x, g.to(dtype))
+    assert y[:, 1:-1].abs().min() > 20            # not zeroed by an overflow
+    assert g_x.dtype == dtype and torch.isfinite(g_x).all()
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert torch.allclose(y.float(), ref, rtol=tol, atol=0)
+    assert torch.allclose(g_x.float(), g_ref, rtol=8 * tol, atol=8 * tol * g_ref.abs().max().item())
+    # through a conv under autocast, as in the network: its output is in the autocast dtype
+    conv = torch.nn.Conv2d(3, 8, 1, bias=False)
+    torch.nn.init.constant_(conv.weight, 1.0)
+    img = torch.full((1, 3, 4, 4), 130 / 3)
+    with torch.autocast('cpu', dtype=dtype):
+        out = model.CrossChannelLRN()(conv(img))
+    assert torch.allclose(out.float(), model.CrossChannelLRN()(conv(img)), rtol=tol)

@@ -52,3 +52,46 @@ def test_compiled_network_trains_and_snapshots_plain_keys(tmp_path):
     # fused kernels round differently: close, not equal
     assert [h['train_loss'] for h in a] == pytest.approx([h['train_loss'] for h in b], rel=1e-2)
     assert b[-1]['train_loss'] < b[0]['train_loss']
+
+
+def test_fp16_overflow_decision_is_shared_by_the_workers():
+    """Two real Pair exchangers (tcp link, in threads): worker 1 alone overflows; both skip the
+    step, both back off, and their scales stay equal; then both step."""
+    import threading
+    from lib import exchange
+    from tests.test_train_2gpu import free_port
+    cfg = dict(exchange_freq=1, peer_timeout=20.0, exchange_host='', sock_gpu=free_port(),
+               curve_dir='')
+    token, results = bytes(32), {}
+
+    def worker(rank):
+        w = torch.nn.Parameter(torch.ones(2, 2))
+        opt = optim.MomentumSGD([('w', w)], lr=0.1, weight_decay=0.0)
+        pair = exchange.Pair(rank, cfg, token, 'tcp')
+        scaler = optim.LossScaler('cpu', init=8.0, interval=100)
+        try:
+            pair.attach(opt.params, opt.momentum, torch.device('cpu'))
+            took = []
+            for bad in (True, False):
+                g = torch.full((2, 2), 8.0)
+                if bad and rank == 1:
+                    g[0, 0] = float('inf')
+                opt.params[0].grad = g
+                took.append(scaler.step(opt, pair.average))
+                pair.after_step()
+            results[rank] = took, scaler.scale.item(), opt.params[0].detach().clone()
+        except Exception as e:  # noqa: BLE001
+            results[rank] = e
+        finally:
+            pair.close()
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+    (took0, scale0, w0), (took1, scale1, w1) = results[0], results[1]
+    assert took0 == took1 == [False, True]     # worker 0 skipped too: one decision
+    assert scale0 == scale1 == 4.0             # backed off once, alike
+    assert torch.equal(w0, w1)
+    assert torch.allclose(w0, torch.full((2, 2), 1 - 0.1 * 8.0 / 4.0))

@@ -108,3 +108,17 @@ def test_bad_device_and_crop_are_one_line_errors(tmp_path):
                            cwd=tmp_path, timeout=120)
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_labels_beyond_num_classes_and_val_of_another_size_are_named_at_start_up(tmp_path):
+    from lib import data
+    from tests.helpers import write_hkl
+    cfg = tiny_config(str(tmp_path), n_epochs=1, num_classes=2)  # the labels go up to 2
+    with pytest.raises(data.DataError, match=r'train_labels.npy holds label 2, outside 0..1 '
+                                             r'\(num_classes 2\)'):
+        train.run(cfg)
+    write_hkl(os.path.join(cfg['val_folder'], '0000.hkl'), np.zeros((3, 40, 40, 8), np.uint8))
+    with pytest.raises(data.DataError, match=r'0000.hkl holds 40 px images, the training batches '
+                                             r'\(.*0000.hkl\) 36 px'):
+        train.run(dict(cfg, num_classes=0))
+    assert not os.path.exists(os.path.join(cfg['weights_dir'], 'config.yaml'))
