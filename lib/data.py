@@ -37,6 +37,30 @@ def read_hkl(path):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
+def read_hkl_into(path, out, rows=None, file_batch=None):
+    """Read a batch file's uint8 c01b array straight into `out` (a writable uint8 numpy array of
+    its shape, e.g. a loader's shared-memory slot): HDF5 copies the bytes from the file into `out`
+    with no intermediate array (3x the rate of read_hkl + a copy, benchmarks/host_feed.py).
+    rows=(lo, hi): only images lo..hi-1 of a file of `file_batch` images. A file of another shape
+    or type is a DataError naming it, and `out` is then left untouched."""
+    try:
+        with h5py.File(path, 'r') as f:
+            found = []
+            f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                         and obj.ndim == 4 else None)
+            if len(found) != 1:
+                raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
+            ds = found[0]
+            lo, hi = rows if rows is not None else (0, out.shape[3])
+            want = file_batch if rows is not None else out.shape[3]
+            if ds.dtype != np.uint8 or ds.shape != out.shape[:3] + (want,) or hi - lo != out.shape[3]:
+                raise DataError(f'{path}: expected uint8 {out.shape[:3] + (want,)}, '
+                                f'got {ds.dtype} {ds.shape}')
+            ds.read_direct(out, None if rows is None else np.s_[:, :, :, lo:hi])
+    except OSError as e:
+        raise DataError(f'{path}: cannot read batch file ({e})') from None
+
+
 def batch_files(folder, part=None):
     """Sorted NNNN.hkl files (or NNNN_<part>.hkl) of a folder, checked to be numbered 0..n-1."""
     pattern = re.compile(r'^(\d{4,})\.hkl$' if part is None else rf'^(\d{{4,}})_{part}\.hkl$')
@@ -93,6 +117,14 @@ class BatchFolder:
         if self.rows is not None:
             x = np.ascontiguousarray(x[..., self.rows[0]:self.rows[1]])
         return x
+
+    def read_into(self, i, out):
+        """File i (its rows) read straight into `out`, a uint8 (3, S, S, batch_size) array: the
+        bytes of read(i), without the intermediate array (the loader process's raw slots)."""
+        if out.shape[3] != self.batch_size:
+            raise DataError(f'{self.files[i]}: a buffer of {out.shape[3]} images for batches of '
+                            f'{self.batch_size}')
+        read_hkl_into(self.files[i], out, self.rows, self.file_batch)
 
     def image_size(self):
         return self.read(0).shape[1]
