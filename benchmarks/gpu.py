@@ -21,7 +21,9 @@ keeps what it measured), and OUT_DIR/cuda_tests.log:
    c. the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, lib/exchange.Pair, two
       processes on the one GPU) against a device-to-device copy of the same bytes, and as % of a
       step of (a)'s best configuration;
-   d. alexnet_cifar on CIFAR-size (32 px) input, for scale.
+   d. alexnet_cifar on CIFAR-size (32 px) input, for scale;
+   and a profile (torch.profiler) of the best eager batch-256 configuration: the operators with
+   the most device time, to say what bounds the step.
    Rows past --budget-s are skipped and marked so. --cpu-smoke: tiny batches, compile with the
    'eager' backend (traced, not code-generated), exchange over shm with alexnet_cifar.
 """
@@ -291,6 +293,54 @@ def best_row(part, batch):
     return max(done, key=lambda r: r['img/s']) if done else None
 
 
+def profile_table(torch, sizes, device, row, top=12):
+    """Where a step of `row`'s configuration (eager) spends its time: torch.profiler, the
+    operators with the most self device time (CPU time on the CPU) over a few steps."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+    from lib import model, optim
+    fmt = torch.channels_last if row['layout'] == 'channels_last' else torch.contiguous_format
+    net = model.build('alexnet', 1000, 0.5, 227, 1).to(device, memory_format=fmt)
+    opt = optim.MomentumSGD(net.named_parameters(), 0.01)
+    x = (torch.randn(row['batch'], 3, 227, 227, device=device) * 50).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (row['batch'],), device=device)
+    dtype = torch.bfloat16 if row['precision'] == 'bf16' else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=row['precision'] != 'fp32'):
+            loss = F.cross_entropy(net(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for _ in range(sizes['warmup']):
+        step()
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n = max(1, sizes['steps'] // 4)
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+
+    def own(e):  # the attribute's name changed over torch versions
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
+    events = [e for e in prof.key_averages() if own(e) > 0]
+    total = sum(own(e) for e in events) or 1
+    rows = [{'operator': e.key[:80], 'ms per step': own(e) / 1000 / n,
+             '% of the step': 100 * own(e) / total, 'calls per step': e.count / n}
+            for e in sorted(events, key=own, reverse=True)[:top]]
+    what = 'device (kernel)' if cuda else 'CPU'
+    return {'title': f'Profile: AlexNet batch {row["batch"]} {row["precision"]} {row["layout"]} '
+                     f'eager, self {what} time per operator',
+            'columns': ['operator', 'ms per step', '% of the step', 'calls per step'], 'rows': rows,
+            'notes': [f'torch.profiler over {n} steps after {sizes["warmup"]} warm-up; the top {top} '
+                      f'of {len(events)} operators by self {what} time ({total / 1000 / n:.1f} ms '
+                      'per step in all).']}
+
+
 # --- 3b. end to end from hkl files -----------------------------------------------------------------
 def write_dataset(root, n_train, n_val, batch, size, classes, seed=0):
     """Synthetic batch files as preprocessing writes them (4 distinct ones, repeated), labels, a
@@ -328,6 +378,8 @@ def run_train(values, timeout):
 
 def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
     e = sizes['e2e']
+    # --cpu-smoke: train.py's compile is inductor's code generation, minutes on a CPU: eager
+    compiled = best['mode'] == 'compile' and not args.cpu_smoke
     work = tempfile.mkdtemp(prefix='bench-gpu-e2e-', dir=args.work_dir)
     rows, notes = [], []
     try:
@@ -338,7 +390,7 @@ def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
                      f'{e["epochs"]} epochs, figures of the last (page cache warm)')
         common = dict(keys, model=e['model'], crop_size=e['crop'], gpu=str(device),
                       precision=best['precision'], channels_last=best['layout'] == 'channels_last',
-                      compile=best['mode'] == 'compile', n_epochs=e['epochs'], lr_step=[],
+                      compile=compiled, n_epochs=e['epochs'], lr_step=[],
                       print_freq=max(1, e['files'] // 4), snapshot_freq=1000, use_data_layer=True,
                       learning_rate=0.001)
         for label, para in (('loader process (para_load), use_data_layer', True),
@@ -361,7 +413,8 @@ def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     title = (f'End to end from hkl files: train.py, {e["model"]} {e["crop"]}, batch {e["batch"]}, '
-             f'{best["precision"]} {best["layout"]} {best["mode"]} (the best row of the step table)')
+             f'{best["precision"]} {best["layout"]} {"compile" if compiled else "eager"} (the best '
+             f'row of the step table)')
     if synthetic_img_s:
         notes.append(f'`x synthetic`: img/s over the same configuration on synthetic input in the '
                      f'step table ({synthetic_img_s:.0f} img/s).')
@@ -399,7 +452,7 @@ FULL = {'alexnet_batches': (256, 128), 'alexnet_cifar_batches': (256, 128), 'ste
         'exchange': dict(net='alexnet', repeats=10)}
 SMOKE = {'alexnet_batches': (2,), 'alexnet_cifar_batches': (4,), 'steps': 1, 'warmup': 1,
          'backend': 'eager',
-         'e2e': dict(model='alexnet_cifar', crop=32, size=36, batch=8, files=4, epochs=2, classes=10),
+         'e2e': dict(model='alexnet_cifar', crop=32, size=36, batch=8, files=4, epochs=1, classes=10),
          'exchange': dict(net='alexnet_cifar', repeats=2)}
 
 
@@ -462,6 +515,13 @@ def main(argv=None):
             report.add({'title': 'Exchange', 'error': f'{type(e).__name__}: {e}'})
     else:
         report.add({'title': 'Exchange', 'error': 'skipped (time budget)'})
+    eager = max((r for r in steps['rows'] if r['batch'] == big and r['mode'] == 'eager'
+                 and isinstance(r.get('img/s'), float)), key=lambda r: r['img/s'])
+    say('profile ...')
+    try:
+        report.add(profile_table(torch, sizes, device, eager))
+    except Exception as e:  # noqa: BLE001
+        report.add({'title': 'Profile', 'error': f'{type(e).__name__}: {e}'})
     say('end to end from hkl files ...')
     same_model = sizes['e2e']['model'] == 'alexnet'  # --cpu-smoke: alexnet_cifar, no ratio
     report.add(e2e_table(args, sizes, budget, device, best, best['img/s'] if same_model else None))

@@ -42,7 +42,7 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     report = json.loads((out / 'gpu_report.json').read_text())
     assert report['meta']['mode'] == 'cpu-smoke' and report['meta']['torch'] == torch.__version__
     parts = {p['title'].split(' ')[0]: p for p in report['parts']}
-    assert list(parts) == ['CUDA', 'AlexNet', 'Exchange', 'End', 'alexnet_cifar']
+    assert list(parts) == ['CUDA', 'AlexNet', 'Exchange', 'Profile:', 'End', 'alexnet_cifar']
     assert not [p for p in report['parts'] if p.get('error')]
     tests = parts['CUDA']
     assert tests['exit code'] == 0 and len(tests['rows']) >= 8
@@ -61,6 +61,9 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     assert all(0 <= row['data wait % of step'] < 100 for row in e2e)
     exchange = parts['Exchange']['rows']
     assert exchange[1]['what'].startswith('shm exchange') and exchange[1]['ms'] > 0
+    profile = parts['Profile:']['rows']
+    assert profile and all(row['ms per step'] > 0 for row in profile)
+    assert any('conv' in row['operator'] for row in profile)
     md = (out / 'gpu_report.md').read_text()
     assert '| batch | precision | layout | mode | forward ms |' in md and 'device: cpu' in md
     assert 'SKIPPED' in (out / 'cuda_tests.log').read_text()
