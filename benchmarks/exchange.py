@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import secrets
 import shutil
@@ -85,7 +86,15 @@ def time_exchange(transport, device, repeats, net='alexnet'):
     try:
         for p in procs:
             p.start()
-        results = [out.get(timeout=600) for _ in procs]
+        results, deadline = [], time.monotonic() + 600
+        while len(results) < len(procs):  # a worker that dies is an error now, not in 600 s
+            try:
+                results.append(out.get(timeout=2))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f'exchange worker failed (exit codes '
+                                       f'{[p.exitcode for p in procs]}) or gave no result in 600 s')
         for p in procs:
             p.join(60)
     finally:

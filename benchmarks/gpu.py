@@ -12,20 +12,21 @@ keeps what it measured), and OUT_DIR/cuda_tests.log:
 2. correctness: the CUDA-marked tests (tests/test_cuda.py: CUDA IPC exchange, page-locked loader
    slots, data layer, bf16 / fp16, compile, validate_performance.py and serve.py on the GPU,
    torchrun NCCL with 2 GPUs). Without CUDA (--cpu-smoke) they must all skip.
-3. speed, one table per part, ratios against rows of the same run:
-   a. AlexNet 227 on synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last x
-      eager / compile: forward, backward, update and step ms (CUDA events), img/s;
-   b. the best batch-256 configuration of (a) end to end: train.py from hkl batch files on local
-      disk (written here, 256 px) through the loader process with use_data_layer, against
-      in-process loading: img/s and data wait as % of the step;
-   c. the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, lib/exchange.Pair, two
+3. speed, one table per part, ratios against rows of the same run, in this order:
+   a. AlexNet 227 on synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last,
+      eager: forward, backward, update and step ms (CUDA events), img/s;
+   b. the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, lib/exchange.Pair, two
       processes on the one GPU) against a device-to-device copy of the same bytes, and as % of a
-      step of (a)'s best configuration;
-   d. alexnet_cifar on CIFAR-size (32 px) input, for scale;
-   and a profile (torch.profiler) of the best eager batch-256 configuration: the operators with
-   the most device time, to say what bounds the step.
-   Rows past --budget-s are skipped and marked so. --cpu-smoke: tiny batches, compile with the
-   'eager' backend (traced, not code-generated), exchange over shm with alexnet_cifar.
+      step of (a)'s best configurations;
+   c. a profile (torch.profiler) of (a)'s best batch-256 configuration: the operators with the
+      most device time, to say what bounds the step;
+   d. that configuration end to end: train.py from hkl batch files on local disk (written here,
+      256 px) through the loader process with use_data_layer, against in-process loading: img/s
+      and data wait as % of the step;
+   e. alexnet_cifar on CIFAR-size (32 px) input, for scale;
+   f. last, as compiling costs about a minute a row: (a) at batch 256 with torch.compile.
+   Rows that would start past --budget-s are marked skipped. --cpu-smoke: tiny batches, compile
+   with the 'eager' backend (traced, not code-generated), exchange over shm with alexnet_cifar.
 """
 import argparse
 import datetime
@@ -250,41 +251,47 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     return fwd, bwd, upd, step
 
 
-def step_table(torch, args, sizes, budget, device, name, size, classes, title, compile_rows):
+def configs(batches, compiled, keep=lambda precision, layout: True):
+    return [(b, p, l, compiled) for b in batches for p in ('fp32', 'bf16')
+            for l in ('nchw', 'channels_last') if keep(p, l)]
+
+
+def step_table(torch, args, sizes, budget, device, name, size, classes, title, runs, eager=None):
+    """One row per (batch, precision, layout, compiled) of `runs`. `x fp32 NCHW eager`: against
+    the fp32 NCHW eager row of the same batch, in this table or in `eager` (an earlier table of
+    the same run); compiled rows also get `x eager`, against their own configuration eager."""
     cols = ['batch', 'precision', 'layout', 'mode', 'forward ms', 'backward ms', 'update ms',
-            'step ms', 'img/s', 'x fp32 NCHW eager']
-    rows, base, notes = [], {}, []
-    for batch in sizes[f'{name}_batches']:  # compiled rows at the first (largest) batch only:
-        for compiled in (False, True)[:1 + (batch == sizes[f'{name}_batches'][0])]:  # ~1 min each
-            for precision in ('fp32', 'bf16'):
-                for layout in ('nchw', 'channels_last'):
-                    if compiled and not compile_rows(precision, layout):
-                        continue
-                    row = dict(batch=batch, precision=precision, layout=layout,
-                               mode='compile' if compiled else 'eager')
-                    rows.append(row)
-                    if budget.left() < (90 if compiled else 20) * (not args.cpu_smoke):
-                        row['img/s'] = 'skipped (time budget)'
-                        continue
-                    try:
-                        fwd, bwd, upd, step = time_steps(
-                            torch, name, size, classes, batch, precision, layout, compiled,
-                            sizes['steps'], sizes['warmup'] + 2 * compiled, device,
-                            sizes['backend'])
-                    except Exception as e:  # noqa: BLE001 -- one bad row (OOM, compiler) stays one row
-                        row['img/s'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}'
-                        continue
-                    if (precision, layout, compiled) == ('fp32', 'nchw', False):
-                        base[batch] = step
-                    row.update({'forward ms': fwd, 'backward ms': bwd, 'update ms': upd,
-                                'step ms': step, 'img/s': 1000 * batch / step,
-                                'x fp32 NCHW eager': f'{base[batch] / step:.2f}x' if batch in base
-                                else '-'})
-    notes.append(f'{sizes["steps"]} timed steps after {sizes["warmup"]} warm-up (+2 when compiled); '
-                 'forward / backward / update: medians between CUDA events (perf_counter on the '
-                 'CPU); step: mean of the '
-                 'back-to-back steps (what img/s is computed from); synthetic input already on '
-                 'the device.')
+            'step ms', 'img/s', 'x fp32 NCHW eager'] + (['x eager'] if eager else [])
+    rows = []
+    done = {(r['batch'], r['precision'], r['layout']): r['step ms']
+            for r in (eager or {}).get('rows', []) if isinstance(r.get('img/s'), float)}
+    for batch, precision, layout, compiled in runs:
+        row = dict(batch=batch, precision=precision, layout=layout,
+                   mode='compile' if compiled else 'eager')
+        rows.append(row)
+        if budget.left() < (90 if compiled else 20) * (not args.cpu_smoke):
+            row['img/s'] = 'skipped (time budget)'
+            continue
+        try:
+            fwd, bwd, upd, step = time_steps(torch, name, size, classes, batch, precision, layout,
+                                             compiled, sizes['steps'], sizes['warmup'] + 2 * compiled,
+                                             device, sizes['backend'])
+        except Exception as e:  # noqa: BLE001 -- one bad row (OOM, compiler) stays one row
+            row['img/s'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}'
+            continue
+        if not eager:
+            done[batch, precision, layout] = step
+        base = done.get((batch, 'fp32', 'nchw'))
+        row.update({'forward ms': fwd, 'backward ms': bwd, 'update ms': upd, 'step ms': step,
+                    'img/s': 1000 * batch / step,
+                    'x fp32 NCHW eager': f'{base / step:.2f}x' if base else '-'})
+        if eager:
+            same = done.get((batch, precision, layout))
+            row['x eager'] = f'{same / step:.2f}x' if same else '-'
+    notes = [f'{sizes["steps"]} timed steps after {sizes["warmup"]} warm-up (+2 when compiled, '
+             f'backend {sizes["backend"]}); forward / backward / update: medians between CUDA events '
+             '(perf_counter on the CPU); step: mean of the back-to-back steps (what img/s is computed '
+             'from); synthetic input already on the device.']
     return {'title': title, 'columns': cols, 'rows': rows, 'notes': notes}
 
 
@@ -378,8 +385,6 @@ def run_train(values, timeout):
 
 def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
     e = sizes['e2e']
-    # --cpu-smoke: train.py's compile is inductor's code generation, minutes on a CPU: eager
-    compiled = best['mode'] == 'compile' and not args.cpu_smoke
     work = tempfile.mkdtemp(prefix='bench-gpu-e2e-', dir=args.work_dir)
     rows, notes = [], []
     try:
@@ -390,7 +395,7 @@ def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
                      f'{e["epochs"]} epochs, figures of the last (page cache warm)')
         common = dict(keys, model=e['model'], crop_size=e['crop'], gpu=str(device),
                       precision=best['precision'], channels_last=best['layout'] == 'channels_last',
-                      compile=compiled, n_epochs=e['epochs'], lr_step=[],
+                      compile=False, n_epochs=e['epochs'], lr_step=[],  # compiled rows: last
                       print_freq=max(1, e['files'] // 4), snapshot_freq=1000, use_data_layer=True,
                       learning_rate=0.001)
         for label, para in (('loader process (para_load), use_data_layer', True),
@@ -413,8 +418,7 @@ def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     title = (f'End to end from hkl files: train.py, {e["model"]} {e["crop"]}, batch {e["batch"]}, '
-             f'{best["precision"]} {best["layout"]} {"compile" if compiled else "eager"} (the best '
-             f'row of the step table)')
+             f'{best["precision"]} {best["layout"]} eager (the best row of the eager step table)')
     if synthetic_img_s:
         notes.append(f'`x synthetic`: img/s over the same configuration on synthetic input in the '
                      f'step table ({synthetic_img_s:.0f} img/s).')
@@ -447,11 +451,11 @@ def exchange_table(args, sizes, device, steps):
 
 # --- main ------------------------------------------------------------------------------------------
 FULL = {'alexnet_batches': (256, 128), 'alexnet_cifar_batches': (256, 128), 'steps': 20,
-        'warmup': 3, 'backend': 'inductor',
+        'warmup': 3, 'backend': 'inductor', 'compile_keep': lambda precision, layout: True,
         'e2e': dict(model='alexnet', crop=227, size=256, batch=256, files=80, epochs=2, classes=1000),
         'exchange': dict(net='alexnet', repeats=10)}
 SMOKE = {'alexnet_batches': (2,), 'alexnet_cifar_batches': (4,), 'steps': 1, 'warmup': 1,
-         'backend': 'eager',
+         'backend': 'eager', 'compile_keep': lambda precision, layout: (precision, layout) == ('fp32', 'nchw'),
          'e2e': dict(model='alexnet_cifar', crop=32, size=36, batch=8, files=4, epochs=1, classes=10),
          'exchange': dict(net='alexnet_cifar', repeats=2)}
 
@@ -494,19 +498,18 @@ def main(argv=None):
         part = run_tests(args, budget)
         report.add(part)
         say(part['notes'][0])
-    say('step table, alexnet ...')
-    steps = step_table(torch, args, sizes, budget, device, 'alexnet', 227, 1000,
-                       'AlexNet 227, synthetic input: step times',
-                       lambda precision, layout: not args.cpu_smoke or
-                       (precision, layout) == ('fp32', 'nchw'))
-    report.add(steps)
+    say('step table, alexnet (eager) ...')
     big = sizes['alexnet_batches'][0]
+    steps = step_table(torch, args, sizes, budget, device, 'alexnet', 227, 1000,
+                       'AlexNet 227, synthetic input: step times (eager)',
+                       configs(sizes['alexnet_batches'], False))
+    report.add(steps)
     best = best_row(steps, big)
     if best is None:
         report.add({'title': 'End to end and exchange', 'error': 'no row of the step table ran'})
         return 1
-    say(f'best batch-{big} row: {best["precision"]} {best["layout"]} {best["mode"]}, '
-        f'{best["img/s"]:.0f} img/s; exchange ...')
+    say(f'best batch-{big} row: {best["precision"]} {best["layout"]}, {best["img/s"]:.0f} img/s; '
+        'exchange ...')
     step_ms = [(b, r['step ms']) for b in sizes['alexnet_batches'] if (r := best_row(steps, b))]
     if budget.left() > 45 * (not args.cpu_smoke):
         try:
@@ -515,11 +518,9 @@ def main(argv=None):
             report.add({'title': 'Exchange', 'error': f'{type(e).__name__}: {e}'})
     else:
         report.add({'title': 'Exchange', 'error': 'skipped (time budget)'})
-    eager = max((r for r in steps['rows'] if r['batch'] == big and r['mode'] == 'eager'
-                 and isinstance(r.get('img/s'), float)), key=lambda r: r['img/s'])
     say('profile ...')
     try:
-        report.add(profile_table(torch, sizes, device, eager))
+        report.add(profile_table(torch, sizes, device, best))
     except Exception as e:  # noqa: BLE001
         report.add({'title': 'Profile', 'error': f'{type(e).__name__}: {e}'})
     say('end to end from hkl files ...')
@@ -528,7 +529,12 @@ def main(argv=None):
     say('step table, alexnet_cifar ...')
     report.add(step_table(torch, args, sizes, budget, device, 'alexnet_cifar', 32, 10,
                           'alexnet_cifar 32 px (CIFAR-size), synthetic input, for scale',
-                          lambda precision, layout: False))
+                          configs(sizes['alexnet_cifar_batches'], False)))
+    # last: compiling costs about a minute per row; the rows the budget leaves no room for say so
+    say('step table, alexnet (compile) ...')
+    report.add(step_table(torch, args, sizes, budget, device, 'alexnet', 227, 1000,
+                          f'Compiled: AlexNet 227, batch {big}, torch.compile',
+                          configs([big], True, sizes['compile_keep']), eager=steps))
     say(f'done: {os.path.join(args.out_dir, "gpu_report.md")}')
     return 0
 

@@ -42,7 +42,8 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     report = json.loads((out / 'gpu_report.json').read_text())
     assert report['meta']['mode'] == 'cpu-smoke' and report['meta']['torch'] == torch.__version__
     parts = {p['title'].split(' ')[0]: p for p in report['parts']}
-    assert list(parts) == ['CUDA', 'AlexNet', 'Exchange', 'Profile:', 'End', 'alexnet_cifar']
+    assert list(parts) == ['CUDA', 'AlexNet', 'Exchange', 'Profile:', 'End', 'alexnet_cifar',
+                           'Compiled:']
     assert not [p for p in report['parts'] if p.get('error')]
     tests = parts['CUDA']
     assert tests['exit code'] == 0 and len(tests['rows']) >= 8
@@ -50,8 +51,11 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     steps = parts['AlexNet']['rows']
     assert [(s['precision'], s['layout'], s['mode']) for s in steps] == [
         ('fp32', 'nchw', 'eager'), ('fp32', 'channels_last', 'eager'), ('bf16', 'nchw', 'eager'),
-        ('bf16', 'channels_last', 'eager'), ('fp32', 'nchw', 'compile')]
-    for row in steps + parts['alexnet_cifar']['rows'] + parts['End']['rows']:
+        ('bf16', 'channels_last', 'eager')]
+    compiled = parts['Compiled:']['rows']
+    assert [(s['precision'], s['layout'], s['mode']) for s in compiled] == [('fp32', 'nchw', 'compile')]
+    assert compiled[0]['x eager'].endswith('x') and compiled[0]['x fp32 NCHW eager'] == compiled[0]['x eager']
+    for row in steps + compiled + parts['alexnet_cifar']['rows'] + parts['End']['rows']:
         assert isinstance(row['img/s'], float) and row['img/s'] > 0, row
     assert steps[0]['x fp32 NCHW eager'] == '1.00x'
     for s in steps:
