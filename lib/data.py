@@ -275,7 +275,12 @@ def _crop_loop(x, mean, step, c, out):
 def _crop_gather(x, mean, step, c):
     dev = x.device
     ar = torch.arange(c, device=dev)
-    cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
+    if dev.type == 'cuda':  # one asynchronous copy: a pageable one waits for the GPU to drain
+        draws = torch.stack([step.crop_x, step.crop_y, step.mirror.long()]).pin_memory()
+        cx, cy, mirror = draws.to(dev, non_blocking=True).unbind(0)
+        mirror = mirror.bool()
+    else:
+        cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
     rows = (cy[:, None] + ar)[:, None, :, None]                              # (B, 1, c, 1)
     cols = torch.where(mirror[:, None], cx[:, None] + (c - 1 - ar), cx[:, None] + ar)
     cols = cols[:, None, None, :]                                            # (B, 1, 1, c)

@@ -347,7 +347,10 @@ class ProcessLoader:
                     p.feed.consumed(slot)
                 else:             # prepared float32 batch, used in place on the CPU
                     x = buf if p.device.type == 'cpu' else buf.to(p.device)
-                y = torch.from_numpy(self.source.labels[step.file]).to(p.device)
+                y = torch.from_numpy(self.source.labels[step.file])
+                if p.device.type == 'cuda':  # a pageable copy would wait for the GPU to drain
+                    y = y.pin_memory().to(p.device, non_blocking=True)
+                y = y.to(p.device)
                 yield x, y        # valid until the next batch is asked for
                 if p.on_device:
                     p.feed.release(slot)

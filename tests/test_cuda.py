@@ -103,6 +103,17 @@ def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
     assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
 
 
+def test_crop_mirror_on_cuda_gives_the_bits_of_the_cpu():
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 20, 20, 6), dtype=torch.uint8, generator=gen)
+    mean = torch.rand(3, 20, 20, generator=gen) * 255
+    for per_batch in (False, True):
+        for step in data.make_plan(gen, 3, 6, 20, 15, train=True, batch_crop_mirror=per_batch):
+            want = data.crop_mirror(batch, mean, step, 15)
+            got = data.crop_mirror(batch.cuda(), mean.cuda(), step, 15)
+            assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
 def test_para_load_and_data_layer_on_cuda_train_as_in_process_loading(tmp_path, deterministic):
     finals = {}
     for para_load in (False, True):
