@@ -116,6 +116,8 @@ class SlotFeed:
         for t in slots:
             err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
             if err:
+                if hasattr(cudart, 'cudaGetLastError'):  # not left for the next kernel launch
+                    cudart.cudaGetLastError()            # to report as its own
                 print(f'notice: cudaHostRegister of the loader slots failed (cudaError {err}); '
                       'host-to-device copies are synchronous', flush=True)
                 break
