@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import queue
 import re
 import secrets
 import shutil
@@ -47,10 +48,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out):
+NETS = {'alexnet': (1000, 227), 'alexnet_cifar': (10, 32)}  # classes, crop
+
+
+def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out, net='alexnet'):
     torch.set_num_threads(1)
     device = torch.device(device)
-    net = model.build('alexnet', 1000, 0.5, 227, seed=23455).to(device)
+    net = model.build(net, NETS[net][0], 0.5, NETS[net][1], seed=23455).to(device)
     params = list(net.parameters())
     momentum = [torch.zeros_like(p) for p in params]
     cfg = dict(exchange_freq=1, peer_timeout=120.0, exchange_host='', sock_gpu=port, curve_dir='')
@@ -69,18 +73,28 @@ def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out)
         pair.close()
 
 
-def time_exchange(transport, device, repeats):
+def time_exchange(transport, device, repeats, net='alexnet'):
+    """(ms per exchange: the slower worker's median, bytes per worker) of two processes averaging
+    `net`'s [params | momentum] with lib/exchange.Pair over `transport`."""
     token, port = secrets.token_bytes(32), free_port()
     shm_dir = tempfile.mkdtemp(prefix='bench-exchange-', dir='/dev/shm' if os.path.isdir('/dev/shm') else None)
     ctx = multiprocessing.get_context('spawn')
     out = ctx.Queue()
     procs = [ctx.Process(target=exchange_worker,
-                         args=(r, transport, device, port, token, shm_dir, repeats, out))
+                         args=(r, transport, device, port, token, shm_dir, repeats, out, net))
              for r in (0, 1)]
     try:
         for p in procs:
             p.start()
-        results = [out.get(timeout=600) for _ in procs]
+        results, deadline = [], time.monotonic() + 600
+        while len(results) < len(procs):  # a worker that dies is an error now, not in 600 s
+            try:
+                results.append(out.get(timeout=2))
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f'exchange worker failed (exit codes '
+                                       f'{[p.exitcode for p in procs]}) or gave no result in 600 s')
         for p in procs:
             p.join(60)
     finally:

@@ -22,44 +22,75 @@ class DataError(RuntimeError):
     """A missing or malformed data file; the message names it."""
 
 
+def _one_array(f, path):
+    """The one 4-D dataset of an open hickle batch file (any hickle version)."""
+    found = []
+    f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
+                 and obj.ndim == 4 else None)
+    if len(found) != 1:
+        raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
+    return found[0]
+
+
 def read_hkl(path):
     """The uint8 c01b array stored in a hickle batch file (any hickle version: we read the HDF5
     directly and take its one 4-D dataset)."""
     try:
         with h5py.File(path, 'r') as f:
-            found = []
-            f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
-                         and obj.ndim == 4 else None)
-            if len(found) != 1:
-                raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
-            return found[0][()]
+            return _one_array(f, path)[()]
     except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
-def read_hkl_rows(path, rows, file_batch):
-    """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch), as a
-    contiguous array, without copying the rest of the file: where the dataset is stored contiguously
-    (hickle's are) its bytes are mapped and only the rows copied, else an HDF5 hyperslab is read.
-    From the page cache this takes about 0.2-0.4x the time of read_hkl + slice (benchmarks/row_read.py)."""
+def read_hkl_rows(path, rows, file_batch, out=None):
+    """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch),
+    without copying the rest of the file: where the dataset is stored contiguously (hickle's are)
+    its bytes are mapped and only the rows copied, else an HDF5 hyperslab is read. From the page
+    cache this takes about 0.2-0.4x the time of read_hkl + slice (benchmarks/row_read.py).
+    Into `out` (a writable uint8 array of the rows' shape, e.g. a loader slot) when given, else a
+    new contiguous array. A file of another shape or type is a DataError naming it, and `out` is
+    then left untouched."""
+    lo, hi = rows
     try:
         with h5py.File(path, 'r') as f:
-            found = []
-            f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
-                         and obj.ndim == 4 else None)
-            if len(found) != 1:
-                raise DataError(f'{path}: expected one 4-D array in the batch file, found {len(found)}')
-            d = found[0]
+            d = _one_array(f, path)
             if d.dtype != np.uint8 or d.shape[0] != 3 or d.shape[1] != d.shape[2] \
-                    or d.shape[3] != file_batch:
-                raise DataError(f'{path}: expected uint8 (3, S, S, {file_batch}), got {d.dtype} {d.shape}')
+                    or d.shape[3] != file_batch \
+                    or (out is not None and out.shape != d.shape[:3] + (hi - lo,)):
+                want = f'(3, S, S, {file_batch})' if out is None else out.shape[:3] + (file_batch,)
+                raise DataError(f'{path}: expected uint8 {want}, got {d.dtype} {d.shape}')
             offset = d.id.get_offset()
             if d.chunks is not None or d.external or offset is None:  # (no filters without chunks)
-                return d[..., rows[0]:rows[1]]
+                if out is None:
+                    return d[..., lo:hi]
+                d.read_direct(out, np.s_[:, :, :, lo:hi])
+                return out
             shape = d.shape
         mapped = np.memmap(path, np.uint8, 'r', offset=offset, shape=shape)
-        return np.ascontiguousarray(mapped[..., rows[0]:rows[1]])
+        if out is None:
+            return np.ascontiguousarray(mapped[..., lo:hi])
+        np.copyto(out, mapped[..., lo:hi])
+        return out
     except (OSError, ValueError) as e:  # ValueError: a file shorter than its dataset
+        raise DataError(f'{path}: cannot read batch file ({e})') from None
+
+
+def read_hkl_into(path, out, rows=None, file_batch=None):
+    """Read a batch file's uint8 c01b array straight into `out` (a writable uint8 numpy array of
+    its shape, e.g. a loader's shared-memory slot): HDF5 copies the bytes from the file into `out`
+    with no intermediate array (3x the rate of read_hkl + a copy, benchmarks/host_feed.py).
+    rows=(lo, hi): only images lo..hi-1 of a file of `file_batch` images (read_hkl_rows). A file
+    of another shape or type is a DataError naming it, and `out` is then left untouched."""
+    if rows is not None:
+        read_hkl_rows(path, rows, file_batch, out)
+        return
+    try:
+        with h5py.File(path, 'r') as f:
+            ds = _one_array(f, path)
+            if ds.dtype != np.uint8 or ds.shape != out.shape:
+                raise DataError(f'{path}: expected uint8 {out.shape}, got {ds.dtype} {ds.shape}')
+            ds.read_direct(out)
+    except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
@@ -119,6 +150,14 @@ class BatchFolder:
             raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.file_batch}), '
                             f'got {x.dtype} {x.shape}')
         return x
+
+    def read_into(self, i, out):
+        """File i (its rows) read straight into `out`, a uint8 (3, S, S, batch_size) array: the
+        bytes of read(i), without the intermediate array (the loader process's raw slots)."""
+        if out.shape[3] != self.batch_size:
+            raise DataError(f'{self.files[i]}: a buffer of {out.shape[3]} images for batches of '
+                            f'{self.batch_size}')
+        read_hkl_into(self.files[i], out, self.rows, self.file_batch)
 
     def image_size(self):
         return self.read(0).shape[1]
@@ -271,7 +310,12 @@ def _crop_loop(x, mean, step, c, out):
 def _crop_gather(x, mean, step, c):
     dev = x.device
     ar = torch.arange(c, device=dev)
-    cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
+    if dev.type == 'cuda':  # one asynchronous copy: a pageable one waits for the GPU to drain
+        draws = torch.stack([step.crop_x, step.crop_y, step.mirror.long()]).pin_memory()
+        cx, cy, mirror = draws.to(dev, non_blocking=True).unbind(0)
+        mirror = mirror.bool()
+    else:
+        cx, cy, mirror = step.crop_x.to(dev), step.crop_y.to(dev), step.mirror.to(dev)
     rows = (cy[:, None] + ar)[:, None, :, None]                              # (B, 1, c, 1)
     cols = torch.where(mirror[:, None], cx[:, None] + (c - 1 - ar), cx[:, None] + ar)
     cols = cols[:, None, None, :]                                            # (B, 1, 1, c)

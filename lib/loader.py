@@ -105,6 +105,74 @@ def shm_free(folder):
     return shutil.disk_usage(folder).free
 
 
+class SlotFeed:
+    """How the trainer moves a raw uint8 slot to its device (use_data_layer).
+
+    CPU: the slot itself (crop_mirror reads it in place). CUDA: the slots are page-locked where
+    they are (cudaHostRegister on the shared mapping), so each copy is an asynchronous DMA, issued
+    on a side stream into one of two device buffers: it overlaps the kernels of the step still
+    running, and the compute stream waits for it with an event. A slot goes back to the loader
+    only after its copy has finished (release), and a device buffer is refilled only after the
+    kernels that read it ran (consumed). Where registration fails (e.g. a sandbox without it),
+    the copies are plain synchronous ones, with a notice."""
+
+    def __init__(self, slots, device):
+        self.slots, self.device = slots, device
+        self.cuda = device.type == 'cuda'
+        self.registered = []
+        if not self.cuda:
+            return
+        cudart = torch.cuda.cudart()
+        for t in slots:
+            err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+            if err:
+                if hasattr(cudart, 'cudaGetLastError'):  # not left for the next kernel launch
+                    cudart.cudaGetLastError()            # to report as its own
+                print(f'notice: cudaHostRegister of the loader slots failed (cudaError {err}); '
+                      'host-to-device copies are synchronous', flush=True)
+                break
+            self.registered.append(t.data_ptr())
+        self.stream = torch.cuda.Stream(device)
+        self.buffers = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in slots]
+        self.copied = [torch.cuda.Event() for _ in slots]
+        self.used = [None] * len(slots)
+
+    @property
+    def pinned(self):
+        return self.cuda and len(self.registered) == len(self.slots)
+
+    def to_device(self, k):
+        """Slot k's batch on the device (valid until consumed(k) and the next to_device(k))."""
+        if not self.cuda:
+            return self.slots[k].to(self.device)  # the slot itself on the CPU
+        with torch.cuda.stream(self.stream):
+            if self.used[k] is not None:  # the kernels that read this buffer last time ran
+                self.stream.wait_event(self.used[k])
+            self.buffers[k].copy_(self.slots[k], non_blocking=self.pinned)
+            self.copied[k].record(self.stream)
+        torch.cuda.current_stream(self.device).wait_event(self.copied[k])
+        return self.buffers[k]
+
+    def consumed(self, k):
+        """The kernels that read buffer k are queued on the compute stream."""
+        if self.cuda:
+            self.used[k] = torch.cuda.Event()
+            self.used[k].record(torch.cuda.current_stream(self.device))
+
+    def release(self, k):
+        """Before slot k goes back to the loader: its copy to the device has finished."""
+        if self.cuda:
+            self.copied[k].synchronize()
+
+    def close(self):
+        if self.registered:
+            torch.cuda.synchronize(self.device)
+            cudart = torch.cuda.cudart()
+            for ptr in self.registered:
+                cudart.cudaHostUnregister(ptr)
+            self.registered = []
+
+
 # --- the loader process -------------------------------------------------------------------------
 def loader_main(job):
     """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
@@ -143,12 +211,11 @@ def loader_main(job):
                 sock.send_multipart(encode(ERROR) + [b'rejected control message: not a request'])
                 continue
             try:
-                batch = sources[split].read(file)
-                if job['raw']:
-                    slots[slot].numpy()[...] = batch
+                if job['raw']:  # the file's bytes straight into the slot, no array between
+                    sources[split].read_into(file, slots[slot].numpy())
                 else:
-                    data.crop_mirror(torch.from_numpy(batch), mean, step, job['crop_size'],
-                                     out=slots[slot], buffers=buffers)
+                    data.crop_mirror(torch.from_numpy(sources[split].read(file)), mean, step,
+                                     job['crop_size'], out=slots[slot], buffers=buffers)
             except (data.DataError, OSError) as e:
                 sock.send_multipart(encode(ERROR, split, slot, file) + [str(e).encode()[:MAX_TEXT]])
                 continue
@@ -180,6 +247,7 @@ class LoaderProcess:
                               f'or set para_load=False)')
         self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
         self.slots = map_slots(self.dir, spec, N_SLOTS, create=True)
+        self.feed = SlotFeed(self.slots, self.device) if on_device else None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -263,6 +331,8 @@ class LoaderProcess:
             if self.proc.is_alive():
                 self.proc.kill()
                 self.proc.join(5)
+        if getattr(self, 'feed', None) is not None:
+            self.feed.close()
         if getattr(self, 'sock', None) is None:  # stopped before anything was made
             return
         if not self.sock.closed:
@@ -308,11 +378,17 @@ class ProcessLoader:
                 p._wait(slot, split, step.file)
                 buf = p.slots[slot]
                 if p.on_device:   # uint8 batch: mean, crop and mirror on the device
-                    x = data.crop_mirror(buf.to(p.device), p.mean, step, p.crop_size)
+                    x = data.crop_mirror(p.feed.to_device(slot), p.mean, step, p.crop_size)
+                    p.feed.consumed(slot)
                 else:             # prepared float32 batch, used in place on the CPU
                     x = buf if p.device.type == 'cpu' else buf.to(p.device)
-                y = torch.from_numpy(self.source.labels[step.file]).to(p.device)
+                y = torch.from_numpy(self.source.labels[step.file])
+                if p.device.type == 'cuda':  # a pageable copy would wait for the GPU to drain
+                    y = y.pin_memory().to(p.device, non_blocking=True)
+                y = y.to(p.device)
                 yield x, y        # valid until the next batch is asked for
+                if p.on_device:
+                    p.feed.release(slot)
                 request(slot)     # the trainer is done with this slot: refill it
         finally:
             # an epoch cut short: let the loads in flight land before the slots are reused
@@ -322,6 +398,9 @@ class ProcessLoader:
                     p._wait(slot, split, step.file)
                 except (LoaderError, data.DataError):
                     break
+            if p.on_device:  # no copy from a slot is in flight when the next epoch refills it
+                for slot in range(N_SLOTS):
+                    p.feed.release(slot)
             p.busy = False
 
     def close(self):

@@ -1,0 +1,243 @@
+"""Every GPU path, on a CUDA device (marked `cuda`: skipped without one; `python -m benchmarks.gpu`
+runs them first on a GPU machine). Each has a CPU twin elsewhere in the suite; here the same
+claims are checked where the CUDA code runs: CUDA IPC exchange, page-locked loader slots copied on
+a side stream, the on-device data layer, bf16 / fp16, compile, evaluation and serving, NCCL.
+
+Runs that compare two ways of training set NVIDIA_TF32_OVERRIDE=0 (TF32 convolutions round the
+inputs to 10 bits, which would hide a real difference under 1e-3) and use cuDNN's deterministic
+algorithms where they run in this process."""
+import http.client
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from lib import config, data, loader
+from tests.helpers import make_batches
+from tests.test_train import tiny_config
+from tests.test_train_2gpu import COMMON, args, free_port, relative_error
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
+ENV = dict(os.environ, NVIDIA_TF32_OVERRIDE='0')
+
+
+def script(name, values, cwd, timeout=300):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, name)] + args(values), cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert r.returncode == 0, r.stdout[-2000:] + '\n--- stderr:\n' + r.stderr[-4000:]
+    return r
+
+
+def same_state(a, b, tol):
+    for part in ('model', 'momentum'):
+        for k in a[part]:
+            err = relative_error(b[part][k].float().cpu(), a[part][k].float().cpu())
+            assert err < tol, (part, k, err)
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+
+
+def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
+    # seed 1: data without max-pool near-ties (see tests/test_torchrun.py)
+    batch = 8
+    full = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=batch, size=36, seed=1)
+    halves = dict(full, batch_size=batch // 2, **{
+        k: full[k].replace(f'_b{batch}_b_{batch}', f'_b{batch}_b_{batch // 2}')
+        for k in ('train_folder', 'val_folder')})
+    common = dict(COMMON, n_epochs=1)
+    script('train.py', dict(full, **common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
+    r = script('train_2gpu.py', dict(halves, **common, gpu0='cuda:0', gpu1='cuda:0',
+                                     exchange_transport='ipc', sock_gpu=free_port(),
+                                     peer_timeout=60.0, weights_dir=str(tmp_path / 'w2')), tmp_path)
+    assert 'exchange over ipc every 1 step(s)' in r.stdout
+    a = torch.load(tmp_path / 'w1' / 'model_1.pt', weights_only=True)
+    b = torch.load(tmp_path / 'w2' / 'model_1.pt', weights_only=True)
+    same_state(a, b, 1e-5)
+
+
+def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
+    keys = make_batches(str(tmp_path), n_train=6, n_val=2, batch=8, size=36)
+    sources = [data.BatchFolder(keys[f'{s}_folder'],
+                                os.path.join(keys['label_folder'], f'{s}_labels.npy'), 8)
+               for s in ('train', 'val')]
+    mean = data.load_mean(keys['mean_file'], 36)
+    dev = torch.device('cuda:0')
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, dev, on_device=True, timeout=60)
+    try:
+        assert proc.feed.pinned and all(s.is_pinned() for s in proc.slots)  # cudaHostRegister
+        for split in (0, 1, 0):  # train, val, train again: slots and device buffers reused
+            plan = data.make_plan(torch.Generator().manual_seed(split), len(sources[split]), 8, 36,
+                                  32, train=True, shuffle=True)
+            want = [(x.clone(), y.clone()) for x, y in
+                    data.InProcessLoader(sources[split], mean, 32, dev, True).epoch(plan)]
+            got = []
+            for x, y in proc.loader(split).epoch(plan):
+                got.append((x.clone(), y.clone()))
+                # a busy compute stream: the CPU runs ahead, so a slot handed back to the loader
+                # before its copy finished would be overwritten under the copy
+                torch.cuda._sleep(20_000_000)
+            assert len(got) == len(want)
+            for (x1, y1), (x2, y2) in zip(want, got):
+                assert x2.device == dev and torch.equal(x1, x2) and torch.equal(y1, y2)
+    finally:
+        proc.close()
+    assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
+
+
+def test_crop_mirror_on_cuda_gives_the_bits_of_the_cpu():
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 20, 20, 6), dtype=torch.uint8, generator=gen)
+    mean = torch.rand(3, 20, 20, generator=gen) * 255
+    for per_batch in (False, True):
+        for step in data.make_plan(gen, 3, 6, 20, 15, train=True, batch_crop_mirror=per_batch):
+            want = data.crop_mirror(batch, mean, step, 15)
+            got = data.crop_mirror(batch.cuda(), mean.cuda(), step, 15)
+            assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+def test_para_load_and_data_layer_on_cuda_train_as_in_process_loading(tmp_path, deterministic):
+    finals = {}
+    for para_load in (False, True):
+        root = str(tmp_path / str(para_load))
+        train.run(tiny_config(root, n_epochs=2, gpu='cuda:0', para_load=para_load,
+                              use_data_layer=True, dropout=0.5))
+        finals[para_load] = torch.load(os.path.join(root, 'w', 'model_2.pt'), weights_only=True)
+    same_state(finals[False], finals[True], 1e-6)
+
+
+@pytest.fixture(scope='module')
+def steps300(tmp_path_factory):
+    """alexnet_cifar, 3 epochs of 100 steps of 32 images, fp32 on cuda:0: the reference."""
+    root = tmp_path_factory.mktemp('steps300')
+    keys = make_batches(str(root / 'data'), n_train=100, n_val=4, batch=32, size=36)
+    values = dict(keys, model='alexnet_cifar', crop_size=32, gpu='cuda:0', n_epochs=3,
+                  print_freq=50, learning_rate=0.003, shuffle=True, lr_step=[])
+
+    def run(precision):
+        cfg = config.merge(SCHEMA, [('test', dict(values, precision=precision,
+                                                  weights_dir=str(root / precision)), None)])
+        return train.run(cfg), torch.load(root / precision / 'model_3.pt', weights_only=True)
+    return run, run('fp32')
+
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_bf16_and_fp16_train_300_steps_to_finite_losses_close_to_fp32(steps300, precision):
+    run, (ref, _) = steps300
+    got, state = run(precision)
+    losses = [h[k] for h in got for k in ('train_loss', 'val_loss')]
+    assert all(np.isfinite(losses)), losses
+    assert got[-1]['train_loss'] < 0.5 * got[0]['train_loss']                # it learns
+    assert abs(got[-1]['val_loss'] - ref[-1]['val_loss']) < 0.05 + 0.2 * ref[-1]['val_loss']
+    assert abs(got[-1]['val_error'] - ref[-1]['val_error']) <= 2 / 128 + 1e-9  # 4 x 32 val images
+    assert all(v.dtype == torch.float32 for v in state['model'].values())   # fp32 master weights
+    assert ('loss_scale' in state) == (precision == 'fp16')
+    if precision == 'fp16':
+        assert torch.isfinite(state['loss_scale']) and state['loss_scale'] >= 1
+
+
+@pytest.fixture(scope='module')
+def eager(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('eager'))
+    cfg = tiny_config(root, n_epochs=2, gpu='cuda:0', learning_rate=0.003)
+    return root, cfg, train.run(cfg)
+
+
+def test_compile_gives_the_val_record_of_eager(eager, tmp_path):
+    root, _, _ = eager
+    train.run(tiny_config(str(tmp_path), n_epochs=2, gpu='cuda:0', learning_rate=0.003,
+                          compile=True))
+    a = np.load(os.path.join(root, 'w', 'val_record.npy'))
+    b = np.load(tmp_path / 'w' / 'val_record.npy')
+    assert b.shape == a.shape == (2, 2)
+    assert np.abs(b[:, 0] - a[:, 0]).max() <= 1 / 16 + 1e-9   # at most one of 16 val images
+    np.testing.assert_allclose(b[:, 1], a[:, 1], rtol=2e-2)   # fused kernels round differently
+
+
+def test_validate_performance_on_cuda_reproduces_the_val_record(eager):
+    root, cfg, _ = eager
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'validate_performance.py')] + [
+        f'{k}={cfg[k]}' for k in ('val_folder', 'label_folder', 'mean_file', 'batch_size',
+                                  'weights_dir')] + ['gpu=cuda:0', 'load_epoch=2'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    top1 = float(r.stdout.split('top-1 error ')[1].split()[0])
+    loss = float(r.stdout.split('loss ')[1].split()[0])
+    record = np.load(os.path.join(root, 'w', 'val_record.npy'))
+    assert top1 == pytest.approx(record[1, 0], abs=1e-6)
+    assert loss == pytest.approx(record[1, 1], rel=1e-4, abs=1e-6)
+
+
+def png(size=36, seed=0):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (size, size, 3), dtype=np.uint8)
+                    ).save(buf, 'PNG')
+    return buf.getvalue()
+
+
+def test_serve_on_cuda_answers_an_upload_with_its_top5(eager, tmp_path):
+    root, _, _ = eager
+    port = free_port()
+    with open(tmp_path / 'out', 'w') as out, open(tmp_path / 'err', 'w') as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'serve.py'),
+                                 os.path.join(root, 'w', 'model_2.pt'), '--device', 'cuda:0',
+                                 '--port', str(port)], stdout=out, stderr=err, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # up when the port answers
+            assert proc.poll() is None, (tmp_path / 'err').read_text()
+            assert time.monotonic() < deadline, 'serve.py did not listen within 120 s'
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        boundary = 'gpuboundary0123456789'
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                f'filename="x.png"\r\nContent-Type: image/png\r\n\r\n').encode() + png() + \
+            f'\r\n--{boundary}--\r\n'.encode()
+        c = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+        c.request('POST', '/api', body=body,
+                  headers={'Content-Type': f'multipart/form-data; boundary={boundary}'})
+        r = c.getresponse()
+        answer = json.loads(r.read())
+        c.close()
+        assert r.status == 200, answer
+        assert isinstance(answer['top5'], list) and 1 <= len(answer['top5']) <= 5, answer
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='torchrun with NCCL needs 2 GPUs')
+def test_torchrun_nccl_two_ranks_equal_one_worker(tmp_path):
+    keys = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=8, size=36, seed=1)
+    script('train.py', dict(keys, **COMMON, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
+    values = dict(keys, **COMMON, gpu='auto', weights_dir=str(tmp_path / 'w2'))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node=2',
+                        '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}',
+                        os.path.join(ROOT, 'train.py')] + args(values),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert 'device cuda:0' in r.stdout and '(2 workers x 4)' in r.stdout
+    a = torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)
+    b = torch.load(tmp_path / 'w2' / 'model_2.pt', weights_only=True)
+    same_state(a, b, 1e-5)
