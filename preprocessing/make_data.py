@@ -60,6 +60,8 @@ def make_data(paths_file, toy=False, workers=None):
                 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy}
     if cfg['pad']:  # (records of earlier runs, without pad, stay valid)
         settings['pad'] = cfg['pad']
+    if listing.layout == 'cifar100_bin':
+        settings['cifar100_labels'] = cfg['cifar100_labels']
     record = read_record(cfg['misc_dir'])
     guard(cfg, record, settings)
     valid, labels, bad, checked = phase_1(cfg, listing, toy, workers, record)
@@ -67,7 +69,7 @@ def make_data(paths_file, toy=False, workers=None):
     guard(cfg, record, settings, files_hash)
     save_record(cfg['misc_dir'], {'settings': settings, 'files': files_hash, 'checked': checked})
     phase_1_s = time.perf_counter() - start
-    n_batches, written = phase_2(cfg, valid, workers)
+    n_batches, written = phase_2(cfg, valid, workers, listing.sources)
     for split in ('train', 'val'):
         save_labels(labels_dir, split, labels[split][:n_batches[split] * cfg['batch_size']], cfg)
     save_lists(cfg, valid, labels)
@@ -91,7 +93,7 @@ def phase_1(cfg, listing, toy, workers, record):
     reuse = record['checked']['bad'] if record and record['checked']['listing'] == listed else None
     valid, bad = {}, {}
     for split, files in (('train', train), ('val', listing.val)):
-        valid[split], bad[split] = check_split(cfg[f'{split}_img_dir'], files, limit, size, workers,
+        valid[split], bad[split] = check_split(listing.sources[split], files, limit, size, workers,
                                                split, reuse and reuse[split])
     bad_list = os.path.join(cfg['misc_dir'], 'bad_images.txt')
     save_text(bad_list, ''.join(f'{s}\t{f}\t{reason}\n' for s in bad for f, reason in bad[s]))
@@ -105,12 +107,12 @@ def phase_1(cfg, listing, toy, workers, record):
     return valid, labels, bad, {'listing': listed, 'bad': bad}
 
 
-def phase_2(cfg, valid, workers):
+def phase_2(cfg, valid, workers, sources):
     """Write the batch files (those not written yet) and the mean image.
     Returns the number of batches per split and the number of images written by this run."""
     batch_size, sums, written = cfg['batch_size'], {}, 0
     for split in ('train', 'val'):
-        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'],
+        jobs = batch_jobs(cfg, sources[split], valid[split], cfg[f'tar_{split}_dir'],
                           want_sum=split == 'train')
         count = len(valid[split]) // batch_size
         sums[split] = []
@@ -132,16 +134,20 @@ def describe(cfg, listing, toy, valid, bad, n_batches):
     for s in ('train', 'val'):
         counts.update({f'{s}_images': n_batches[s] * batch_size, f'{s}_batches': n_batches[s],
                        f'{s}_dropped': len(valid[s]) - n_batches[s] * batch_size})
+    words = {'class_words': listing.class_words} if listing.class_words else {}
+    labels = {'cifar100_labels': cfg['cifar100_labels']} if listing.layout == 'cifar100_bin' else {}
     return {
-        'num_classes': len(listing.classes), 'class_names': listing.classes, 'img_size': cfg['img_size'],
+        'num_classes': len(listing.classes), 'class_names': listing.classes, **words, **labels,
+        'img_size': cfg['img_size'],
         'pad': cfg['pad'],
         'batch_size': batch_size, 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy,
         'counts': counts, 'bad_files': {s: len(bad[s]) for s in bad},
-        'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'meta_clsloc_mat', 'val_label_file')},
+        'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'devkit', 'meta_clsloc_mat',
+                                       'val_label_file')},
     }
 
 
-def check_split(root, files, limit, size, workers, split, reuse=None):
+def check_split(source, files, limit, size, workers, split, reuse=None):
     """(valid files, [[file, reason], ...] of the others), in the order of `files`, stopping at
     `limit` valid files: the toy run checks only what it uses. `reuse`: the bad files found by an
     earlier run over the same listing."""
@@ -153,7 +159,7 @@ def check_split(root, files, limit, size, workers, split, reuse=None):
         # a chunk of exactly as many files as are still needed, so every checked file is used
         end = len(files) if limit is None else min(len(files), start + limit - len(valid))
         chunk = files[start:end]
-        paths = (os.path.join(root, *f.split('/')) for f in chunk)
+        paths = (source.locate(f) for f in chunk)  # paths, archive members or records
         reasons = parallel_map(partial(check_file, size=size), paths, len(chunk), workers, f'check {split}',
                                chunksize=64)
         for f, reason in zip(chunk, reasons):
@@ -165,11 +171,11 @@ def check_split(root, files, limit, size, workers, split, reuse=None):
     return valid, bad
 
 
-def batch_jobs(cfg, root, files, tar_dir, want_sum):
+def batch_jobs(cfg, source, files, tar_dir, want_sum):
     """Yield one BatchJob per whole batch of `files`; the remainder is dropped."""
     batch_size = cfg['batch_size']
     for k in range(len(files) // batch_size):
-        images = tuple(os.path.join(root, *f.split('/')) for f in files[k * batch_size:(k + 1) * batch_size])
+        images = tuple(source.locate(f) for f in files[k * batch_size:(k + 1) * batch_size])
         outputs = tuple((n, tuple(os.path.join(batch_dir(tar_dir, batch_size, n), name)
                                   for name in batch_names(k, n))) for n in cfg['sub_batches'])
         yield BatchJob(images, outputs, cfg['img_size'], cfg['pad'], want_sum)
