@@ -93,7 +93,8 @@ def scan_train(archive):
                     if listed(im):
                         entries[f'{wnid}/{direct_name(im)}'] = (m.offset_data + im.offset_data, im.size)
             except tarfile.TarError as e:
-                raise PrepError(f'{archive}: member {m.name} is not a readable tar ({e})') from None
+                raise PrepError(f'{archive}: member {m.name} is not a readable tar ({e}; is the archive '
+                               f'truncated?)') from None
     return sorted(classes), entries
 
 

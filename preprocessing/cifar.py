@@ -28,8 +28,8 @@ FILES = {  # layout: (train files, val files, names file per label kind, header 
                      'cifar-100-binary'),
 }
 PICKLED = {'data_batch_1', 'batches.meta', 'meta', 'train', 'test'}  # the python version's files
-HINT = ('the python and matlab versions of CIFAR are not read (pickles): download the binary version, '
-        'cifar-10-binary.tar.gz or cifar-100-binary.tar.gz, from https://www.cs.toronto.edu/~kriz/cifar.html')
+HINT = ('only the binary version of CIFAR is read (the python version is pickles, never loaded): download '
+        'cifar-10-binary.tar.gz or cifar-100-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html')
 
 
 def detect(path):

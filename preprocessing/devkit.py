@@ -86,6 +86,10 @@ def find_in_devkit(path):
         if mat in found and gt in found:
             (mat_name, mat_bytes), (gt_name, gt_bytes) = found[mat], found[gt]
             return (mat_name, mat_bytes or read_file(mat_name), gt_name, gt_bytes or read_file(gt_name))
+    for mat, gt in VERSIONS:
+        if (mat in found) != (gt in found):
+            have, lack = (mat, gt) if mat in found else (gt, mat)
+            raise PrepError(f'devkit {path} holds data/{have} but not data/{lack}')
     raise PrepError(f'devkit {path} holds neither data/{VERSIONS[0][0]} + data/{VERSIONS[0][1]} (ILSVRC2014) '
                     f'nor data/{VERSIONS[1][0]} + data/{VERSIONS[1][1]} (ILSVRC2012)')
 

@@ -49,6 +49,8 @@ def list_dataset(cfg):
         return Listing(layout, *cifar.list_cifar(cfg, layout))
     if layout == 'imagenet_tar':
         for key in ('train_img_dir', 'val_img_dir'):
+            if not os.path.exists(cfg[key]):
+                raise PrepError(f'{key} {cfg[key]} does not exist')
             if not archives.is_archive(cfg[key]):
                 raise PrepError(f'layout imagenet_tar: {key} {cfg[key]} is not a .tar file (extracted '
                                 f'folders: layout imagenet)')
