@@ -376,3 +376,18 @@ def test_cifar_pickle_versions_and_bad_files_are_refused(tmp_path):
     meta.write_text('\n'.join(CIFAR10_NAMES[:5]))
     one_line_error(run_sh('generate_data.sh', str(cifar_paths(tmp_path, 'p5', meta.parent)), cwd=cwd),
                    'batches.meta.txt', 'label')
+
+
+def test_archives_benchmark_prints_its_table():
+    """benchmarks/archives.py runs and prints a row per source and worker count (tiny: not a timing)."""
+    import subprocess
+    import sys
+    from tests.test_preprocessing import REPO
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.archives', '--classes', '2', '--per-class', '4',
+                        '--val', '4', '--batch', '4', '--size', '64', '--repeats', '1'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and '---' not in line][1:]
+    assert [row.split(' | ')[:2] for row in rows] == [['| folders', '1'], ['| archive', '1'],
+                                                      ['| folders', '2'], ['| archive', '2']]
+    assert 'outputs identical: True' in r.stdout and rows[0].endswith('| 1.000 |')

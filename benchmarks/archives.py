@@ -1,0 +1,155 @@
+"""Preprocessing speed: ImageNet's official archives read in place vs. the same images extracted.
+
+    .venv/bin/python -m benchmarks.archives                      # 1,200 JPEGs of 256 px, 1 and 2 workers
+    .venv/bin/python -m benchmarks.archives --classes 20 --per-class 200 --repeats 5
+
+Generates one dataset of synthetic photo-like JPEGs (smooth colour fields plus grain, 256 x 256,
+quality 90), written both as ImageNet ships it (ILSVRC2012_img_train.tar of per-class tars,
+ILSVRC2012_img_val.tar) and as its extraction (train/<wnid>/*.JPEG, a flat val/), with one devkit
+folder for both. Then runs the whole preprocessing (python -m preprocessing.make_data: check, write,
+img_size 256, whole batches only) on each, with 1 and 2 workers, from scratch each time (outputs
+deleted: the archive runs include indexing the archives), passes interleaved, all inputs in the page
+cache. Prints the median time of --repeats passes and the ratio archive / folders at the same number
+of workers (goal: at most 1.10).
+"""
+import argparse
+import io
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import scipy.io
+import yaml
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def photo(rng, size):
+    """JPEG bytes of a size x size image: a smooth random colour field (an 8 x 8 grid, bicubic) plus
+    grain, compressing like a photo (about 20 KB at 256 px, quality 90)."""
+    field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    grain = rng.normal(0, 6, (size, size, 3))
+    im = Image.fromarray(np.clip(np.asarray(field) + grain, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format='JPEG', quality=90)
+    return buf.getvalue()
+
+
+def add(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_dataset(root, classes, per_class, n_val, size):
+    """Folders and archives of the same JPEGs, and a devkit folder; returns the total bytes of JPEGs."""
+    rng = np.random.default_rng(0)
+    wnids = [f'n{10000000 + 7919 * i:08d}' for i in range(classes)]
+    os.makedirs(os.path.join(root, 'tars'))
+    total = 0
+    with tarfile.open(os.path.join(root, 'tars', 'ILSVRC2012_img_train.tar'), 'w') as outer:
+        for wnid in wnids:
+            folder = os.path.join(root, 'folders', 'train', wnid)
+            os.makedirs(folder)
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
+                for j in range(per_class):
+                    name, data = f'{wnid}_{j}.JPEG', photo(rng, size)
+                    total += len(data)
+                    with open(os.path.join(folder, name), 'wb') as f:
+                        f.write(data)
+                    add(inner, name, data)
+            add(outer, f'{wnid}.tar', inner_bytes.getvalue())
+    val_dir, kit = os.path.join(root, 'folders', 'val'), os.path.join(root, 'devkit', 'data')
+    os.makedirs(val_dir)
+    os.makedirs(kit)
+    with tarfile.open(os.path.join(root, 'tars', 'ILSVRC2012_img_val.tar'), 'w') as tar:
+        for k in range(1, n_val + 1):
+            name, data = f'ILSVRC2012_val_{k:08d}.JPEG', photo(rng, size)
+            total += len(data)
+            with open(os.path.join(val_dir, name), 'wb') as f:
+                f.write(data)
+            add(tar, name, data)
+    synsets = np.array([(i + 1, w, f'class {i}') for i, w in enumerate(wnids)],
+                       dtype=[('ILSVRC2014_ID', 'O'), ('WNID', 'O'), ('words', 'O')])
+    scipy.io.savemat(os.path.join(kit, 'meta_clsloc.mat'), {'synsets': synsets})
+    with open(os.path.join(kit, 'ILSVRC2014_clsloc_validation_ground_truth.txt'), 'w') as f:
+        f.write(''.join(f'{k % classes + 1}\n' for k in range(n_val)))
+    return total
+
+
+def paths_file(root, source, batch_size):
+    inputs = {'folders': ('folders/train', 'folders/val'),
+              'archive': ('tars/ILSVRC2012_img_train.tar', 'tars/ILSVRC2012_img_val.tar')}[source]
+    out = f'out_{source}'
+    cfg = dict(train_img_dir=inputs[0], val_img_dir=inputs[1], devkit='devkit', layout='auto',
+               tar_root_dir=out, tar_train_dir=f'{out}/train_hkl', tar_val_dir=f'{out}/val_hkl',
+               misc_dir=f'{out}/misc', img_size=256, batch_size=batch_size, sub_batches=[1])
+    path = os.path.join(root, f'{source}.yaml')
+    with open(path, 'w') as f:
+        yaml.safe_dump(cfg, f)
+    return path, os.path.join(root, out)
+
+
+def one_pass(paths, out, workers):
+    """Seconds for a whole preprocessing run from scratch, in a fresh process (as a user runs it)."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, '-m', 'preprocessing.make_data', paths, '--workers', str(workers)],
+                       cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if r.returncode:
+        sys.exit(f'preprocessing failed: {r.stderr.strip()}')
+    return seconds
+
+
+def same_outputs(a, b):
+    """The two runs wrote the same batches, labels, mean and lists (a check, not a timing)."""
+    names = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs
+                   if not f.endswith(('.index.npz', 'fingerprint.json', 'dataset.yaml')))
+    return all(open(os.path.join(a, n), 'rb').read() == open(os.path.join(b, n), 'rb').read() for n in names)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='python -m benchmarks.archives', description=__doc__.split('\n\n')[0])
+    p.add_argument('--classes', type=int, default=10)
+    p.add_argument('--per-class', type=int, default=100)
+    p.add_argument('--val', type=int, default=200, help='val images')
+    p.add_argument('--size', type=int, default=256, help='side of the generated JPEGs')
+    p.add_argument('--batch', type=int, default=100, help='batch_size')
+    p.add_argument('--workers', type=int, nargs='+', default=[1, 2])
+    p.add_argument('--repeats', type=int, default=3)
+    args = p.parse_args(argv)
+    root = tempfile.mkdtemp(prefix='bench_archives_')
+    try:
+        jpeg_bytes = make_dataset(root, args.classes, args.per_class, args.val, args.size)
+        n = args.classes * args.per_class + args.val
+        runs = {(s, w): [] for w in args.workers for s in ('folders', 'archive')}
+        files = {s: paths_file(root, s, args.batch) for s in ('folders', 'archive')}
+        for _ in range(args.repeats):
+            for (source, workers), times in runs.items():  # interleaved: load changes hit every row
+                times.append(one_pass(*files[source], workers))
+        identical = same_outputs(files['folders'][1], files['archive'][1])
+        print(f'{n} JPEGs of {args.size} px ({jpeg_bytes / n / 1024:.0f} KiB on average; {args.classes} classes), '
+              f'img_size 256, batch {args.batch}; {platform.processor() or platform.machine()}, '
+              f'{os.cpu_count()} cores; median of {args.repeats} passes; outputs identical: {identical}')
+        print('\n| source | workers | seconds (median) | img/s | time × folders (same workers) |')
+        print('|---|---:|---:|---:|---:|')
+        for (source, workers), times in runs.items():
+            med = statistics.median(times)
+            ratio = med / statistics.median(runs[('folders', workers)])
+            print(f'| {source} | {workers} | {med:.2f} | {n / med:.0f} | {ratio:.3f} |')
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
