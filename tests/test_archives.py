@@ -7,6 +7,8 @@ every output must match byte for byte.
 """
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -15,7 +17,8 @@ import scipy.io
 import yaml
 
 from preprocessing import archives, make_data
-from tests.test_preprocessing import (WNIDS, batches, decode, listed, make_train, make_val_imagenet,
+from preprocessing.paths import KEYS, load_paths
+from tests.test_preprocessing import (REPO, WNIDS, batches, decode, listed, make_train, make_val_imagenet,
                                       one_line_error, run, run_sh, solid, write_paths)
 
 # devkit synsets as (ILSVRC id, WNID, words): the 2014 and 2012 devkits number the classes differently
@@ -380,9 +383,6 @@ def test_cifar_pickle_versions_and_bad_files_are_refused(tmp_path):
 
 def test_archives_benchmark_prints_its_table():
     """benchmarks/archives.py runs and prints a row per source and worker count (tiny: not a timing)."""
-    import subprocess
-    import sys
-    from tests.test_preprocessing import REPO
     r = subprocess.run([sys.executable, '-m', 'benchmarks.archives', '--classes', '2', '--per-class', '4',
                         '--val', '4', '--batch', '4', '--size', '64', '--repeats', '1'],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -391,3 +391,30 @@ def test_archives_benchmark_prints_its_table():
     assert [row.split(' | ')[:2] for row in rows] == [['| folders', '1'], ['| archive', '1'],
                                                       ['| folders', '2'], ['| archive', '2']]
     assert 'outputs identical: True' in r.stdout and rows[0].endswith('| 1.000 |')
+
+
+@pytest.mark.parametrize('name', ['cifar10_bin_paths.yaml', 'cifar100_bin_paths.yaml'])
+def test_shipped_cifar_paths_files(name):
+    path = REPO / 'preprocessing' / name
+    cfg = load_paths(path)
+    keys = [line.split(':')[0] for line in path.read_text().splitlines() if line and not line.startswith('#')]
+    assert sorted(keys) == sorted(KEYS) and cfg['layout'] == name.split('_paths')[0]
+    assert cfg['train_img_dir'] == cfg['val_img_dir'] == str(REPO / 'data' / 'raw' / (
+        'cifar-10-binary.tar.gz' if name.startswith('cifar10_') else 'cifar-100-binary.tar.gz'))
+
+
+def test_train_py_trains_on_the_cifar_binary_archive(tmp_path):
+    """The whole path: cifar-10-binary.tar.gz -> generate_data.sh -> train.py (CPU)."""
+    folder = tmp_path / 'raw' / 'cifar-10-batches-bin'
+    make_cifar(folder, 'cifar10_bin')
+    archive = tar_gz(folder, tmp_path / 'raw' / 'cifar-10-binary.tar.gz')
+    assert run_sh('generate_data.sh', str(cifar_paths(tmp_path, 'out', archive)), cwd=tmp_path).returncode == 0
+    out = tmp_path / 'out'
+    r = subprocess.run(
+        [sys.executable, str(REPO / 'train.py'), 'model=alexnet_cifar', 'crop_size=28', 'batch_size=4',
+         'gpu=cpu', 'n_epochs=1', 'print_freq=5', f'weights_dir={tmp_path / "w"}',
+         f'train_folder={out}/train_hkl_b4_b_4', f'val_folder={out}/val_hkl_b4_b_4',
+         f'label_folder={out}/labels', f'mean_file={out}/misc/img_mean.npy'],
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert '10 classes' in r.stdout and 'done: epoch 1' in r.stdout
