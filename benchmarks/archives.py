@@ -9,11 +9,13 @@ ILSVRC2012_img_val.tar) and as its extraction (train/<wnid>/*.JPEG, a flat val/)
 folder for both. Then runs the whole preprocessing (python -m preprocessing.make_data: check, write,
 img_size 256, whole batches only) on each, with 1 and 2 workers, from scratch each time (outputs
 deleted: the archive runs include indexing the archives), passes interleaved, all inputs in the page
-cache. Prints the median time of --repeats passes and the ratio archive / folders at the same number
-of workers (goal: at most 1.10).
+cache. Prints the median wall and CPU time (all its processes) of --repeats passes, from the start of
+make_data to its end (not the interpreter start), and the ratios archive / folders at the same
+number of workers (goal: at most 1.10). On a shared machine the CPU time is the steadier figure.
 """
 import argparse
 import io
+import json
 import os
 import platform
 import shutil
@@ -22,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import numpy as np
 import scipy.io
@@ -99,16 +100,27 @@ def paths_file(root, source, batch_size):
     return path, os.path.join(root, out)
 
 
+PASS = """
+import json, resource, sys, time
+from preprocessing import make_data
+start = time.perf_counter()
+make_data.make_data(sys.argv[1], workers=int(sys.argv[2]))
+wall = time.perf_counter() - start
+cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
+print(json.dumps([wall, cpu]))
+"""
+
+
 def one_pass(paths, out, workers):
-    """Seconds for a whole preprocessing run from scratch, in a fresh process (as a user runs it)."""
+    """(wall seconds, CPU seconds of all its processes) of a whole preprocessing run from scratch, in
+    a fresh process; the interpreter's start and imports (about 1 s) are not counted."""
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    r = subprocess.run([sys.executable, '-m', 'preprocessing.make_data', paths, '--workers', str(workers)],
-                       cwd=ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    r = subprocess.run([sys.executable, '-c', PASS, paths, str(workers)], cwd=ROOT, capture_output=True,
+                       text=True)
     if r.returncode:
         sys.exit(f'preprocessing failed: {r.stderr.strip()}')
-    return seconds
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def same_outputs(a, b):
@@ -135,18 +147,20 @@ def main(argv=None):
         runs = {(s, w): [] for w in args.workers for s in ('folders', 'archive')}
         files = {s: paths_file(root, s, args.batch) for s in ('folders', 'archive')}
         for _ in range(args.repeats):
-            for (source, workers), times in runs.items():  # interleaved: load changes hit every row
-                times.append(one_pass(*files[source], workers))
+            for (source, workers), passes in runs.items():  # interleaved: load changes hit every row
+                passes.append(one_pass(*files[source], workers))
         identical = same_outputs(files['folders'][1], files['archive'][1])
         print(f'{n} JPEGs of {args.size} px ({jpeg_bytes / n / 1024:.0f} KiB on average; {args.classes} classes), '
               f'img_size 256, batch {args.batch}; {platform.processor() or platform.machine()}, '
               f'{os.cpu_count()} cores; median of {args.repeats} passes; outputs identical: {identical}')
-        print('\n| source | workers | seconds (median) | img/s | time × folders (same workers) |')
-        print('|---|---:|---:|---:|---:|')
-        for (source, workers), times in runs.items():
-            med = statistics.median(times)
-            ratio = med / statistics.median(runs[('folders', workers)])
-            print(f'| {source} | {workers} | {med:.2f} | {n / med:.0f} | {ratio:.3f} |')
+        print('\n| source | workers | wall s (median) | img/s | wall × folders | CPU s (median) | CPU × folders |')
+        print('|---|---:|---:|---:|---:|---:|---:|')
+        for (source, workers), passes in runs.items():
+            wall, cpu = (statistics.median(p[i] for p in passes) for i in (0, 1))
+            base = runs[('folders', workers)]
+            base_wall, base_cpu = (statistics.median(p[i] for p in base) for i in (0, 1))
+            print(f'| {source} | {workers} | {wall:.2f} | {n / wall:.0f} | {wall / base_wall:.3f} | {cpu:.2f} '
+                  f'| {cpu / base_cpu:.3f} |')
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -21,9 +21,8 @@ from tqdm import tqdm
 
 from lib.atomic import atomic_write
 from preprocessing import PrepError
-from preprocessing.sources import ArchiveSource, Window
+from preprocessing.sources import IMAGE_EXTS, ArchiveSource, Window
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png')  # as layouts.IMAGE_EXTS (compared lower-case)
 INDEX_VERSION = 1
 
 

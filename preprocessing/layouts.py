@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 from preprocessing import PrepError, archives, cifar
 from preprocessing.devkit import read_devkit
-from preprocessing.sources import FolderSource
+from preprocessing.sources import IMAGE_EXTS, FolderSource
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png')  # compared lower-case
 VAL_NUMBER = re.compile(r'_(\d+)\.[^.]+$')  # ILSVRC2012_val_00000001.JPEG -> ground-truth line 1
 
 
@@ -51,9 +50,9 @@ def list_dataset(cfg):
         for key in ('train_img_dir', 'val_img_dir'):
             if not os.path.exists(cfg[key]):
                 raise PrepError(f'{key} {cfg[key]} does not exist')
-            if not archives.is_archive(cfg[key]):
-                raise PrepError(f'layout imagenet_tar: {key} {cfg[key]} is not a .tar file (extracted '
-                                f'folders: layout imagenet)')
+        if not archives.is_archive(cfg['train_img_dir']):
+            raise PrepError(f'layout imagenet_tar: train_img_dir {cfg["train_img_dir"]} is not a .tar file '
+                            f'(extracted folders: layout imagenet)')
         classes, train_source = archives.train_archive(cfg['train_img_dir'], cfg['misc_dir'])
         train = train_source.names
     else:
@@ -63,7 +62,7 @@ def list_dataset(cfg):
         val, val_labels = list_val_folders(cfg, classes)
         return Listing(layout, classes, train, val, val_labels,
                        {'train': train_source, 'val': FolderSource(cfg['val_img_dir'])})
-    if layout == 'imagenet_tar':
+    if layout == 'imagenet_tar' and archives.is_archive(cfg['val_img_dir']):  # (or extracted: a folder)
         val_source = archives.val_archive(cfg['val_img_dir'], cfg['misc_dir'])
         names = val_source.names
     else:
@@ -74,6 +73,8 @@ def list_dataset(cfg):
 
 
 def list_train_folders(cfg):
+    if archives.is_archive(cfg['train_img_dir']):
+        raise PrepError(f'train_img_dir {cfg["train_img_dir"]} is a .tar file: use layout imagenet_tar (or auto)')
     classes = subfolders(cfg['train_img_dir'])
     if not classes:
         raise PrepError(f'no class folders in {cfg["train_img_dir"]}')

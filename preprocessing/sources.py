@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from preprocessing import PrepError
 
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png')  # the image files listed (compared lower-case), in every layout
+
 
 @dataclass(frozen=True)
 class Member:

@@ -171,6 +171,13 @@ def test_devkit_folder_of_either_version(imagenet_pair, tmp_path):
             (root / 'ref' / 'labels' / f'{split}_labels.npy').read_bytes()
 
 
+def test_train_archive_with_an_extracted_val_folder(imagenet_pair):
+    """layout imagenet_tar reads a val folder too (val extracted, train not): the same outputs."""
+    root = imagenet_pair[0]
+    run(archive_paths(root, 'mixed', val_img_dir='raw/val', layout='imagenet_tar'))
+    same_outputs(root / 'ref', root / 'mixed')
+
+
 def test_archive_resume_reuses_the_index(imagenet_pair, monkeypatch):
     """A rerun neither rescans the archives (index in misc_dir) nor rewrites finished batches; a
     changed archive is indexed again."""
@@ -228,6 +235,8 @@ def test_archive_errors_are_one_line_and_lose_nothing(imagenet_pair, tmp_path):
     data = (tars / 'ILSVRC2012_img_train.tar').read_bytes()
     cut.write_bytes(data[:len(data) // 2])
     one_line_error(run_sh('generate_data.sh', paths('err4', train_img_dir=str(cut)), cwd=cwd), str(cut))
+    one_line_error(run_sh('generate_data.sh', paths('err6', layout='imagenet'), cwd=cwd),
+                   'ILSVRC2012_img_train.tar', 'layout imagenet_tar')
     gone = tmp_path / 'gone.tar'
     one_line_error(run_sh('generate_data.sh', paths('err5', layout='imagenet_tar', train_img_dir=str(gone)),
                           cwd=cwd), str(gone))
@@ -418,3 +427,32 @@ def test_train_py_trains_on_the_cifar_binary_archive(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert '10 classes' in r.stdout and 'done: epoch 1' in r.stdout
+
+
+def read_bytes_so_far():
+    with open('/proc/self/io') as f:
+        return int(next(line for line in f if line.startswith('rchar:')).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/io'), reason='needs Linux /proc/self/io')
+def test_indexing_reads_headers_not_images(tmp_path):
+    """Indexing a 12 MiB tar of class tars reads its headers only (bytes read by this process, all
+    system calls counted), and yields each member's offset: memory and reads stay bounded."""
+    rng = np.random.default_rng(0)
+    blobs = {}
+    with tarfile.open(tmp_path / 'train.tar', 'w') as outer:
+        for c in range(3):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode='w') as inner:
+                for j in range(4):
+                    blobs[f'n0{c}/{j}.JPEG'] = rng.bytes(1 << 20)
+                    add_bytes(inner, f'{j}.JPEG', blobs[f'n0{c}/{j}.JPEG'])
+            add_bytes(outer, f'n0{c}.tar', buf.getvalue())
+    before = read_bytes_so_far()
+    classes, source = archives.train_archive(str(tmp_path / 'train.tar'), str(tmp_path / 'misc'))
+    assert read_bytes_so_far() - before < 256 * 1024   # 15 headers of 512 bytes; 12 MiB of images
+    assert classes == ['n00', 'n01', 'n02'] and source.names == sorted(blobs)
+    data = (tmp_path / 'train.tar').read_bytes()
+    for name in source.names:
+        m = source.locate(name)
+        assert data[m.offset:m.offset + m.size] == blobs[name]
