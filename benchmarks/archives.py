@@ -1,6 +1,6 @@
 """Preprocessing speed: ImageNet's official archives read in place vs. the same images extracted.
 
-    .venv/bin/python -m benchmarks.archives                      # 1,200 JPEGs of 256 px, 1 and 2 workers
+    .venv/bin/python -m benchmarks.archives                      # 1,800 JPEGs of 256 px, 1 and 2 workers
     .venv/bin/python -m benchmarks.archives --classes 20 --per-class 200 --repeats 5
 
 Generates one dataset of synthetic photo-like JPEGs (smooth colour fields plus grain, 256 x 256,
@@ -12,6 +12,8 @@ deleted: the archive runs include indexing the archives), passes interleaved, al
 cache. Prints the median wall and CPU time (all its processes) of --repeats passes, from the start of
 make_data to its end (not the interpreter start), and the ratios archive / folders at the same
 number of workers (goal: at most 1.10). On a shared machine the CPU time is the steadier figure.
+Then times the read path alone in this process: every training image read, decoded and resized from
+the folder and from the archive (what the workers do, without the writing).
 """
 import argparse
 import io
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 import numpy as np
 import scipy.io
@@ -130,15 +133,34 @@ def same_outputs(a, b):
     return all(open(os.path.join(a, n), 'rb').read() == open(os.path.join(b, n), 'rb').read() for n in names)
 
 
+def read_only(root, repeats):
+    """{source: median seconds} to read, decode and resize every training image in this process, from
+    the folders and from the archive (its index made by the archive passes): the read path alone."""
+    from preprocessing.archives import train_archive
+    from preprocessing.images import load_rgb
+    from preprocessing.sources import FolderSource
+    _, members = train_archive(os.path.join(root, 'tars', 'ILSVRC2012_img_train.tar'),
+                               os.path.join(root, 'out_archive', 'misc'))
+    sources = {'folders': FolderSource(os.path.join(root, 'folders', 'train')), 'archive': members}
+    times = {s: [] for s in sources}
+    for _ in range(repeats):
+        for name, source in sources.items():
+            start = time.perf_counter()
+            for f in members.names:
+                load_rgb(source.locate(f), 256)
+            times[name].append(time.perf_counter() - start)
+    return {s: statistics.median(t) for s, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog='python -m benchmarks.archives', description=__doc__.split('\n\n')[0])
     p.add_argument('--classes', type=int, default=10)
-    p.add_argument('--per-class', type=int, default=100)
-    p.add_argument('--val', type=int, default=200, help='val images')
+    p.add_argument('--per-class', type=int, default=150)
+    p.add_argument('--val', type=int, default=300, help='val images')
     p.add_argument('--size', type=int, default=256, help='side of the generated JPEGs')
     p.add_argument('--batch', type=int, default=100, help='batch_size')
     p.add_argument('--workers', type=int, nargs='+', default=[1, 2])
-    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--repeats', type=int, default=5)
     args = p.parse_args(argv)
     root = tempfile.mkdtemp(prefix='bench_archives_')
     try:
@@ -161,6 +183,14 @@ def main(argv=None):
             base_wall, base_cpu = (statistics.median(p[i] for p in base) for i in (0, 1))
             print(f'| {source} | {workers} | {wall:.2f} | {n / wall:.0f} | {wall / base_wall:.3f} | {cpu:.2f} '
                   f'| {cpu / base_cpu:.3f} |')
+        read = read_only(root, args.repeats)
+        n_train = args.classes * args.per_class
+        print(f'\nread + decode + resize to 256 of the {n_train} training images, one process, no writing '
+              f'(median of {args.repeats}):\n')
+        print('| source | seconds | img/s | time × folders |')
+        print('|---|---:|---:|---:|')
+        for source, seconds in read.items():
+            print(f'| {source} | {seconds:.3f} | {n_train / seconds:.0f} | {seconds / read["folders"]:.3f} |')
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -11,9 +11,11 @@ Outputs (B = batch_size, S = img_size, n in sub_batches; paths as set in the pat
     <tar_root_dir>/labels/{train,val}_labels.npy        int64, one per image in the batch files
                           {train,val}_labels_<i>.npy    n = 2: labels of part i of every batch
                           {train,val}_labels_b<B//n>_<i>.npy  other n > 1
-    <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders
+    <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders;
+                                        class_words (imagenet layouts: the devkit's names of the classes)
     <misc_dir>/shuffled_train_filenames.npy, img_mean.npy (float32 (3, S, S), over all training
-        batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json
+        batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json,
+        <archive>.index.npz (layout imagenet_tar: where each image lies in the archive, see archives.py)
     traintxt_filename ("<class>/<file> <label>", shuffled order), valtxt_filename ("<file> <label>")
 
 Two phases make the batches independent of the number of workers: 1) decode every listed file, giving
@@ -137,13 +139,13 @@ def describe(cfg, listing, toy, valid, bad, n_batches):
     words = {'class_words': listing.class_words} if listing.class_words else {}
     labels = {'cifar100_labels': cfg['cifar100_labels']} if listing.layout == 'cifar100_bin' else {}
     return {
-        'num_classes': len(listing.classes), 'class_names': listing.classes, **words, **labels,
-        'img_size': cfg['img_size'],
+        'num_classes': len(listing.classes), 'class_names': listing.classes, 'img_size': cfg['img_size'],
         'pad': cfg['pad'],
         'batch_size': batch_size, 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy,
         'counts': counts, 'bad_files': {s: len(bad[s]) for s in bad},
         'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'devkit', 'meta_clsloc_mat',
                                        'val_label_file')},
+        **labels, **words,
     }
 
 

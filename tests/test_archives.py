@@ -396,10 +396,12 @@ def test_archives_benchmark_prints_its_table():
                         '--val', '4', '--batch', '4', '--size', '64', '--repeats', '1'],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and '---' not in line][1:]
-    assert [row.split(' | ')[:2] for row in rows] == [['| folders', '1'], ['| archive', '1'],
-                                                      ['| folders', '2'], ['| archive', '2']]
-    assert 'outputs identical: True' in r.stdout and rows[0].endswith('| 1.000 |')
+    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and '---' not in line]
+    cells = [row.split(' | ') for row in rows]                      # two tables: passes, then reads
+    assert [c[0] for c in cells] == ['| source', '| folders', '| archive', '| folders', '| archive',
+                                     '| source', '| folders', '| archive']
+    assert [c[1] for c in cells[1:5]] == ['1', '1', '2', '2']
+    assert 'outputs identical: True' in r.stdout and rows[1].endswith('| 1.000 |') and rows[6].endswith('| 1.000 |')
 
 
 @pytest.mark.parametrize('name', ['cifar10_bin_paths.yaml', 'cifar100_bin_paths.yaml'])
