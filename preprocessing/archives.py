@@ -12,9 +12,11 @@ the folder <wnid>; `<file>` for val), and only the members that extraction would
 folders with an image extension are listed (not directories, links, other files), exactly as the
 folder listing does: every output is the same as from the extracted folders.
 """
+import multiprocessing
 import os
 import tarfile
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 from tqdm import tqdm
@@ -22,13 +24,15 @@ from tqdm import tqdm
 from lib.atomic import atomic_write
 from preprocessing import PrepError
 from preprocessing.sources import IMAGE_EXTS, ArchiveSource, Window
+from preprocessing.writer import worker_signals
 
 INDEX_VERSION = 1
 
 
-def train_archive(archive, misc_dir):
-    """(classes sorted, ArchiveSource of '<wnid>/<file>' names) of the train tar of class tars."""
-    classes, source = load_index(archive, misc_dir, scan_train)
+def train_archive(archive, misc_dir, workers=1):
+    """(classes sorted, ArchiveSource of '<wnid>/<file>' names) of the train tar of class tars; the
+    class tars are indexed in `workers` processes."""
+    classes, source = load_index(archive, misc_dir, partial(scan_train, workers=workers))
     counts = {}
     for name in source.names:
         c = name.split('/', 1)[0]
@@ -75,26 +79,49 @@ def load_index(archive, misc_dir, scan):
     return classes, ArchiveSource(archive, names, offsets, sizes)
 
 
-def scan_train(archive):
-    """(sorted class names, {'<wnid>/<file>': (offset, size)}) from the headers of a tar of tars."""
-    classes, entries = set(), {}
-    with open_tar(archive) as (raw, outer), progress(archive) as bar:
+def scan_train(archive, workers=1):
+    """(sorted class names, {'<wnid>/<file>': (offset, size)}) from the headers of a tar of tars: the
+    outer headers here, then the class tars in `workers` processes (each opens the archive itself)."""
+    jobs = []
+    with open_tar(archive) as (_, outer):
         for m in outer:
-            bar.update(m.offset_data + m.size - bar.n)
             name = direct_name(m)
-            if name is None or not name.endswith('.tar') or name.startswith('.'):
-                continue  # extracted, a file beside the class folders: not listed
-            wnid = name[:-4]
-            classes.add(wnid)
-            try:
-                inner = tarfile.open(fileobj=Window(raw.fileno(), m.offset_data, m.size), mode='r:')
-                for im in inner:  # (a fresh TarFile per class: its member list is dropped after)
-                    if listed(im):
-                        entries[f'{wnid}/{direct_name(im)}'] = (m.offset_data + im.offset_data, im.size)
-            except tarfile.TarError as e:
-                raise PrepError(f'{archive}: member {m.name} is not a readable tar ({e}; is the archive '
-                               f'truncated?)') from None
-    return sorted(classes), entries
+            if m.isreg() and name is not None and name.endswith('.tar') and not name.startswith('.'):
+                jobs.append((archive, m.name, m.offset_data, m.size))
+            # (anything else is extracted beside the class folders: not listed)
+    entries = {}
+    with tqdm(total=len(jobs), desc=f'index {os.path.basename(archive)}', unit='class', disable=None) as bar:
+        if workers == 1:
+            scans = map(scan_class, jobs)
+        else:
+            pool = multiprocessing.Pool(min(workers, max(len(jobs), 1)), initializer=worker_signals)
+            scans = pool.imap(scan_class, jobs)
+        try:
+            for found in scans:  # in archive order: a class tar given twice adds to the first
+                entries.update(found)
+                bar.update()
+        finally:
+            if workers != 1:
+                pool.terminate()
+    return sorted({direct_name_of(job[1])[:-4] for job in jobs}), entries
+
+
+def scan_class(job):
+    """{'<wnid>/<file>': (offset in the archive, size)} of one class tar inside the archive."""
+    archive, member, offset, size = job
+    wnid = direct_name_of(member)[:-4]
+    entries = {}
+    try:
+        with open(archive, 'rb', buffering=0) as raw:
+            for im in tarfile.open(fileobj=Window(raw.fileno(), offset, size), mode='r:'):
+                if listed(im):
+                    entries[f'{wnid}/{direct_name(im)}'] = (offset + im.offset_data, im.size)
+    except OSError as e:
+        raise PrepError(f'cannot read archive {archive}: {e.strerror}') from None
+    except tarfile.TarError as e:
+        raise PrepError(f'{archive}: member {member} is not a readable tar ({e}; is the archive '
+                        f'truncated?)') from None
+    return entries
 
 
 def scan_val(archive):
@@ -134,7 +161,10 @@ def progress(archive):
 
 def direct_name(member):
     """The member's file name if extraction puts it directly in the target folder, else None."""
-    name = member.name
+    return direct_name_of(member.name)
+
+
+def direct_name_of(name):
     while name.startswith('./'):
         name = name[2:]
     return name if name and '/' not in name and name not in ('.', '..') else None

@@ -41,8 +41,9 @@ class Listing:
         return [index[f.split('/', 1)[0]] for f in files]
 
 
-def list_dataset(cfg):
-    """The Listing of the dataset described by a loaded paths file."""
+def list_dataset(cfg, workers=1):
+    """The Listing of the dataset described by a loaded paths file (`workers` processes index the
+    class tars of an ImageNet train archive)."""
     layout = resolve_layout(cfg)
     if layout in cifar.LAYOUTS:
         return Listing(layout, *cifar.list_cifar(cfg, layout))
@@ -53,7 +54,7 @@ def list_dataset(cfg):
         if not archives.is_archive(cfg['train_img_dir']):
             raise PrepError(f'layout imagenet_tar: train_img_dir {cfg["train_img_dir"]} is not a .tar file '
                             f'(extracted folders: layout imagenet)')
-        classes, train_source = archives.train_archive(cfg['train_img_dir'], cfg['misc_dir'])
+        classes, train_source = archives.train_archive(cfg['train_img_dir'], cfg['misc_dir'], workers)
         train = train_source.names
     else:
         classes, train = list_train_folders(cfg)

@@ -49,7 +49,7 @@ def make_data(paths_file, toy=False, workers=None):
     start = time.perf_counter()
     cfg = load_paths(paths_file)
     workers = workers or cfg['workers'] or available_cores()
-    listing = list_dataset(cfg)
+    listing = list_dataset(cfg, workers)
     folders = [batch_dir(d, cfg['batch_size'], n) for d in (cfg['tar_train_dir'], cfg['tar_val_dir'])
                for n in cfg['sub_batches']]
     labels_dir = os.path.join(cfg['tar_root_dir'], 'labels')
