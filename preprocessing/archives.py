@@ -126,7 +126,7 @@ def scan_class(job):
 
 def scan_val(archive):
     """([], {'<file>': (offset, size)}) from the headers of a flat tar."""
-    with open_tar(archive) as (raw, tar), progress(archive) as bar:
+    with open_tar(archive) as (_, tar), progress(archive) as bar:
         entries = {}
         for m in tar:
             bar.update(m.offset_data + m.size - bar.n)
