@@ -27,6 +27,7 @@ from preprocessing.sources import IMAGE_EXTS, ArchiveSource, Window
 from preprocessing.writer import worker_signals
 
 INDEX_VERSION = 1
+PARALLEL_CLASSES = 64  # fewer class tars are indexed in the main process (a pool costs ~20 ms to start)
 
 
 def train_archive(archive, misc_dir, workers=1):
@@ -91,17 +92,15 @@ def scan_train(archive, workers=1):
             # (anything else is extracted beside the class folders: not listed)
     entries = {}
     with tqdm(total=len(jobs), desc=f'index {os.path.basename(archive)}', unit='class', disable=None) as bar:
-        if workers == 1:
-            scans = map(scan_class, jobs)
-        else:
-            pool = multiprocessing.Pool(min(workers, max(len(jobs), 1)), initializer=worker_signals)
-            scans = pool.imap(scan_class, jobs)
+        pool = None
+        if workers > 1 and len(jobs) >= PARALLEL_CLASSES:
+            pool = multiprocessing.Pool(workers, initializer=worker_signals)
         try:
-            for found in scans:  # in archive order: a class tar given twice adds to the first
-                entries.update(found)
+            for found in (pool.imap(scan_class, jobs) if pool else map(scan_class, jobs)):
+                entries.update(found)  # in archive order: a class tar given twice adds to the first
                 bar.update()
         finally:
-            if workers != 1:
+            if pool:
                 pool.terminate()
     return sorted({direct_name_of(job[1])[:-4] for job in jobs}), entries
 

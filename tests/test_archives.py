@@ -137,9 +137,11 @@ def same_outputs(a, b):
 
 @pytest.mark.parametrize('devkit,workers', [('tars/ILSVRC2014_devkit.tgz', 2),
                                             ('tars/ILSVRC2012_devkit_t12.tar.gz', 1)])
-def test_archives_give_what_the_extracted_folders_give(imagenet_pair, devkit, workers):
+def test_archives_give_what_the_extracted_folders_give(imagenet_pair, devkit, workers, monkeypatch):
     """Labels, shuffle, batches, mean, lists and bad members byte-identical to the extracted tree,
-    with either devkit (their ILSVRC ids differ), 1 or 2 workers; auto detects the archives."""
+    with either devkit (their ILSVRC ids differ), 1 or 2 workers (indexing the class tars too);
+    auto detects the archives."""
+    monkeypatch.setattr(archives, 'PARALLEL_CLASSES', 1)
     root, train, val = imagenet_pair
     name = f'arch_{workers}'
     run(archive_paths(root, name, devkit=devkit, workers=workers))
@@ -229,8 +231,8 @@ def test_archive_errors_are_one_line_and_lose_nothing(imagenet_pair, tmp_path):
     fake = tmp_path / 'fake.tar'
     with tarfile.open(fake, 'w') as tar:
         add_bytes(tar, 'n01000001.tar', b'not a tar' * 300)
-    one_line_error(run_sh('generate_data.sh', paths('err3', train_img_dir=str(fake), workers=2), cwd=cwd),
-                   str(fake), 'n01000001.tar')                          # raised in a worker process
+    one_line_error(run_sh('generate_data.sh', paths('err3', train_img_dir=str(fake)), cwd=cwd), str(fake),
+                   'n01000001.tar')
     cut = tmp_path / 'cut.tar'
     data = (tars / 'ILSVRC2012_img_train.tar').read_bytes()
     cut.write_bytes(data[:len(data) // 2])
@@ -240,6 +242,19 @@ def test_archive_errors_are_one_line_and_lose_nothing(imagenet_pair, tmp_path):
     gone = tmp_path / 'gone.tar'
     one_line_error(run_sh('generate_data.sh', paths('err5', layout='imagenet_tar', train_img_dir=str(gone)),
                           cwd=cwd), str(gone))
+
+
+def test_class_tar_error_in_a_worker_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(archives, 'PARALLEL_CLASSES', 1)
+    fake = tmp_path / 'raw' / 'fake.tar'
+    fake.parent.mkdir()
+    with tarfile.open(fake, 'w') as tar:
+        add_bytes(tar, 'n01000001.tar', b'not a tar' * 300)
+    (tmp_path / 'raw' / 'val').mkdir()
+    paths = write_paths(tmp_path / 'paths.yaml', train_img_dir='raw/fake.tar', layout='auto', workers=2)
+    assert make_data.main([str(paths)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: ') and str(fake) in err and 'n01000001.tar' in err
 
 
 def test_member_is_read_through_a_window(tmp_path):
