@@ -8,12 +8,13 @@ quality 90), written both as ImageNet ships it (ILSVRC2012_img_train.tar of per-
 ILSVRC2012_img_val.tar) and as its extraction (train/<wnid>/*.JPEG, a flat val/), with one devkit
 folder for both. Then runs the whole preprocessing (python -m preprocessing.make_data: check, write,
 img_size 256, whole batches only) on each, with 1 and 2 workers, from scratch each time (outputs
-deleted: the archive runs include indexing the archives), passes interleaved, all inputs in the page
-cache. Prints the median wall and CPU time (all its processes) of --repeats passes, from the start of
-make_data to its end (not the interpreter start), and the ratios archive / folders at the same
-number of workers (goal: at most 1.10). On a shared machine the CPU time is the steadier figure.
-Then times the read path alone in this process: every training image read, decoded and resized from
-the folder and from the archive (what the workers do, without the writing).
+deleted: the archive runs include indexing the archives), passes interleaved (in reverse order every
+other repeat), all inputs in the page cache. Prints the median wall and CPU time (all its
+processes) of --repeats passes, from the start of make_data to its end (not the interpreter start),
+and the ratios archive / folders at the same number of workers (goal: at most 1.10). On a shared
+machine the CPU time is the steadier figure. Then times the read path alone in this process: every
+training image read, decoded and resized from the folder and from the archive (what the workers
+do, without the writing), alternating too.
 """
 import argparse
 import io
@@ -143,8 +144,8 @@ def read_only(root, repeats):
                                os.path.join(root, 'out_archive', 'misc'))
     sources = {'folders': FolderSource(os.path.join(root, 'folders', 'train')), 'archive': members}
     times = {s: [] for s in sources}
-    for _ in range(repeats):
-        for name, source in sources.items():
+    for r in range(repeats):
+        for name, source in list(sources.items())[::1 if r % 2 == 0 else -1]:
             start = time.perf_counter()
             for f in members.names:
                 load_rgb(source.locate(f), 256)
@@ -168,9 +169,9 @@ def main(argv=None):
         n = args.classes * args.per_class + args.val
         runs = {(s, w): [] for w in args.workers for s in ('folders', 'archive')}
         files = {s: paths_file(root, s, args.batch) for s in ('folders', 'archive')}
-        for _ in range(args.repeats):
-            for (source, workers), passes in runs.items():  # interleaved: load changes hit every row
-                passes.append(one_pass(*files[source], workers))
+        for r in range(args.repeats):  # interleaved, in reverse order every other time: load changes
+            for source, workers in list(runs)[::1 if r % 2 == 0 else -1]:      # and order hit every row
+                runs[(source, workers)].append(one_pass(*files[source], workers))
         identical = same_outputs(files['folders'][1], files['archive'][1])
         print(f'{n} JPEGs of {args.size} px ({jpeg_bytes / n / 1024:.0f} KiB on average; {args.classes} classes), '
               f'img_size 256, batch {args.batch}; {platform.processor() or platform.machine()}, '
