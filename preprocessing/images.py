@@ -7,7 +7,9 @@ extension), EXIF orientation. A file that cannot be decoded raises BadImage with
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from preprocessing.sources import opened
 
 
 class BadImage(Exception):
@@ -29,10 +31,15 @@ def open_rgb(path, size):
     JPEGs are decoded at a reduced scale (Image.draft) when they are at least twice as large as
     needed on both sides: several times faster, and the bilinear resize from >= 2x size that follows
     still averages every source pixel, so the result barely differs."""
+    with opened(path) as source:  # a path, an archive member or a CIFAR record (sources.py)
+        return decode(source, size)
+
+
+def decode(source, size):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # e.g. corrupt EXIF, large images: still decodable
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if im.format == 'JPEG':
                     im.draft('RGB', (2 * size, 2 * size))
                 im.load()
@@ -40,6 +47,8 @@ def open_rgb(path, size):
     except Exception as e:  # noqa: BLE001 -- hostile files fail in many ways (OSError, SyntaxError,
         # struct.error, DecompressionBombError...); all of them mean "not a usable image"
         reason = f'{type(e).__name__}: {e}'
+        if isinstance(e, UnidentifiedImageError):  # its message names the path or the file object:
+            reason = 'UnidentifiedImageError: cannot identify image file'  # the same for every source
         raise BadImage(' '.join(reason.split())) from None
 
 

@@ -1,33 +1,39 @@
-"""Listing the raw images of a dataset and their labels, in the two supported layouts.
+"""Listing the raw images of a dataset and their labels, in the supported layouts.
 
-imagenet: train_img_dir/<wnid>/*.JPEG, a flat val_img_dir, and the devkit: meta_clsloc.mat (struct array
-          `synsets`: field 0 = 1-based ILSVRC id, field 1 = WNID) and a ground-truth file holding the
-          ILSVRC id of each val image, one per line (ids are not in WNID order).
-folders:  train_img_dir/<class>/*, val_img_dir/<class>/*, no devkit.
-auto:     imagenet if meta_clsloc_mat exists and val_img_dir holds images directly, else folders.
-The label of a class is the index of its folder among the train folders sorted by name. Relative paths
-always use '/', so train.txt and the shuffled list are the same on every OS.
+imagenet:     train_img_dir/<wnid>/*.JPEG, a flat val_img_dir, and the devkit (devkit.py): its synsets
+              map the ILSVRC id of each val image (ground truth, one per line) to a WNID.
+imagenet_tar: the same from the official archives, not extracted (archives.py): train_img_dir =
+              ILSVRC2012_img_train.tar (a tar per class), val_img_dir = ILSVRC2012_img_val.tar; the
+              listed names, and so every output, are those the extracted folders give.
+folders:      train_img_dir/<class>/*, val_img_dir/<class>/*, no devkit.
+cifar10_bin, cifar100_bin: the CIFAR binary versions (cifar.py).
+auto:         imagenet_tar if train_img_dir is a .tar file; a CIFAR layout if it is a CIFAR binary
+              archive or folder; imagenet if the devkit exists and val_img_dir holds images directly;
+              else folders.
+The label of a class is the index of its folder among the train folders sorted by name (CIFAR: the
+label stored in each record). Relative paths always use '/', so train.txt and the shuffled list are
+the same on every OS.
 """
 import os
 import re
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.io
+from preprocessing import PrepError, archives, cifar
+from preprocessing.devkit import read_devkit
+from preprocessing.sources import IMAGE_EXTS, FolderSource
 
-from preprocessing import PrepError
-
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png')  # compared lower-case
 VAL_NUMBER = re.compile(r'_(\d+)\.[^.]+$')  # ILSVRC2012_val_00000001.JPEG -> ground-truth line 1
 
 
 @dataclass
 class Listing:
-    layout: str       # 'imagenet' or 'folders' (never 'auto')
+    layout: str       # never 'auto'
     classes: list     # class folder names, in label order
     train: list       # '<class>/<file>', sorted
     val: list         # '<file>' (imagenet) or '<class>/<file>' (folders), sorted
     val_labels: list  # label of each val file
+    sources: dict = None       # {'train': source, 'val': source}: listed name -> item (sources.py)
+    class_words: list = None   # imagenet layouts: the devkit's words of each class, in label order
 
     def train_labels(self, files):
         """Labels of train files given as '<class>/<file>' (any order)."""
@@ -35,9 +41,41 @@ class Listing:
         return [index[f.split('/', 1)[0]] for f in files]
 
 
-def list_dataset(cfg):
-    """The Listing of the dataset described by a loaded paths file."""
+def list_dataset(cfg, workers=1):
+    """The Listing of the dataset described by a loaded paths file (`workers` processes index the
+    class tars of an ImageNet train archive)."""
     layout = resolve_layout(cfg)
+    if layout in cifar.LAYOUTS:
+        return Listing(layout, *cifar.list_cifar(cfg, layout))
+    if layout == 'imagenet_tar':
+        for key in ('train_img_dir', 'val_img_dir'):
+            if not os.path.exists(cfg[key]):
+                raise PrepError(f'{key} {cfg[key]} does not exist')
+        if not archives.is_archive(cfg['train_img_dir']):
+            raise PrepError(f'layout imagenet_tar: train_img_dir {cfg["train_img_dir"]} is not a .tar file '
+                            f'(extracted folders: layout imagenet)')
+        classes, train_source = archives.train_archive(cfg['train_img_dir'], cfg['misc_dir'], workers)
+        train = train_source.names
+    else:
+        classes, train = list_train_folders(cfg)
+        train_source = FolderSource(cfg['train_img_dir'])
+    if layout == 'folders':
+        val, val_labels = list_val_folders(cfg, classes)
+        return Listing(layout, classes, train, val, val_labels,
+                       {'train': train_source, 'val': FolderSource(cfg['val_img_dir'])})
+    if layout == 'imagenet_tar' and archives.is_archive(cfg['val_img_dir']):  # (or extracted: a folder)
+        val_source = archives.val_archive(cfg['val_img_dir'], cfg['misc_dir'])
+        names = val_source.names
+    else:
+        val_source = FolderSource(cfg['val_img_dir'])
+        names = None  # listed once the devkit is read, as before
+    val, val_labels, words = list_val_imagenet(cfg, classes, names)
+    return Listing(layout, classes, train, val, val_labels, {'train': train_source, 'val': val_source}, words)
+
+
+def list_train_folders(cfg):
+    if archives.is_archive(cfg['train_img_dir']):
+        raise PrepError(f'train_img_dir {cfg["train_img_dir"]} is a .tar file: use layout imagenet_tar (or auto)')
     classes = subfolders(cfg['train_img_dir'])
     if not classes:
         raise PrepError(f'no class folders in {cfg["train_img_dir"]}')
@@ -47,19 +85,21 @@ def list_dataset(cfg):
         if not names:
             raise PrepError(f'no images ({"/".join(IMAGE_EXTS)}) in {os.path.join(cfg["train_img_dir"], c)}')
         train += [f'{c}/{n}' for n in names]
-    if layout == 'imagenet':
-        val, val_labels = list_val_imagenet(cfg, classes)
-    else:
-        val, val_labels = list_val_folders(cfg, classes)
-    return Listing(layout, classes, sorted(train), val, val_labels)
+    return classes, sorted(train)
 
 
 def resolve_layout(cfg):
     if cfg['layout'] != 'auto':
         return cfg['layout']
-    mat, val_dir = cfg['meta_clsloc_mat'], cfg['val_img_dir']
+    train_dir, val_dir = cfg['train_img_dir'], cfg['val_img_dir']
+    found = cifar.detect(train_dir)
+    if found:
+        return found
+    if archives.is_archive(train_dir):
+        return 'imagenet_tar'
+    devkit = cfg['devkit'] or cfg['meta_clsloc_mat']
     flat_val = os.path.isdir(val_dir) and image_files(val_dir)
-    return 'imagenet' if mat and os.path.isfile(mat) and flat_val else 'folders'
+    return 'imagenet' if devkit and os.path.exists(devkit) and flat_val else 'folders'
 
 
 def list_val_folders(cfg, classes):
@@ -77,16 +117,16 @@ def list_val_folders(cfg, classes):
     return files, [index[f.split('/', 1)[0]] for f in files]
 
 
-def list_val_imagenet(cfg, classes):
-    """Flat val files and their labels through ground-truth ids -> devkit WNIDs -> train folders."""
-    val_dir, gt_file, mat = cfg['val_img_dir'], cfg['val_label_file'], cfg['meta_clsloc_mat']
-    for key in ('meta_clsloc_mat', 'val_label_file'):
-        if not cfg[key]:
-            raise PrepError(f'layout imagenet needs {key} in the paths file')
-    wnid_of, ids = read_synsets(mat), read_ground_truth(gt_file)
-    names = image_files(val_dir)
+def list_val_imagenet(cfg, classes, names=None):
+    """Flat val files (`names`, or those of val_img_dir), their labels through ground-truth ids ->
+    devkit WNIDs -> train folders, and the devkit's words of each class (None if it has none)."""
+    val_dir = cfg['val_img_dir']
+    kit = read_devkit(cfg)
+    gt_file, mat, ids = kit.gt, kit.mat, kit.ground_truth
+    if names is None:
+        names = image_files(val_dir)
     if not names:
-        hint = ' (class folders need layout: folders)' if subfolders(val_dir) else ''
+        hint = ' (class folders need layout: folders)' if os.path.isdir(val_dir) and subfolders(val_dir) else ''
         raise PrepError(f'no images ({"/".join(IMAGE_EXTS)}) directly in {val_dir}{hint}')
     index = {c: i for i, c in enumerate(classes)}
     # ILSVRC names carry their ground-truth line; other names are matched by position.
@@ -97,37 +137,14 @@ def list_val_imagenet(cfg, classes):
         if not 1 <= line <= len(ids):
             raise PrepError(f'{gt_file} has {len(ids)} ids, but {name} needs line {line}')
         gt = ids[line - 1]
-        if gt not in wnid_of:
+        if gt not in kit.wnid_of:
             raise PrepError(f'ILSVRC id {gt} (line {line} of {gt_file}) is not in the synsets of {mat}')
-        if wnid_of[gt] not in index:
-            raise PrepError(f'{wnid_of[gt]} (ILSVRC id {gt}, val image {name}) is not a class folder '
+        if kit.wnid_of[gt] not in index:
+            raise PrepError(f'{kit.wnid_of[gt]} (ILSVRC id {gt}, val image {name}) is not a class folder '
                             f'in {cfg["train_img_dir"]}')
-        labels.append(index[wnid_of[gt]])
-    return names, labels
-
-
-def read_ground_truth(path):
-    try:
-        with open(path) as f:
-            words = f.read().split()
-    except OSError as e:
-        raise PrepError(f'cannot read val ground truth {path}: {e.strerror}') from None
-    try:
-        return [int(w) for w in words]
-    except ValueError as e:
-        raise PrepError(f'{path}: expected one integer ILSVRC id per line ({e})') from None
-
-
-def read_synsets(path):
-    """{ILSVRC id: WNID} from the devkit's meta_clsloc.mat."""
-    try:
-        synsets = scipy.io.loadmat(path, squeeze_me=True)['synsets']
-        return {int(s[0]): str(s[1]) for s in np.ravel(synsets)}
-    except OSError as e:
-        raise PrepError(f'cannot read devkit {path}: {e.strerror}') from None
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise PrepError(f'{path}: expected a struct array `synsets` (field 0 = ILSVRC id, 1 = WNID) '
-                        f'({type(e).__name__}: {e})') from None
+        labels.append(index[kit.wnid_of[gt]])
+    words = [kit.words_of.get(c) for c in classes]
+    return names, labels, (words if None not in words else None)
 
 
 def subfolders(folder):

@@ -11,10 +11,12 @@ Outputs (B = batch_size, S = img_size, n in sub_batches; paths as set in the pat
     <tar_root_dir>/labels/{train,val}_labels.npy        int64, one per image in the batch files
                           {train,val}_labels_<i>.npy    n = 2: labels of part i of every batch
                           {train,val}_labels_b<B//n>_<i>.npy  other n > 1
-    <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders
+    <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders;
+                                        class_words (imagenet layouts: the devkit's names of the classes)
     <misc_dir>/shuffled_train_filenames.npy, img_mean.npy (float32 (3, S, S), over all training
         batches), bad_images.txt ("<split>\\t<file>\\t<reason>"), fingerprint.json,
-        mean_total.npz (the mean's exact running total, for resuming: preprocessing/mean.py)
+        mean_total.npz (the mean's exact running total, for resuming: preprocessing/mean.py),
+        <archive>.index.npz (layout imagenet_tar: where each image lies in the archive, see archives.py)
     traintxt_filename ("<class>/<file> <label>", shuffled order), valtxt_filename ("<file> <label>")
 
 Two phases make the batches independent of the number of workers: 1) decode every listed file, giving
@@ -49,7 +51,7 @@ def make_data(paths_file, toy=False, workers=None):
     start = time.perf_counter()
     cfg = load_paths(paths_file)
     workers = workers or cfg['workers'] or available_cores()
-    listing = list_dataset(cfg)
+    listing = list_dataset(cfg, workers)
     folders = [batch_dir(d, cfg['batch_size'], n) for d in (cfg['tar_train_dir'], cfg['tar_val_dir'])
                for n in cfg['sub_batches']]
     labels_dir = os.path.join(cfg['tar_root_dir'], 'labels')
@@ -64,6 +66,8 @@ def make_data(paths_file, toy=False, workers=None):
                 'layout': listing.layout, 'toy': toy}
     if cfg['pad']:  # (records of earlier runs, without pad, stay valid)
         settings['pad'] = cfg['pad']
+    if listing.layout == 'cifar100_bin':
+        settings['cifar100_labels'] = cfg['cifar100_labels']
     record = read_record(cfg['misc_dir'])
     guard(cfg, record, settings)
     valid, labels, bad, checked = phase_1(cfg, listing, toy, workers, record)
@@ -71,7 +75,7 @@ def make_data(paths_file, toy=False, workers=None):
     guard(cfg, record, settings, files_hash)
     save_record(cfg['misc_dir'], {'settings': settings, 'files': files_hash, 'checked': checked})
     phase_1_s = time.perf_counter() - start
-    n_batches, written = phase_2(cfg, valid, workers, digest([settings, files_hash]))
+    n_batches, written = phase_2(cfg, valid, workers, listing.sources, digest([settings, files_hash]))
     for split in ('train', 'val'):
         save_labels(labels_dir, split, labels[split][:n_batches[split] * cfg['batch_size']], cfg)
     save_lists(cfg, valid, labels)
@@ -95,7 +99,7 @@ def phase_1(cfg, listing, toy, workers, record):
     reuse = record['checked']['bad'] if record and record['checked']['listing'] == listed else None
     valid, bad = {}, {}
     for split, files in (('train', train), ('val', listing.val)):
-        valid[split], bad[split] = check_split(cfg[f'{split}_img_dir'], files, limit, size, workers,
+        valid[split], bad[split] = check_split(listing.sources[split], files, limit, size, workers,
                                                split, reuse and reuse[split])
     bad_list = os.path.join(cfg['misc_dir'], 'bad_images.txt')
     save_text(bad_list, ''.join(f'{s}\t{f}\t{reason}\n' for s in bad for f, reason in bad[s]))
@@ -109,7 +113,7 @@ def phase_1(cfg, listing, toy, workers, record):
     return valid, labels, bad, {'listing': listed, 'bad': bad}
 
 
-def phase_2(cfg, valid, workers, key):
+def phase_2(cfg, valid, workers, sources, key):
     """Write the batch files (those not written yet) and the mean image, kept as a running exact
     total (preprocessing/mean.py) that a resumed run continues from (`key`: settings and files).
     Returns the number of batches per split and the number of images written by this run."""
@@ -118,7 +122,7 @@ def phase_2(cfg, valid, workers, key):
     total = MeanTotal(cfg['misc_dir'], key, cfg['img_size'], n_batches['train'])
     for split in ('train', 'val'):
         need = ~total.included if split == 'train' else np.zeros(n_batches[split], bool)
-        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'], need)
+        jobs = batch_jobs(cfg, sources[split], valid[split], cfg[f'tar_{split}_dir'], need)
         results = parallel_map(run_job, jobs, n_batches[split], workers, f'write {split}', batch_size)
         try:
             for k, (batch_sum, wrote) in enumerate(results):
@@ -139,16 +143,20 @@ def describe(cfg, listing, toy, valid, bad, n_batches):
     for s in ('train', 'val'):
         counts.update({f'{s}_images': n_batches[s] * batch_size, f'{s}_batches': n_batches[s],
                        f'{s}_dropped': len(valid[s]) - n_batches[s] * batch_size})
+    words = {'class_words': listing.class_words} if listing.class_words else {}
+    labels = {'cifar100_labels': cfg['cifar100_labels']} if listing.layout == 'cifar100_bin' else {}
     return {
         'num_classes': len(listing.classes), 'class_names': listing.classes, 'img_size': cfg['img_size'],
         'pad': cfg['pad'],
         'batch_size': batch_size, 'sub_batches': cfg['sub_batches'], 'layout': listing.layout, 'toy': toy,
         'counts': counts, 'bad_files': {s: len(bad[s]) for s in bad},
-        'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'meta_clsloc_mat', 'val_label_file')},
+        'source': {k: cfg[k] for k in ('train_img_dir', 'val_img_dir', 'devkit', 'meta_clsloc_mat',
+                                       'val_label_file')},
+        **labels, **words,
     }
 
 
-def check_split(root, files, limit, size, workers, split, reuse=None):
+def check_split(source, files, limit, size, workers, split, reuse=None):
     """(valid files, [[file, reason], ...] of the others), in the order of `files`, stopping at
     `limit` valid files: the toy run checks only what it uses. `reuse`: the bad files found by an
     earlier run over the same listing."""
@@ -160,7 +168,7 @@ def check_split(root, files, limit, size, workers, split, reuse=None):
         # a chunk of exactly as many files as are still needed, so every checked file is used
         end = len(files) if limit is None else min(len(files), start + limit - len(valid))
         chunk = files[start:end]
-        paths = (os.path.join(root, *f.split('/')) for f in chunk)
+        paths = (source.locate(f) for f in chunk)  # paths, archive members or records
         reasons = parallel_map(partial(check_file, size=size), paths, len(chunk), workers, f'check {split}',
                                chunksize=64)
         for f, reason in zip(chunk, reasons):
@@ -172,12 +180,12 @@ def check_split(root, files, limit, size, workers, split, reuse=None):
     return valid, bad
 
 
-def batch_jobs(cfg, root, files, tar_dir, want_sum):
+def batch_jobs(cfg, source, files, tar_dir, want_sum):
     """Yield one BatchJob per whole batch of `files`; the remainder is dropped. want_sum[k]: job k
     returns the pixel sum of its batch."""
     batch_size = cfg['batch_size']
     for k in range(len(files) // batch_size):
-        images = tuple(os.path.join(root, *f.split('/')) for f in files[k * batch_size:(k + 1) * batch_size])
+        images = tuple(source.locate(f) for f in files[k * batch_size:(k + 1) * batch_size])
         outputs = tuple((n, tuple(os.path.join(batch_dir(tar_dir, batch_size, n), name)
                                   for name in batch_names(k, n))) for n in cfg['sub_batches'])
         yield BatchJob(images, outputs, cfg['img_size'], cfg['pad'], bool(want_sum[k]))

@@ -20,8 +20,9 @@ KEYS = {
     'tar_train_dir': REQUIRED,
     'tar_val_dir': REQUIRED,
     'misc_dir': REQUIRED,
-    'meta_clsloc_mat': None,     # needed by the imagenet layout only
-    'val_label_file': None,      # needed by the imagenet layout only
+    'devkit': None,              # imagenet layouts: the devkit archive or folder, or else the two files:
+    'meta_clsloc_mat': None,     # the devkit's synsets (meta_clsloc.mat or meta.mat)
+    'val_label_file': None,      # the devkit's val ground truth
     'valtxt_filename': None,     # None: misc_dir/val.txt
     'traintxt_filename': None,   # None: misc_dir/train.txt
     'img_size': 256,
@@ -30,9 +31,10 @@ KEYS = {
     'sub_batches': [1],          # train_2gpu.py takes halves of the whole batches
     'workers': None,             # None: all cores
     'layout': 'auto',
+    'cifar100_labels': 'fine',   # cifar100_bin: fine (100 classes) or coarse (20)
 }
-PATH_KEYS = [k for k in KEYS if k.endswith(('_dir', '_mat', '_file', '_filename'))]
-LAYOUTS = ('imagenet', 'folders', 'auto')
+PATH_KEYS = [k for k in KEYS if k.endswith(('_dir', '_mat', '_file', '_filename')) or k == 'devkit']
+LAYOUTS = ('imagenet', 'imagenet_tar', 'folders', 'cifar10_bin', 'cifar100_bin', 'auto')
 
 
 def load_paths(path):
@@ -84,6 +86,8 @@ def check_values(cfg, path):
         raise PrepError(f'{path}: workers must be a positive integer or null, got {cfg["workers"]!r}')
     if cfg['layout'] not in LAYOUTS:
         raise PrepError(f'{path}: layout must be one of {", ".join(LAYOUTS)}, got {cfg["layout"]!r}')
+    if cfg['cifar100_labels'] not in ('fine', 'coarse'):
+        raise PrepError(f'{path}: cifar100_labels must be fine or coarse, got {cfg["cifar100_labels"]!r}')
     subs = cfg['sub_batches']
     if not isinstance(subs, list) or not subs or not all(positive_int(n) for n in subs) \
             or len(set(subs)) != len(subs):

@@ -70,7 +70,7 @@ def check_file(path, size):
 @dataclass(frozen=True)
 class BatchJob:
     """Phase 2 unit of work: one batch, written to every sub-batch folder."""
-    images: tuple    # absolute paths of the B images, in batch order
+    images: tuple    # the B images (paths, archive members or CIFAR records: sources.py), in order
     outputs: tuple   # ((n, (path of part 0, ..., part n-1)), ...) one entry per n in sub_batches
     size: int        # S
     pad: int         # black border of S (the image is resized to S - 2 * pad)
