@@ -153,7 +153,7 @@ class Classifier:
             rgb = load_rgb(io.BytesIO(data), self.image_size, self.pad)  # uint8 (S, S, 3)
         except Exception as e:  # noqa: BLE001 -- BadImage, and anything a hostile file raises
             raise BadRequest(f'cannot decode the image: {" ".join(str(e).split())}') from None
-        batch = torch.from_numpy(rgb.transpose(2, 0, 1)[..., None])  # (3, S, S, 1) as stored
+        batch = torch.from_numpy(rgb.transpose(2, 0, 1)[..., None].copy())  # (3, S, S, 1) as stored
         return crop_mirror(batch, self.mean, self.step, self.crop_size)  # (1, 3, c, c)
 
     def classify(self, data, k=5):

@@ -1,4 +1,6 @@
-"""serve.py: a real server in a subprocess, spoken to over real sockets (http.client)."""
+"""serve.py: a real server in a subprocess (or in a thread, for the load tests), spoken to over
+real sockets (http.client)."""
+import contextlib
 import http.client
 import io
 import json
@@ -9,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -359,3 +362,168 @@ def test_a_padded_dataset_is_framed_as_in_training(tmp_path):
         yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE}, f)
     with pytest.raises(serve.SetupError, match='pad'):
         serve.Classifier(snap['path'], device='cpu')
+
+
+# ----------------------------------------------------------------------------- formats, words, limits
+
+@pytest.fixture(scope='module')
+def classifier(snapshot):
+    return serve.Classifier(snapshot['path'], device='cpu')
+
+
+@contextlib.contextmanager
+def served(classifier, **limits):
+    """serve.make_server in a thread of this process (fast to start; the sockets are real)."""
+    srv = serve.make_server(classifier, '127.0.0.1', 0, MAX_BYTES, **limits)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize('ctype', ['image/png', 'image/jpeg', 'application/octet-stream'])
+@pytest.mark.parametrize('kind', ['png', 'jpeg'])
+def test_raw_body_gets_the_same_answer_as_the_form(server, kind, ctype):
+    """curl --data-binary @x -H 'Content-Type: image/...' as curl -F image=@x (the declared
+    type does not matter: Pillow reads the content)."""
+    status, _, form = upload(server, IMAGES[kind])
+    assert status == 200, form
+    status, _, raw = request(server, 'POST', '/api', IMAGES[kind], {'Content-Type': ctype})
+    assert status == 200, raw
+    assert raw['top5'] == form['top5'] and raw['model'] == form['model']
+
+
+def test_class_words_from_dataset_yaml(tmp_path):
+    snap = make_snapshot(str(tmp_path))
+    wnids = ['n02121808', 'n02084071', 'n01503061']
+    words = ['domestic cat, house cat', 'dog, domestic dog, Canis familiaris', 'bird']
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump({'num_classes': 3, 'class_names': wnids, 'class_words': words}, f)
+    with served(serve.Classifier(snap['path'], device='cpu')) as port:
+        status, _, answer = upload(port, IMAGES['jpeg'])
+    assert status == 200 and len(answer['top5']) == 3, answer
+    for t in answer['top5']:
+        assert (t['class'], t['words']) == (wnids[t['index']], words[t['index']])
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump({'class_names': wnids, 'class_words': words[:2]}, f)
+    with pytest.raises(serve.SetupError, match='class_words must be a list of the 3 classes'):
+        serve.Classifier(snap['path'], device='cpu')
+
+
+def flat(w, h, fmt='PNG'):
+    """A large image that compresses well (a legal upload under MAX_BYTES)."""
+    return encode(Image.new('RGB', (w, h), (200, 30, 90)), fmt)
+
+
+@pytest.mark.parametrize('fmt', ['GIF', 'BMP', 'WEBP'])
+def test_accepted_formats(server, fmt):
+    status, _, answer = upload(server, encode(Image.open(io.BytesIO(IMAGES['png'])), fmt))
+    assert status == 200, answer
+
+
+def test_other_formats_and_images_over_the_pixel_cap_are_refused(server):
+    tiff = encode(Image.open(io.BytesIO(IMAGES['png'])), 'TIFF')
+    status, _, answer = upload(server, tiff)
+    assert status == 400 and 'not one of JPEG, PNG, GIF, BMP, WEBP' in answer['error'], answer
+    big = flat(4100, 4000)  # 16.4 Mpx, over the default 16 Mpx (a small file: a bomb)
+    assert len(big) < MAX_BYTES
+    status, _, answer = upload(server, big)
+    assert status == 400 and '4100 x 4000' in answer['error'] and '16000000' in answer['error']
+    status, _, answer = upload(server, flat(3900, 4000))  # 15.6 Mpx: accepted
+    assert status == 200, answer
+
+
+@pytest.mark.parametrize('value', [b'\xb2', b'1\xb2', b'+5', b'-1', b'5_0', b'0x10', b''])
+def test_content_length_must_be_ascii_digits(server, value):
+    """'\xb2' reads as the Latin-1 superscript two, which str.isdigit() takes for a digit."""
+    line, answer = raw_exchange(server, b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: ' + value
+                                + b'\r\nContent-Type: image/png\r\n\r\n', b'12345')
+    assert line.startswith('HTTP/1.1 400') and 'Content-Length' in answer['error'], (line, answer)
+    assert_serving(server)
+
+
+def test_a_trickling_client_is_cut_at_the_deadline(classifier):
+    """One byte every 0.2 s would take 200 s: the server answers 408 after its 2 s deadline. A
+    client trickling its headers is disconnected the same way."""
+    ctype = 'image/png'
+    with served(classifier, deadline=2.0) as port:
+        for head, body in [(f'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n'
+                            f'Content-Type: {ctype}\r\n\r\n'.encode(), b'x' * 1000),
+                           (b'', b'POST /api HTTP/1.1\r\nHost: x\r\n' * 20)]:
+            with socket.create_connection(('127.0.0.1', port), timeout=30) as s:
+                start = time.monotonic()
+                s.sendall(head)
+                s.setblocking(False)
+                reply = b''
+                for i in range(len(body)):
+                    with contextlib.suppress(BlockingIOError):
+                        if not (chunk := s.recv(65536)):
+                            break  # closed by the server
+                        reply += chunk
+                    with contextlib.suppress(OSError):  # BrokenPipe, reset: cut
+                        s.send(body[i:i + 1])
+                    time.sleep(0.2)
+                took = time.monotonic() - start
+            assert 1.9 < took < 20, took  # cut at the deadline, not at the end of the body
+            assert reply.startswith(b'HTTP/1.1 408' if head else b''), reply
+        assert_serving(port)
+
+
+def test_a_burst_beyond_the_bound_gets_503_and_serving_goes_on(classifier):
+    """Two clients stall inside their uploads, holding both slots of --max-inflight 2: every
+    other upload gets 503 at once; when the two hang up, uploads are served again."""
+    body, ctype = multipart([('image', 'a.png', IMAGES['png'])])
+    head = (f'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n'
+            f'Content-Type: {ctype}\r\n\r\n').encode()
+    with served(classifier, max_inflight=2) as port:
+        holders = [socket.create_connection(('127.0.0.1', port), timeout=30) for _ in range(2)]
+        for h in holders:
+            h.sendall(head + body[:100])
+        deadline = time.monotonic() + 20
+        while upload(port, IMAGES['png'])[0] != 503:  # until both holders are being read
+            assert time.monotonic() < deadline, 'the two stalled uploads never held the slots'
+            time.sleep(0.05)
+        answers = [None] * 8
+        burst = [threading.Thread(target=lambda i=i: answers.__setitem__(i, upload(port, IMAGES['png'])))
+                 for i in range(8)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(30)
+        for status, r, answer in answers:
+            assert status == 503 and 'busy' in answer['error'] and r.getheader('Retry-After') == '1'
+        for h in holders:
+            h.shutdown(socket.SHUT_WR)  # their bodies end short: 400, and the slots are free
+            assert b' 400 ' in h.recv(65536).split(b'\r\n')[0]
+            h.close()
+        assert_serving(port)
+
+
+def test_a_large_image_does_not_hold_up_a_small_one(classifier, monkeypatch):
+    """Decoding runs outside the model's lock: while a large (legal) image is still being
+    decoded, held there as long as the test likes, a small one is answered."""
+    big = flat(3900, 4000)
+    started, release = threading.Event(), threading.Event()
+    load_rgb = serve.load_rgb
+
+    def slow_load_rgb(fp, size, pad=0):
+        if len(fp.getvalue()) == len(big):
+            started.set()
+            release.wait(60)
+        return load_rgb(fp, size, pad)
+    monkeypatch.setattr(serve, 'load_rgb', slow_load_rgb)
+    with served(classifier) as port:
+        answers = []
+        t = threading.Thread(target=lambda: answers.append(upload(port, big)))
+        t.start()
+        try:
+            assert started.wait(30)
+            status, _, answer = upload(port, IMAGES['png'])  # http.client times out after 30 s
+            assert status == 200, answer
+            assert t.is_alive() and not answers  # the large one is still decoding
+        finally:
+            release.set()
+            t.join(60)
+        assert answers[0][0] == 200, answers
