@@ -229,7 +229,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'  # keep-alive, and Expect: 100-continue answered before the body
     server_version = 'alexnet-serve'
     error_content_type = 'application/json'
-    classifier = max_bytes = deadline_s = slots = None  # set by make_server
+    classifier = max_bytes = deadline_s = None  # set by make_server
     routes = {'/': ('GET', 'HEAD'), '/index.html': ('GET', 'HEAD'), '/api': ('POST',)}
 
     def setup(self):
@@ -319,15 +319,27 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if error := self._check():
             return self._refuse(*error)
-        if not self.slots.acquire(blocking=False):  # bounds the bodies held and images decoded
-            return self._refuse(503, f'busy: {self.server.max_inflight} uploads in progress, try '
-                                     'again shortly', [('Retry-After', '1')])
+        length, busy = int(self.headers['Content-Length']), [('Retry-After', '1')]
+        if not self.server.reserve(length):  # bounds the bytes of the bodies held at once
+            return self._refuse(503, f'busy: uploads of {self.server.room[1]} bytes in all are '
+                                     'being received, try again shortly', busy)
         try:
-            self._classify(int(self.headers['Content-Length']))
+            body = self._body(length)
+            if body is None:
+                return None
+            if not self.server.slots.acquire(blocking=False):  # bounds the images decoded at once
+                return self.send_error(503, f'busy: {self.server.max_inflight} images are being '
+                                            'classified, try again shortly', extra=busy)
+            try:
+                self._classify(body)
+            finally:
+                self.server.slots.release()
         finally:
-            self.slots.release()
+            self.server.reserve(-length)
 
-    def _classify(self, length):
+    def _body(self, length):
+        """The body, or None after answering 408 (deadline), 400 (short) or dropping the
+        connection (reset)."""
         try:
             body = self.rfile.read(length)
         except TimeoutError:
@@ -337,6 +349,9 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if len(body) < length:
             return self.send_error(400, f'body ended after {len(body)} of {length} bytes')
+        return body
+
+    def _classify(self, body):
         try:
             top5, ms = self.classifier.classify(upload_image(self.headers['Content-Type'], body))
         except BadRequest as e:
@@ -354,7 +369,22 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
+    """Threads per connection (stalled clients hold only their own); what they hold at once is
+    bounded: max_inflight x max_bytes bytes of request bodies, max_inflight images decoded."""
     daemon_threads = True
+    request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of clients wait)
+
+    def bound(self, max_bytes, max_inflight):
+        self.max_inflight, self.slots = max_inflight, threading.BoundedSemaphore(max_inflight)
+        self.room, self.room_lock = [max_inflight * max_bytes] * 2, threading.Lock()  # left, all
+
+    def reserve(self, n):
+        """Takes n bytes of room for a body if that much is left (n < 0 gives them back)."""
+        with self.room_lock:
+            if n > self.room[0]:
+                return False
+            self.room[0] -= n
+            return True
 
 
 class Server6(Server):
@@ -364,10 +394,9 @@ class Server6(Server):
 def make_server(classifier, host, port, max_bytes, max_inflight=8, deadline=60.0):
     """The bound server (raises OSError when the address is taken)."""
     handler = type('BoundHandler', (Handler,), {
-        'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline,
-        'slots': threading.BoundedSemaphore(max_inflight)})
+        'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline})
     server = (Server6 if ':' in host else Server)((host, port), handler)
-    server.max_inflight = max_inflight
+    server.bound(max_bytes, max_inflight)
     return server
 
 
@@ -385,7 +414,8 @@ def main(argv=None):
     p.add_argument('--max-pixels', type=int, default=16_000_000,
                    help='largest accepted image, width x height (default 16 Mpx)')
     p.add_argument('--max-inflight', type=int, default=8,
-                   help='uploads received or classified at once; more get 503 (default 8)')
+                   help='images decoded and classified at once, and request bodies held up to '
+                        'this x --max-bytes; more get 503 (default 8)')
     p.add_argument('--deadline', type=float, default=60.0,
                    help='seconds a client has to send a whole request (default 60)')
     args = p.parse_args(argv)

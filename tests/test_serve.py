@@ -472,15 +472,15 @@ def test_a_trickling_client_is_cut_at_the_deadline(classifier):
 
 
 def test_a_burst_beyond_the_bound_gets_503_and_serving_goes_on(classifier):
-    """Two clients stall inside their uploads, holding both slots of --max-inflight 2: every
-    other upload gets 503 at once; when the two hang up, uploads are served again."""
-    body, ctype = multipart([('image', 'a.png', IMAGES['png'])])
-    head = (f'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n'
-            f'Content-Type: {ctype}\r\n\r\n').encode()
+    """Two clients stall inside uploads of --max-bytes, holding all the room for bodies that
+    --max-inflight 2 gives (2 x --max-bytes): every other upload gets 503 at once; when the two
+    hang up, uploads are served again."""
+    head = (f'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BYTES}\r\n'
+            f'Content-Type: image/png\r\n\r\n').encode()
     with served(classifier, max_inflight=2) as port:
         holders = [socket.create_connection(('127.0.0.1', port), timeout=30) for _ in range(2)]
         for h in holders:
-            h.sendall(head + body[:100])
+            h.sendall(head + IMAGES['png'][:100])
         deadline = time.monotonic() + 20
         while upload(port, IMAGES['png'])[0] != 503:  # until both holders are being read
             assert time.monotonic() < deadline, 'the two stalled uploads never held the slots'
@@ -503,27 +503,45 @@ def test_a_burst_beyond_the_bound_gets_503_and_serving_goes_on(classifier):
 
 def test_a_large_image_does_not_hold_up_a_small_one(classifier, monkeypatch):
     """Decoding runs outside the model's lock: while a large (legal) image is still being
-    decoded, held there as long as the test likes, a small one is answered."""
+    decoded, held there as long as the test likes, a small one is answered. With both of
+    --max-inflight 2 decoding large images, a small one gets 503 at once."""
     big = flat(3900, 4000)
-    started, release = threading.Event(), threading.Event()
+    started, release = threading.Semaphore(0), threading.Event()
     load_rgb = serve.load_rgb
 
     def slow_load_rgb(fp, size, pad=0):
         if len(fp.getvalue()) == len(big):
-            started.set()
+            started.release()
             release.wait(60)
         return load_rgb(fp, size, pad)
     monkeypatch.setattr(serve, 'load_rgb', slow_load_rgb)
-    with served(classifier) as port:
-        answers = []
-        t = threading.Thread(target=lambda: answers.append(upload(port, big)))
-        t.start()
+    with served(classifier, max_inflight=2) as port:
+        answers, threads = [], []
         try:
-            assert started.wait(30)
-            status, _, answer = upload(port, IMAGES['png'])  # http.client times out after 30 s
-            assert status == 200, answer
-            assert t.is_alive() and not answers  # the large one is still decoding
+            for n in range(2):
+                threads.append(threading.Thread(target=lambda: answers.append(upload(port, big))))
+                threads[-1].start()
+                assert started.acquire(timeout=30)
+                status, _, answer = upload(port, IMAGES['png'])  # http.client's timeout: 30 s
+                assert status == (200 if n == 0 else 503), answer
+                assert all(t.is_alive() for t in threads) and not answers  # still decoding
         finally:
             release.set()
-            t.join(60)
-        assert answers[0][0] == 200, answers
+            for t in threads:
+                t.join(60)
+        assert [a[0] for a in answers] == [200, 200], answers
+        assert_serving(port)
+
+
+def test_fifty_stalled_clients_do_not_block_a_request(server):
+    """Connections that stop inside their headers or bodies hold a thread each, not the server."""
+    stalled = [socket.create_connection(('127.0.0.1', server), timeout=30) for _ in range(50)]
+    try:
+        for i, s in enumerate(stalled):
+            s.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\n' if i % 2 else
+                      b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n'
+                      b'Content-Length: 5000\r\n\r\n' + IMAGES['png'][:100])
+        assert_serving(server)
+    finally:
+        for s in stalled:
+            s.close()
