@@ -40,6 +40,7 @@ FIELD = 'image'
 # codecs, nor EPS / PDF, which Pillow would hand to Ghostscript.
 FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib', 'serve_page.html')
+BUSY = [('Retry-After', '1')]  # seconds, with every 503
 MULTIPART_FAULT = {'PREAMBLE': 'no boundary found', 'PART': 'bad part headers',
                    'DATA': 'no closing boundary (truncated upload?)'}
 
@@ -320,48 +321,47 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if error := self._check():
             return self._refuse(*error)
-        length, busy = int(self.headers['Content-Length']), [('Retry-After', '1')]
+        length = int(self.headers['Content-Length'])
         if not self.server.reserve(length):  # bounds the bytes of the bodies held at once
             return self._refuse(503, f'busy: uploads of {self.server.room[1]} bytes in all are '
-                                     'being received, try again shortly', busy)
+                                     'being received, try again shortly', BUSY)
         try:
-            body = self._body(length)
-            if body is None:
-                return None
-            if not self.server.slots.acquire(blocking=False):  # bounds the images decoded at once
-                return self.send_error(503, f'busy: {self.server.max_inflight} images are being '
-                                            'classified, try again shortly', extra=busy)
-            try:
-                self._classify(body)
-            finally:
-                self.server.slots.release()
-        finally:
+            code, answer, close = self._classify(length)
+        finally:  # before the reply: the client's next request finds the room free
             self.server.reserve(-length)
+        if close:
+            self.send_error(code, answer)
+        elif code:
+            payload = answer if code == 200 else {'error': answer}
+            self._send(code, json.dumps(payload).encode(), 'application/json',
+                       extra=BUSY if code == 503 else ())
+        return None
 
-    def _body(self, length):
-        """The body, or None after answering 408 (deadline), 400 (short) or dropping the
-        connection (reset)."""
+    def _classify(self, length):
+        """(status, answer or error message, whether to close) for the upload; status None
+        when the connection is gone."""
         try:
             body = self.rfile.read(length)
         except TimeoutError:
-            return self.send_error(408, f'request not received within {self.deadline_s:g} s')
+            return 408, f'request not received within {self.deadline_s:g} s', True
         except OSError:  # reset
             self.close_connection = True
-            return None
+            return None, None, False
         if len(body) < length:
-            return self.send_error(400, f'body ended after {len(body)} of {length} bytes')
-        return body
-
-    def _classify(self, body):
+            return 400, f'body ended after {len(body)} of {length} bytes', True
+        if not self.server.slots.acquire(blocking=False):  # bounds the images decoded at once
+            return 503, (f'busy: {self.server.max_inflight} images are being classified, try '
+                         'again shortly'), False
         try:
             top5, ms = self.classifier.classify(upload_image(self.headers['Content-Type'], body))
+            return 200, {'top5': top5, 'model': self.classifier.name, 'ms': round(ms, 2)}, False
         except BadRequest as e:
-            return self._send(400, json.dumps({'error': str(e)}).encode(), 'application/json')
+            return 400, str(e), False
         except Exception as e:  # noqa: BLE001 -- keep serving whatever one request does
             self.log_error('classifying failed: %r', e)
-            return self.send_error(500, f'internal error: {type(e).__name__}: {e}')
-        answer = {'top5': top5, 'model': self.classifier.name, 'ms': round(ms, 2)}
-        return self._send(200, json.dumps(answer).encode(), 'application/json')
+            return 500, f'internal error: {type(e).__name__}: {e}', True
+        finally:
+            self.server.slots.release()
 
     def _not_allowed(self):
         self._refuse(*self._check(body=False))  # 404, or 405: no route takes these methods
@@ -392,7 +392,7 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def make_server(classifier, host, port, max_bytes, max_inflight=8, deadline=60.0):
+def make_server(classifier, host, port, max_bytes, max_inflight=32, deadline=60.0):
     """The bound server (raises OSError when the address is taken)."""
     handler = type('BoundHandler', (Handler,), {
         'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline})
@@ -414,9 +414,9 @@ def main(argv=None):
                    help='largest accepted request body (default 20 MiB)')
     p.add_argument('--max-pixels', type=int, default=16_000_000,
                    help='largest accepted image, width x height (default 16 Mpx)')
-    p.add_argument('--max-inflight', type=int, default=8,
+    p.add_argument('--max-inflight', type=int, default=32,
                    help='images decoded and classified at once, and request bodies held up to '
-                        'this x --max-bytes; more get 503 (default 8)')
+                        'this x --max-bytes; more get 503 (default 32)')
     p.add_argument('--deadline', type=float, default=60.0,
                    help='seconds a client has to send a whole request (default 60)')
     args = p.parse_args(argv)
