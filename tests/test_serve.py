@@ -546,3 +546,20 @@ def test_fifty_stalled_clients_do_not_block_a_request(server):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapshot, tmp_path, capsys):
+    """The trainer's device parsing (lib.trainer.resolve_device) and lib.model.from_state."""
+    assert serve.main([snapshot['path'], '--device', 'gpu-one']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "--device: 'gpu-one' is not a device" in err, err
+    snap = torch.load(snapshot['path'], weights_only=True)
+    snap['config'] = dict(snap['config'], model='alexnet', crop_size=227)
+    torch.save(snap, tmp_path / 'other.pt')
+    assert serve.main([str(tmp_path / 'other.pt'), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'does not fit model alexnet' in err, err
+    for flag in ('--max-pixels', '--max-inflight', '--deadline', '--max-bytes'):
+        with pytest.raises(SystemExit):
+            serve.main([snapshot['path'], flag, '0'])
+        assert f'{flag} must be positive' in capsys.readouterr().err
