@@ -34,11 +34,8 @@ def validate(cfg):
     mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
             else data.load_mean(cfg['mean_file'], size))
     loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
-    n_classes = list(state['model'].values())[-1].shape[0]  # the last layer's bias
-    train.check_labels(n_classes, [val], where=f'{path} has classes')
-    net = model.build(cfg['model'], n_classes, cfg['dropout'], cfg['crop_size'], cfg['seed'])
-    net.load_state_dict(state['model'])
-    net.to(device).eval()
+    train.check_labels(model.output_classes(state['model']), [val], where=f'{path} has classes')
+    net = model.from_state(state['model'], cfg['model'], cfg['dropout'], cfg['crop_size']).to(device)
     plan, group = data.eval_plan(len(val), cfg['batch_size'], size, cfg['crop_size'],
                                  cfg['ten_crop'])
     top1, top5, loss = trainer.evaluate(lambda x: net(x).float(), loader, plan, group)

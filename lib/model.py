@@ -176,3 +176,20 @@ def build(name, num_classes, dropout, crop_size, seed):
             raise ValueError(f'model alexnet needs crop_size 227, got {crop_size}')
         return AlexNet(num_classes, dropout)
     return AlexNetCifar(num_classes, dropout, crop_size)
+
+
+def output_classes(state_dict):
+    """The classes a network's weights predict: the rows of its last fully connected layer."""
+    fc = [v for k, v in state_dict.items()
+          if k.endswith('weight') and isinstance(v, torch.Tensor) and v.ndim == 2]
+    if not fc:
+        raise ValueError('no fully connected layer in the weights')
+    return fc[-1].shape[0]
+
+
+def from_state(state_dict, name, dropout, crop_size):
+    """The network `name` holding the weights of a snapshot, in eval mode. ValueError (alexnet's
+    crop_size, no fc layer) or RuntimeError (weights of another shape) when they do not fit."""
+    net = build(name, output_classes(state_dict), dropout, crop_size, 0)
+    net.load_state_dict(state_dict)
+    return net.eval()
