@@ -43,7 +43,7 @@ def make_tree(root, n_train, n_val):
                 os.path.join(root, split, 'ab'[i % 2], f'{i}.png'))
 
 
-def list_phase_2(cfg, valid, workers, key=None):
+def list_phase_2(cfg, valid, workers, sources, key=None):
     """make_data.phase_2 before the running total: every training batch's sum kept in a list."""
     from lib.atomic import save_npy
     from preprocessing.make_data import batch_jobs
@@ -52,7 +52,7 @@ def list_phase_2(cfg, valid, workers, key=None):
     for split in ('train', 'val'):
         count = len(valid[split]) // batch_size
         want = np.full(count, split == 'train')
-        jobs = batch_jobs(cfg, cfg[f'{split}_img_dir'], valid[split], cfg[f'tar_{split}_dir'], want)
+        jobs = batch_jobs(cfg, sources[split], valid[split], cfg[f'tar_{split}_dir'], want)
         sums[split] = []
         for batch_sum, wrote in parallel_map(run_job, jobs, count, workers, f'write {split}', batch_size):
             sums[split].append(batch_sum)

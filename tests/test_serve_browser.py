@@ -61,7 +61,8 @@ def test_pick_an_image_and_classify_it(browser, page_url, tmp_path):
     assert page.is_enabled('#classify')  # the script ran
     page.set_input_files('#image', files=[{'name': 'photo.jpg', 'mimeType': 'image/jpeg',
                                            'buffer': IMAGES['jpeg']}])
-    assert page.is_visible('#preview')
+    # shown once the browser has decoded it (an <img> has no box before: not at once on a busy machine)
+    page.wait_for_selector('#preview', state='visible', timeout=10_000)
     page.click('#classify')
     page.wait_for_selector('#top5 li', timeout=30_000)
     rows = page.locator('#top5 li').all_inner_texts()
