@@ -168,17 +168,19 @@ def test_malformed_control_messages_are_rejected(tiny):
         proc.close()
 
 
+def trainer_script(keys, *lines):
+    """A trainer process's script: a LoaderProcess on the tiny data as `p`, then `lines`, then a
+    minute's sleep (the tests kill it before)."""
+    body = ["src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
+            "f'{s}_labels.npy'), 8) for s in ('train', 'val')]",
+            "p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')", *lines, 'time.sleep(60)']
+    return ('import os, sys, time\nfrom lib import data, loader\nif __name__ == "__main__":\n'
+            f'    keys = {keys!r}\n' + ''.join(f'    {line}\n' for line in body))
+
+
 def test_loader_exits_when_its_trainer_is_killed(tiny, tmp_path):
     keys, _ = tiny
-    script = (
-        'import os, sys, time\n'
-        'from lib import data, loader\n'
-        f'keys = {keys!r}\n'
-        "src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
-        "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
-        "p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
-        'print(p.proc.pid, p.dir, flush=True)\n'
-        'time.sleep(60)\n')
+    script = trainer_script(keys, 'print(p.proc.pid, p.dir, flush=True)')
     trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
     pid, folder = trainer.stdout.readline().split()
@@ -232,17 +234,9 @@ def test_oversized_control_frames_never_reach_the_loader(tiny):
 def test_trainer_and_loader_killed_together_leave_nothing_in_dev_shm(tiny):
     """The slot files are unlinked once both processes mapped them (as the exchange does)."""
     keys, _ = tiny
-    script = (
-        'import os, sys, time\n'
-        'from lib import data, loader\n'
-        'if __name__ == "__main__":\n'
-        f'    keys = {keys!r}\n'
-        "    src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
-        "f'{s}_labels.npy'), 8) for s in ('train', 'val')]\n"
-        "    p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')\n"
-        '    b = next(p.loader(0).epoch(data.make_plan(None, 4, 8, 36, 32, train=False)))\n'
-        '    print(p.proc.pid, p.dir, float(b[0].sum()), flush=True)\n'
-        '    time.sleep(60)\n')
+    script = trainer_script(
+        keys, 'b = next(p.loader(0).epoch(data.make_plan(None, 4, 8, 36, 32, train=False)))',
+        'print(p.proc.pid, p.dir, float(b[0].sum()), flush=True)')
     trainer = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.PIPE,
                                text=True)
     try:
