@@ -103,9 +103,9 @@ def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
 def build_loaders(cfg, device, worker=Worker()):
     """(train, val) loaders (in-process, or served by one loader process) and the class count."""
     train, val = data_sources(cfg, worker)
-    size = train.image_size()
-    if val.image_size() != size:  # else the loader's slots do not fit val's batches
-        raise data.DataError(f'{val.files[0]} holds {val.image_size()} px images, the training '
+    size, val_size = train.image_size(), val.image_size()
+    if val_size != size:  # else the loader's slots do not fit val's batches
+        raise data.DataError(f'{val.files[0]} holds {val_size} px images, the training '
                              f'batches ({train.files[0]}) {size} px: preprocess both at one size')
     n_classes = num_classes(cfg, (train, val))
     check_labels(n_classes, (train, val))
@@ -204,9 +204,9 @@ def torchrun_worker(cfg):
             have = torch.tensor([int(os.path.exists(path))], device=gpu)
             dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank stops if one cannot resume
             if not have.item():
-                raise config.ConfigError(
-                    f"rank 0 resumes from epoch {latest} but {'this rank has' if not os.path.exists(path) else 'another rank has'} "
-                    f"no {path} (a restart needs weights_dir shared by every node)")
+                who = 'another rank has' if os.path.exists(path) else 'this rank has'
+                raise config.ConfigError(f'rank 0 resumes from epoch {latest} but {who} no {path} '
+                                         '(a restart needs weights_dir shared by every node)')
             if rank == 0:
                 print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),

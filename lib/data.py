@@ -42,6 +42,18 @@ def read_hkl(path):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
+def hkl_shape(path):
+    """Shape of a batch file's uint8 array, from its header alone (no pixels read)."""
+    try:
+        with h5py.File(path, 'r') as f:
+            d = _one_array(f, path)
+            if d.dtype != np.uint8:
+                raise DataError(f'{path}: expected a uint8 batch, got {d.dtype} {d.shape}')
+            return d.shape
+    except OSError as e:
+        raise DataError(f'{path}: cannot read batch file ({e})') from None
+
+
 def read_hkl_rows(path, rows, file_batch, out=None):
     """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch),
     without copying the rest of the file: where the dataset is stored contiguously (hickle's are)
@@ -160,7 +172,12 @@ class BatchFolder:
         read_hkl_into(self.files[i], out, self.rows, self.file_batch)
 
     def image_size(self):
-        return self.read(0).shape[1]
+        """S of the (3, S, S, B) batches, from the first file's header (checked as read() does)."""
+        shape = hkl_shape(self.files[0])
+        if shape[0] != 3 or shape[1] != shape[2] or shape[3] != self.file_batch:
+            raise DataError(f'{self.files[0]}: expected uint8 (3, S, S, {self.file_batch}), '
+                            f'got uint8 {shape}')
+        return shape[1]
 
 
 class SyntheticBatches:

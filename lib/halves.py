@@ -13,7 +13,7 @@ on data preprocessed with one copy. Either way a worker gets the same images and
 import os
 import re
 
-from lib.data import BatchFolder, DataError, batch_files, read_hkl
+from lib.data import BatchFolder, DataError, batch_files, hkl_shape
 
 HALVES_NAME = re.compile(r'^(?P<prefix>.*_b(?P<whole>\d+))_b_(?P<half>\d+)$')
 HALF_FILE = r'^\d{{4,}}_{part}\.hkl$'
@@ -49,7 +49,7 @@ def half_source(folder, label_folder, split, batch_size, part):
         notice = f'{folder} does not exist: each worker takes its half of every batch in {sibling}'
         folder = sibling
     first = batch_files(folder)[0]
-    held = read_hkl(first).shape[-1]
+    held = hkl_shape(first)[-1]  # the header only, not the pixels
     if held != 2 * batch_size:
         raise DataError(f'{first} holds {held} images: a train_2gpu.py worker takes half of every '
                         f'NNNN.hkl batch of 2 x batch_size = {2 * batch_size} (batch_size is per '
