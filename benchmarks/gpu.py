@@ -14,7 +14,8 @@ keeps what it measured), and OUT_DIR/cuda_tests.log:
    torchrun NCCL with 2 GPUs). Without CUDA (--cpu-smoke) they must all skip.
 3. speed, one table per part, ratios against rows of the same run, in this order:
    a. AlexNet 227 on synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last,
-      eager: forward, backward, update and step ms (CUDA events), img/s;
+      eager, cuDNN autotuning on (as train.py sets it): forward, backward, update and step ms
+      (CUDA events), img/s; then the best batch-256 row with autotuning off (cudnn_benchmark);
    b. the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, lib/exchange.Pair, two
       processes on the one GPU) against a device-to-device copy of the same bytes, and as % of a
       step of (a)'s best configurations;
@@ -212,11 +213,13 @@ class Clock:
 
 
 def time_steps(torch, name, size, classes, batch, precision, layout, compiled, steps, warmup,
-               device, backend):
+               device, backend, cudnn_benchmark=True):
     """Median forward / backward / update ms and the mean step ms over `steps` back-to-back steps
-    (the train loop's operations: autocast forward, cross-entropy, backward, MomentumSGD)."""
+    (the train loop's operations: autocast forward, cross-entropy, backward, MomentumSGD), with
+    cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
     import torch.nn.functional as F
     from lib import model, optim
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
     torch.manual_seed(0)
     net = model.build(name, classes, 0.5, size, 1).to(device, memory_format=fmt)
@@ -293,6 +296,32 @@ def step_table(torch, args, sizes, budget, device, name, size, classes, title, r
              '(perf_counter on the CPU); step: mean of the back-to-back steps (what img/s is computed '
              'from); synthetic input already on the device.']
     return {'title': title, 'columns': cols, 'rows': rows, 'notes': notes}
+
+
+def autotune_table(torch, args, sizes, budget, device, best):
+    """The best row of the step table again with cuDNN's autotuning off (config
+    cudnn_benchmark=False: its heuristics pick the algorithms), against the row with it on."""
+    row = {'cudnn_benchmark': False}
+    rows = [{'cudnn_benchmark': True, 'step ms': best['step ms'], 'img/s': best['img/s'],
+             'x autotuned': '1.00x'}, row]
+    if budget.left() < 20 * (not args.cpu_smoke):
+        row['img/s'] = 'skipped (time budget)'
+    else:
+        try:
+            step = time_steps(torch, 'alexnet', 227, 1000, best['batch'], best['precision'],
+                              best['layout'], False, sizes['steps'], sizes['warmup'], device,
+                              sizes['backend'], cudnn_benchmark=False)[3]
+            row.update({'step ms': step, 'img/s': 1000 * best['batch'] / step,
+                        'x autotuned': f'{best["step ms"] / step:.2f}x'})
+        except Exception as e:  # noqa: BLE001
+            row['img/s'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}'
+        finally:
+            torch.backends.cudnn.benchmark = True
+    return {'title': f'cuDNN autotuning (config cudnn_benchmark): AlexNet batch {best["batch"]} '
+                     f'{best["precision"]} {best["layout"]} eager',
+            'columns': ['cudnn_benchmark', 'step ms', 'img/s', 'x autotuned'], 'rows': rows,
+            'notes': ['True (the default) is the step table\'s row; `x autotuned` > 1 would mean the '
+                      'heuristics are faster. No effect on the CPU (--cpu-smoke).']}
 
 
 def best_row(part, batch):
@@ -509,7 +538,9 @@ def main(argv=None):
         report.add({'title': 'End to end and exchange', 'error': 'no row of the step table ran'})
         return 1
     say(f'best batch-{big} row: {best["precision"]} {best["layout"]}, {best["img/s"]:.0f} img/s; '
-        'exchange ...')
+        'cuDNN autotuning off ...')
+    report.add(autotune_table(torch, args, sizes, budget, device, best))
+    say('exchange ...')
     step_ms = [(b, r['step ms']) for b in sizes['alexnet_batches'] if (r := best_row(steps, b))]
     if budget.left() > 45 * (not args.cpu_smoke):
         try:

@@ -51,6 +51,8 @@ CONFIG = {
                           'scaling) | fp64: float64 throughout (numerical checks; slow)'),
     'channels_last': (False, 'NHWC memory layout for the convolutions (faster on recent GPUs)'),
     'compile': (False, 'torch.compile the network (slow first steps, faster after)'),
+    'cudnn_benchmark': (True, 'CUDA: cuDNN times its convolution algorithms for the fixed shapes '
+                              'once, then uses the fastest (False: its heuristics)'),
     'seed': (23455, 'seed of initial weights, dropout and crop/mirror draws (same for all workers)'),
     'lib_conv': ('', "the original's conv library switch: accepted, ignored with a notice"),
     # --- several workers (train_2gpu.py, torchrun) --------------------------------------------

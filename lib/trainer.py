@@ -52,6 +52,8 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
         if cfg['channels_last']:
             model.to(memory_format=torch.channels_last)
+        if device.type == 'cuda':  # shapes are fixed (whole batch files, one crop size)
+            torch.backends.cudnn.benchmark = cfg['cudnn_benchmark']
         # self.model stays the plain module (its state_dict keys have no '_orig_mod.' or
         # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
         net = exchanger.wrap(model)

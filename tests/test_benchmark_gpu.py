@@ -42,8 +42,8 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     report = json.loads((out / 'gpu_report.json').read_text())
     assert report['meta']['mode'] == 'cpu-smoke' and report['meta']['torch'] == torch.__version__
     parts = {p['title'].split(' ')[0]: p for p in report['parts']}
-    assert list(parts) == ['CUDA', 'AlexNet', 'Exchange', 'Profile:', 'End', 'alexnet_cifar',
-                           'Compiled:']
+    assert list(parts) == ['CUDA', 'AlexNet', 'cuDNN', 'Exchange', 'Profile:', 'End',
+                           'alexnet_cifar', 'Compiled:']
     assert not [p for p in report['parts'] if p.get('error')]
     tests = parts['CUDA']
     assert tests['exit code'] == 0 and len(tests['rows']) >= 8
@@ -58,6 +58,10 @@ def test_cpu_smoke_runs_every_part_and_writes_the_report(tmp_path):
     for row in steps + compiled + parts['alexnet_cifar']['rows'] + parts['End']['rows']:
         assert isinstance(row['img/s'], float) and row['img/s'] > 0, row
     assert steps[0]['x fp32 NCHW eager'] == '1.00x'
+    on, off = parts['cuDNN']['rows']  # the best row again, autotuning off
+    assert on['cudnn_benchmark'] is True and off['cudnn_benchmark'] is False
+    assert on['img/s'] == max(s['img/s'] for s in steps) and off['img/s'] > 0
+    assert off['x autotuned'].endswith('x')
     for s in steps:
         assert s['step ms'] > 0 and min(s['forward ms'], s['backward ms'], s['update ms']) > 0
     e2e = parts['End']['rows']

@@ -4,7 +4,8 @@ claims are checked where the CUDA code runs: CUDA IPC exchange, page-locked load
 a side stream, the on-device data layer, bf16 / fp16, compile, evaluation and serving, NCCL.
 
 Runs that compare two ways of training set NVIDIA_TF32_OVERRIDE=0 (TF32 convolutions round the
-inputs to 10 bits, which would hide a real difference under 1e-3) and use cuDNN's deterministic
+inputs to 10 bits, which would hide a real difference under 1e-3), turn cuDNN's autotuning off
+(cudnn_benchmark=False: it may pick other algorithms in each run) and use cuDNN's deterministic
 algorithms where they run in this process."""
 import http.client
 import io
@@ -63,7 +64,7 @@ def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
     halves = dict(full, batch_size=batch // 2, **{
         k: full[k].replace(f'_b{batch}_b_{batch}', f'_b{batch}_b_{batch // 2}')
         for k in ('train_folder', 'val_folder')})
-    common = dict(COMMON, n_epochs=1)
+    common = dict(COMMON, n_epochs=1, cudnn_benchmark=False)
     script('train.py', dict(full, **common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
     r = script('train_2gpu.py', dict(halves, **common, gpu0='cuda:0', gpu1='cuda:0',
                                      exchange_transport='ipc', sock_gpu=free_port(),
@@ -119,7 +120,8 @@ def test_para_load_and_data_layer_on_cuda_train_as_in_process_loading(tmp_path, 
     for para_load in (False, True):
         root = str(tmp_path / str(para_load))
         train.run(tiny_config(root, n_epochs=2, gpu='cuda:0', para_load=para_load,
-                              use_data_layer=True, dropout=0.5))
+                              use_data_layer=True, dropout=0.5, cudnn_benchmark=False))
+        assert not torch.backends.cudnn.benchmark  # the trainer set the config's value
         finals[para_load] = torch.load(os.path.join(root, 'w', 'model_2.pt'), weights_only=True)
     same_state(finals[False], finals[True], 1e-6)
 
@@ -230,8 +232,9 @@ def test_serve_on_cuda_answers_an_upload_with_its_top5(eager, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason='torchrun with NCCL needs 2 GPUs')
 def test_torchrun_nccl_two_ranks_equal_one_worker(tmp_path):
     keys = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=8, size=36, seed=1)
-    script('train.py', dict(keys, **COMMON, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
-    values = dict(keys, **COMMON, gpu='auto', weights_dir=str(tmp_path / 'w2'))
+    common = dict(COMMON, cudnn_benchmark=False)
+    script('train.py', dict(keys, **common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
+    values = dict(keys, **common, gpu='auto', weights_dir=str(tmp_path / 'w2'))
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node=2',
                         '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}',
                         os.path.join(ROOT, 'train.py')] + args(values),
