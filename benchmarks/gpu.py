@@ -46,7 +46,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
-NOT_NEEDED_HERE = {'sklearn', 'scipy'}  # demo data, ImageNet devkit: not used by this command
+# demo data, ImageNet devkit, serve.py's browser test: not used by this command
+NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright'}
 WHEELS = '../shared/device-wheels'
 INSTALL = ('python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site '
            '.whl/*.whl && export PYTHONPATH=/tmp/site')
@@ -72,12 +73,15 @@ def requirements(files=REQUIREMENTS):
     return out
 
 
+def needed(files=REQUIREMENTS):
+    """The [(distribution, version, module)] of `requirements` that this command imports."""
+    return [r for r in requirements(files) if r[2] not in NOT_NEEDED_HERE]
+
+
 def import_problem(files=REQUIREMENTS):
     """None, or one line naming the missing modules and how to bring them."""
     missing = []
-    for dist, version, module in requirements(files):
-        if module in NOT_NEEDED_HERE:
-            continue
+    for dist, version, module in needed(files):
         try:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001 -- ImportError, or a broken install: missing either way
@@ -151,7 +155,7 @@ def meta(args, torch):
         'python': platform.python_version(), 'cpu cores': os.cpu_count(),
         'tf32 (cudnn conv / cuBLAS matmul)': f'{torch.backends.cudnn.allow_tf32} / '
                                              f'{torch.backends.cuda.matmul.allow_tf32}',
-        'cudnn.benchmark': torch.backends.cudnn.benchmark,
+        'cudnn.benchmark at start (train.py sets config cudnn_benchmark)': torch.backends.cudnn.benchmark,
         'commit': commit,
         'command': 'python -m benchmarks.gpu ' + ' '.join(args.argv),
     }

@@ -25,6 +25,26 @@ def test_import_check_names_what_is_missing_and_how_to_bring_it(tmp_path):
     assert gpu.import_problem() is None  # this environment has what the command needs
 
 
+# What the lent GPU machine's python3 has (the device tool's KINDS.md, 2026-11), by import name,
+# among what requirements*.txt pins: pyzmq and hickle travel as wheels (../shared/device-wheels).
+DEVICE_HAS = {'torch', 'numpy', 'h5py', 'yaml', 'PIL', 'tqdm', 'scipy', 'sklearn', 'matplotlib',
+              'werkzeug', 'pytest'}
+CARRIED = {'zmq', 'hickle'}
+
+
+def test_the_command_needs_only_what_the_device_has_plus_the_two_carried_wheels():
+    # playwright (the browser test's) was pinned after this command was written: the import check
+    # then refused to run on the device; the modules it checks are the ones the command imports
+    assert {m for _, _, m in gpu.needed()} <= DEVICE_HAS | CARRIED
+    assert CARRIED <= {m for _, _, m in gpu.needed()}  # and they are checked
+    wheels = os.listdir(os.path.join(ROOT, gpu.WHEELS)) if os.path.isdir(
+        os.path.join(ROOT, gpu.WHEELS)) else []
+    if wheels:  # ../shared beside the checkout: its wheels are the pinned versions
+        pins = {m: v for _, v, m in gpu.requirements()}
+        for module, dist in (('zmq', 'pyzmq'), ('hickle', 'hickle')):
+            assert any(w.startswith(f'{dist}-{pins[module]}-') for w in wheels), (dist, wheels)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal without CUDA')
 def test_without_cuda_the_full_run_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'benchmarks.gpu', str(tmp_path / 'out')], cwd=ROOT,
