@@ -17,6 +17,7 @@ Lifecycle: the loader exits when told to, when its parent is gone (checked every
 Ctrl-C; the trainer waits for each batch at most `timeout` seconds and checks every 0.2 s that the
 loader is alive, then raises LoaderError naming the loader process and the batch file.
 """
+import ctypes
 import multiprocessing
 import os
 import shutil
@@ -100,6 +101,32 @@ def map_slots(folder, spec, n_slots, create):
             for i in range(n_slots)]
 
 
+def mapped_library(prefix):
+    """The path of the first shared library mapped into this process whose file name starts with
+    `prefix` (from /proc/self/maps), or None."""
+    try:
+        with open('/proc/self/maps') as f:
+            for line in f:
+                path = line.split(maxsplit=5)[-1].strip()
+                if path.startswith('/') and os.path.basename(path).startswith(prefix):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def clear_last_cuda_error():
+    """cudaGetLastError() in the CUDA runtime that torch loaded, which resets it; returns the
+    error it held, or None where that runtime is not found. A failed runtime call (here
+    cudaHostRegister) leaves its error as the runtime's last error, which torch's check after its
+    next kernel launch would raise as that kernel's; torch.cuda.cudart() binds no
+    cudaGetLastError, and dlopen of a library already mapped returns that same instance."""
+    path = mapped_library('libcudart.so')
+    if path is None:
+        return None
+    return int(ctypes.CDLL(path).cudaGetLastError())
+
+
 def shm_free(folder):
     """Bytes free in the file system of folder (/dev/shm: the shared memory left)."""
     return shutil.disk_usage(folder).free
@@ -126,8 +153,7 @@ class SlotFeed:
         for t in slots:
             err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
             if err:
-                if hasattr(cudart, 'cudaGetLastError'):  # not left for the next kernel launch
-                    cudart.cudaGetLastError()            # to report as its own
+                clear_last_cuda_error()  # not left for the next kernel launch to report as its own
                 print(f'notice: cudaHostRegister of the loader slots failed (cudaError {err}); '
                       'host-to-device copies are synchronous', flush=True)
                 break

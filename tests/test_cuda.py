@@ -104,6 +104,25 @@ def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
     assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
 
 
+def test_a_failed_registration_falls_back_to_plain_copies_and_leaves_no_error(capsys):
+    slots = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(2)]
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(slots[0].data_ptr(), slots[0].numel(), 0)) == 0
+    try:  # slot 0 is registered already: SlotFeed's registration fails
+        feed = loader.SlotFeed(slots, torch.device('cuda:0'))
+        assert 'cudaHostRegister of the loader slots failed' in capsys.readouterr().out
+        assert not feed.pinned and not feed.registered
+        slots[1].fill_(7)
+        x = feed.to_device(1)
+        # the next kernels run: the failed call's error was not left for their launch check
+        assert int((x.float() + 1).sum()) == 8 * slots[1].numel()
+        feed.consumed(1)
+        feed.release(1)
+        feed.close()
+    finally:
+        cudart.cudaHostUnregister(slots[0].data_ptr())
+
+
 def test_crop_mirror_on_cuda_gives_the_bits_of_the_cpu():
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (3, 20, 20, 6), dtype=torch.uint8, generator=gen)

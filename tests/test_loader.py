@@ -1,4 +1,5 @@
 """para_load: the loader process trains identically, never outlives the trainer, and never hangs it."""
+import ctypes
 import os
 import signal
 import subprocess
@@ -257,3 +258,16 @@ def test_too_little_shared_memory_is_a_one_line_error(tiny, monkeypatch):
     # 2 slots of 8 float32 crops of 3 x 32 x 32: 0.1875 MiB
     with pytest.raises(loader.LoaderError, match=r'needs 0.2 MiB .*, /dev/shm has 0.1 MiB free'):
         loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu')
+
+
+def test_the_cuda_runtime_is_reached_in_the_instance_torch_loaded():
+    """clear_last_cuda_error() calls cudaGetLastError in the libcudart mapped into this process
+    (torch.cuda.cudart() binds none): the lookup, shown on the C library, gives the loaded
+    instance. (A failed registration on a GPU: tests/test_cuda.py.)"""
+    libc = loader.mapped_library('libc.so')
+    assert libc and os.path.isabs(libc) and ctypes.CDLL(libc).getpid() == os.getpid()
+    assert loader.mapped_library('no-such-library-') is None
+    cudart = loader.mapped_library('libcudart.so')
+    err = loader.clear_last_cuda_error()
+    assert (err is None) == (cudart is None)  # a CPU build maps none: nothing to clear
+    assert err is None or isinstance(err, int)
