@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -43,6 +44,25 @@ def test_the_command_needs_only_what_the_device_has_plus_the_two_carried_wheels(
         pins = {m: v for _, v, m in gpu.requirements()}
         for module, dist in (('zmq', 'pyzmq'), ('hickle', 'hickle')):
             assert any(w.startswith(f'{dist}-{pins[module]}-') for w in wheels), (dist, wheels)
+
+
+def test_tests_stopped_at_their_timeout_take_what_they_started_along(tmp_path):
+    pid_file = tmp_path / 'grandchild'
+    text, code = gpu.run_group(['sh', '-c', f'sleep 60 & echo $! > {pid_file}; echo started; wait'],
+                               timeout=2)
+    assert code == 'timeout' and 'started' in text and 'stopped after 2 s' in text
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # killed with its group (gone, or a zombie where nothing reaps orphans)
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f'the grandchild {pid} outlived the timeout')
+    assert gpu.run_group([sys.executable, '-c', 'print(42)'], timeout=30) == ('42\n', 0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal without CUDA')
