@@ -106,16 +106,20 @@ def time_exchange(transport, device, repeats, net='alexnet'):
 
 
 def time_copy(nbytes, device, repeats):
-    torch.set_num_threads(1)
-    src = torch.ones(nbytes // 4, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each exchange worker (benchmarks.gpu goes on in this process)
+    try:
+        src = torch.ones(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return 1000 * statistics.median(times[1:])
 
 
