@@ -9,12 +9,16 @@ ILSVRC2012_img_val.tar) and as its extraction (train/<wnid>/*.JPEG, a flat val/)
 folder for both. Then runs the whole preprocessing (python -m preprocessing.make_data: check, write,
 img_size 256, whole batches only) on each, with 1 and 2 workers, from scratch each time (outputs
 deleted: the archive runs include indexing the archives), passes interleaved (in reverse order every
-other repeat), all inputs in the page cache. Prints the median wall and CPU time (all its
+other repeat, so that each archive pass runs right before or after the folders pass of the same
+repeat and worker count), all inputs in the page cache. Prints the median wall and CPU time (all its
 processes) of --repeats passes, from the start of make_data to its end (not the interpreter start),
-and the ratios archive / folders at the same number of workers (goal: at most 1.10). On a shared
-machine the CPU time is the steadier figure. Then times the read path alone in this process: every
-training image read, decoded and resized from the folder and from the archive (what the workers
-do, without the writing), alternating too.
+and the ratios archive / folders at the same number of workers: the median over the repeats of
+the ratio of the two adjacent passes, which cancels most of the load that other processes put on a
+shared machine (goal: at most 1.10). The CPU time is the steadier figure there; its system part
+(mostly writing the batches) varies most. Also prints the CPU time the archive passes spend
+indexing the archives (work the folder passes do not have). Then times the read path alone in this
+process: every training image read, decoded and resized from the folder and from the archive (what
+the workers do, without the writing), alternating too.
 """
 import argparse
 import io
@@ -107,18 +111,28 @@ def paths_file(root, source, batch_size):
 PASS = """
 import json, resource, sys, time
 from preprocessing import make_data
+def cpu():
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+listing = make_data.list_dataset
+def timed_listing(*args):
+    global list_cpu
+    before = cpu()
+    result = listing(*args)
+    list_cpu = cpu() - before
+    return result
+make_data.list_dataset = timed_listing
 start = time.perf_counter()
 make_data.make_data(sys.argv[1], workers=int(sys.argv[2]))
 wall = time.perf_counter() - start
-cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                             resource.getrusage(resource.RUSAGE_CHILDREN)))
-print(json.dumps([wall, cpu]))
+print(json.dumps([wall, cpu(), list_cpu]))
 """
 
 
 def one_pass(paths, out, workers):
-    """(wall seconds, CPU seconds of all its processes) of a whole preprocessing run from scratch, in
-    a fresh process; the interpreter's start and imports (about 1 s) are not counted."""
+    """(wall seconds, CPU seconds of all its processes, CPU seconds listing the dataset: indexing,
+    for the archives) of a whole preprocessing run from scratch, in a fresh process; the
+    interpreter's start and imports (about 1 s) are not counted."""
     shutil.rmtree(out, ignore_errors=True)
     r = subprocess.run([sys.executable, '-c', PASS, paths, str(workers)], cwd=ROOT, capture_output=True,
                        text=True)
@@ -181,10 +195,14 @@ def main(argv=None):
         print('|---|---:|---:|---:|---:|---:|---:|')
         for (source, workers), passes in runs.items():
             wall, cpu = (statistics.median(p[i] for p in passes) for i in (0, 1))
-            base = runs[('folders', workers)]
-            base_wall, base_cpu = (statistics.median(p[i] for p in base) for i in (0, 1))
-            print(f'| {source} | {workers} | {wall:.2f} | {n / wall:.0f} | {wall / base_wall:.3f} | {cpu:.2f} '
-                  f'| {cpu / base_cpu:.3f} |')
+            wall_x, cpu_x = (statistics.median(p[i] / b[i] for p, b in zip(passes, runs[('folders', workers)]))
+                             for i in (0, 1))  # each pass over the folders pass run next to it
+            print(f'| {source} | {workers} | {wall:.2f} | {n / wall:.0f} | {wall_x:.3f} | {cpu:.2f} | {cpu_x:.3f} |')
+        index = [p[2] - b[2] for w in args.workers for p, b in zip(runs[('archive', w)], runs[('folders', w)])]
+        share = [p[2] / p[1] for w in args.workers for p in runs[('archive', w)]]
+        print(f'\nindexing the archives (listing them, over listing the folders): {statistics.median(index):.3f} s '
+              f'CPU (median of the {len(index)} archive passes), {100 * statistics.median(share):.1f} % of '
+              f'their CPU time')
         read = read_only(root, args.repeats)
         n_train = args.classes * args.per_class
         print(f'\nread + decode + resize to 256 of the {n_train} training images, one process, no writing '

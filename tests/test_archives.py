@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.io
 import yaml
+from PIL import Image
 
 from preprocessing import archives, make_data
 from preprocessing.paths import KEYS, load_paths
@@ -271,6 +272,37 @@ def test_member_is_read_through_a_window(tmp_path):
         np.asarray(open_rgb(str(tmp_path / 'a.jpg'), 16)).reshape(-1, 3)[0].tolist()
     with pytest.raises(BadImage):
         open_rgb(Member(str(blob), 100, len(data) // 2, 'cut.jpg'), 16)
+
+
+@pytest.mark.parametrize('whole', [True, False])
+def test_member_read_at_once_or_through_a_window_decodes_as_its_file(tmp_path, monkeypatch, whole):
+    """A member small enough is read with one pread and decoded from memory, a larger one through
+    the Window: either way its pixels, or the reason it is unreadable, are those of the same bytes as
+    a file, whole, cut short, empty, or cut by the end of a truncated archive."""
+    from preprocessing import sources
+    from preprocessing.images import BadImage, load_rgb
+    from preprocessing.sources import Member
+    monkeypatch.setattr(sources, 'WHOLE_MEMBER', sources.WHOLE_MEMBER if whole else 0)
+    rng = np.random.default_rng(0)
+    for fmt in ('JPEG', 'PNG'):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, format=fmt)
+        data = buf.getvalue()
+        for cut, archive_ends in ((len(data), False), (len(data) // 2, False), (0, False),
+                                  (len(data) // 3, True)):
+            blob, file = tmp_path / f'blob_{cut}', tmp_path / f'file_{cut}'
+            blob.write_bytes(b'x' * 100 + data[:cut] + (b'' if archive_ends else data))
+            file.write_bytes(data[:cut])
+            member = Member(str(blob), 100, len(data) if archive_ends else cut, 'm')
+
+            def result(item):
+                try:
+                    return load_rgb(item, 32).tolist()
+                except BadImage as e:
+                    return str(e)
+            got, want = result(member), result(str(file))
+            assert got == want, (fmt, cut, archive_ends)
+            assert isinstance(want, str) == (cut < len(data)), (fmt, cut)
 
 
 # ---------------------------------------------------------------------------------- CIFAR binaries
