@@ -257,7 +257,8 @@ def test_torchrun_nccl_two_ranks_equal_one_worker(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node=2',
                         '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}',
                         os.path.join(ROOT, 'train.py')] + args(values),
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(ENV, TMPDIR=str(tmp_path)))  # torchrun's torchelastic_* folder
     assert r.returncode == 0, r.stderr[-4000:]
     assert 'device cuda:0' in r.stdout and '(2 workers x 4)' in r.stdout
     a = torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)

@@ -18,6 +18,13 @@ from tests.test_train_2gpu import COMMON, EXACT, EXACT_TOLERANCE, args, free_por
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path, monkeypatch):
+    """torchrun's agent leaves a torchelastic_* folder in the temporary directory of every run:
+    the launches here put theirs in the test's own folder, which pytest cleans up."""
+    monkeypatch.setenv('TMPDIR', str(tmp_path))
+
+
 def torchrun(n, extra=()):
     return [sys.executable, '-m', 'torch.distributed.run', f'--nproc-per-node={n}',
             '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}', *extra,
