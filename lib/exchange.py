@@ -42,6 +42,7 @@ BLOCK = 1 << 18  # CPU averaging block (1 MiB of float32): average and copy back
 class Local:
     """One worker: nothing to exchange."""
     rank, is_main, size = 0, True, 1
+    same_gradients = True  # every worker steps with the same gradients (one worker; DDP)
 
     def wrap(self, model):
         return model
@@ -141,6 +142,7 @@ class Periodic(Local):
 
 class Pair(Periodic):
     """One of the two workers of train_2gpu.py (see the module docstring)."""
+    same_gradients = False
 
     def __init__(self, rank, cfg, token, transport, shm_dir=''):
         self.rank, self.is_main, self.size = rank, rank == 0, 2
@@ -287,6 +289,7 @@ class Distributed(Periodic):
         self.dist = dist
         self.mode, self.freq = mode, freq
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.same_gradients = mode == 'gradients'  # all-reduced in backward
         self.is_main = self.rank == 0
 
     def wrap(self, model):

@@ -44,11 +44,14 @@ class Trainer:
         self.train_data, self.val_data = loaders
         self.exchanger = exchanger
         precision = cfg['precision']
-        # fp64: parameters, inputs and the loss in float64 (the model is built in float64)
-        self.dtype = torch.float64 if precision == 'fp64' else torch.float32
+        # fp64: parameters, inputs and the loss in float64 (train.py builds the model so)
+        self.dtype = next(model.parameters()).dtype
         self.autocast = dict(device_type=device.type, enabled=precision in ('bf16', 'fp16'),
                              dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
         self.scaler = optim.LossScaler(device) if precision == 'fp16' else None
+        # fp16 overflow: one decision for all workers where their gradients differ (under DDP
+        # they are the same everywhere, and so is the decision: no collective per step)
+        self.overflow_average = None if exchanger.same_gradients else exchanger.average
         self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
         if cfg['channels_last']:
             model.to(memory_format=torch.channels_last)
@@ -68,6 +71,7 @@ class Trainer:
         self.history = []  # one dict per finished epoch (the history.csv rows)
         self.on_epoch_end = None  # called with weights_dir after the records are written
         self.image_size = self.train_data.image_size
+        self.images_per_step = self.train_data.batch_size * exchanger.size  # all workers together
 
     # --- state --------------------------------------------------------------------------
     def state(self):
@@ -77,6 +81,7 @@ class Trainer:
                 'val_record': torch.tensor([[h['val_error'], h['val_loss']] for h in self.history],
                                            dtype=torch.float64).reshape(-1, 2),
                 'history': self.history, 'config': self.cfg,
+                'images_per_step': self.images_per_step,
                 'rng': checkpoint.rng_state(self.gen, self.device, self.order_gen)}
 
     def restore(self, state):
@@ -124,7 +129,7 @@ class Trainer:
     def train_epoch(self, epoch):
         cfg, model, opt = self.cfg, self.model, self.opt
         B = self.train_data.batch_size  # this worker's images per step
-        images = B * self.exchanger.size  # per step, all workers together
+        images = self.images_per_step
         plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
                               train=True, rand_crop=cfg['rand_crop'],
                               batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'],
@@ -154,7 +159,7 @@ class Trainer:
                 opt.step()
             else:
                 (loss * self.scaler.scale).backward()
-                self.scaler.step(opt, self.exchanger.average if self.exchanger.size > 1 else None)
+                self.scaler.step(opt, self.overflow_average)
             t = time.perf_counter()
             self.exchanger.after_step()
             exch += time.perf_counter() - t
