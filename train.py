@@ -51,15 +51,24 @@ def check_labels(n_classes, sources, where='num_classes'):
                                  f'outside 0..{n_classes - 1} ({where} {n_classes})')
 
 
-def check_snapshot(cfg, state, net):
-    """ConfigError (one line) when a snapshot was trained with another network or batch size
-    than this run's config asks for."""
+def check_snapshot(cfg, state, net, images_per_step):
+    """ConfigError (one line) when a snapshot was trained with another network or another number
+    of images per step than this run's (batch_size is per worker in train_2gpu.py, per step in
+    train.py and under torchrun: a 2 x 128 snapshot resumes in a 256 run, and back)."""
     path = checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
     saved = state.get('config', {})
-    for key in ('model', 'crop_size', 'batch_size'):
+    for key in ('model', 'crop_size'):
         if key in saved and saved[key] != cfg[key]:
             raise config.ConfigError(f'{path} was trained with {key} {saved[key]!r}, this run '
                                      f'has {key} {cfg[key]!r}')
+    if 'images_per_step' in state:
+        if int(state['images_per_step']) != images_per_step:
+            raise config.ConfigError(f'{path} was trained on {int(state["images_per_step"])} '
+                                     f'images per step, this run on {images_per_step} '
+                                     f'(batch_size {cfg["batch_size"]})')
+    elif 'batch_size' in saved and saved['batch_size'] != cfg['batch_size']:  # older snapshots
+        raise config.ConfigError(f'{path} was trained with batch_size {saved["batch_size"]!r}, '
+                                 f'this run has batch_size {cfg["batch_size"]!r}')
     for name, p in net.state_dict().items():
         have = state['model'].get(name)
         if have is None or have.shape != p.shape:
@@ -144,7 +153,7 @@ def run(cfg, worker=Worker()):
         start = 0
         if cfg['resume_train']:
             state = checkpoint.load(cfg['weights_dir'], cfg['load_epoch'])
-            check_snapshot(cfg, state, net)
+            check_snapshot(cfg, state, net, loop.images_per_step)
             start = loop.restore(state)
             loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
                      f'(epoch {start}, lr {opt.lr:g})')

@@ -56,18 +56,16 @@ def load(weights_dir, epoch):
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def rng_state(gen, device, order_gen=None):
-    state = {'data': gen.get_state(), 'torch': torch.get_rng_state()}
-    if order_gen is not None:
-        state['order'] = order_gen.get_state()
+def rng_state(gen, device, order_gen):
+    state = {'data': gen.get_state(), 'torch': torch.get_rng_state(), 'order': order_gen.get_state()}
     if device.type == 'cuda':
         state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state, gen, device, order_gen=None):
+def set_rng_state(state, gen, device, order_gen):
     gen.set_state(state['data'])
-    if order_gen is not None and 'order' in state:
+    if 'order' in state:  # snapshots before the shared file order have none
         order_gen.set_state(state['order'])
     torch.set_rng_state(state['torch'])
     if device.type == 'cuda' and 'cuda' in state:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import train
-from lib import config
+from lib import checkpoint, config, model
 from tests.helpers import make_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +56,8 @@ def test_snapshot_is_one_weights_only_dict(tmp_path):
     cfg = tiny_config(str(tmp_path), n_epochs=1)
     train.run(cfg)
     state = torch.load(tmp_path / 'w' / 'model_1.pt', weights_only=True)
-    assert set(state) == {'model', 'momentum', 'epoch', 'lr', 'val_record', 'history', 'config', 'rng'}
+    assert set(state) == {'model', 'momentum', 'epoch', 'lr', 'val_record', 'history', 'config', 'rng',
+                          'images_per_step'}
     assert state['epoch'] == 1 and state['lr'] == 0.01 and state['config'] == cfg
     assert list(state['model']) == list(state['momentum'])  # a buffer for every parameter
     assert all(isinstance(t, torch.Tensor) for t in state['rng'].values())
@@ -122,3 +123,22 @@ def test_labels_beyond_num_classes_and_val_of_another_size_are_named_at_start_up
                                              r'\(.*0000.hkl\) 36 px'):
         train.run(dict(cfg, num_classes=0))
     assert not os.path.exists(os.path.join(cfg['weights_dir'], 'config.yaml'))
+
+
+def test_a_snapshot_resumes_at_its_images_per_step_whatever_the_worker_count(tmp_path):
+    """batch_size is per worker in train_2gpu.py and per step in train.py: a 1-worker snapshot of
+    8 images per step resumes in 2 workers x 4, not in 2 x 8; older snapshots compare batch_size."""
+    cfg = tiny_config(str(tmp_path), n_epochs=1)
+    train.run(cfg)
+    state = checkpoint.load(cfg['weights_dir'], 1)
+    assert state['images_per_step'] == 8
+    net = model.build('alexnet_cifar', 3, 0.0, 32, 0)
+    more = dict(cfg, resume_train=True, load_epoch=1)
+    train.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)   # 2 x 4
+    with pytest.raises(config.ConfigError, match=r'model_1.pt was trained on 8 images per step, '
+                                                 r'this run on 16 \(batch_size 8\)'):
+        train.check_snapshot(more, state, net, images_per_step=16)                   # 2 x 8
+    del state['images_per_step']
+    with pytest.raises(config.ConfigError, match=r'trained with batch_size 8, this run has '
+                                                 r'batch_size 4'):
+        train.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)
