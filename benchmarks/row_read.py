@@ -35,24 +35,17 @@ import time
 import h5py
 import numpy as np
 
-from lib.data import read_hkl, read_hkl_rows
+from lib.data import hkl_dataset, read_hkl, read_hkl_rows
 from preprocessing.writer import save_hkl
 
 WAYS = ('whole', 'h5py', 'rows', 'part')
 FILE_BATCH = [None]  # B, set by main
 
 
-def dataset_of(f):
-    found = []
-    f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
-                 and obj.ndim == 4 else None)
-    return found[0]
-
-
 def layout(path):
     """(offset, shape, dtype) of the batch dataset when it is contiguous and uncompressed, else None."""
     with h5py.File(path, 'r') as f:
-        d = dataset_of(f)
+        d = hkl_dataset(f, path)
         if d.chunks is not None or d.compression is not None or d.id.get_offset() is None:
             return None
         return d.id.get_offset(), d.shape, d.dtype
@@ -69,7 +62,7 @@ def read(way, path, r0, r1):
         return np.ascontiguousarray(read_hkl(path)[..., r0:r1])
     if way == 'h5py':
         with h5py.File(path, 'r') as f:
-            return dataset_of(f)[..., r0:r1]
+            return hkl_dataset(f, path)[..., r0:r1]
     return read_hkl_rows(path, (r0, r1), FILE_BATCH[0])
 
 

@@ -22,7 +22,7 @@ class DataError(RuntimeError):
     """A missing or malformed data file; the message names it."""
 
 
-def _one_array(f, path):
+def hkl_dataset(f, path):
     """The one 4-D dataset of an open hickle batch file (any hickle version)."""
     found = []
     f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset)
@@ -32,12 +32,19 @@ def _one_array(f, path):
     return found[0]
 
 
+def check_batch(path, dtype, shape, file_batch):
+    """DataError naming the file unless it holds uint8 (3, S, S, file_batch)."""
+    if dtype != np.uint8 or len(shape) != 4 or shape[0] != 3 or shape[1] != shape[2] \
+            or shape[3] != file_batch:
+        raise DataError(f'{path}: expected uint8 (3, S, S, {file_batch}), got {dtype} {shape}')
+
+
 def read_hkl(path):
     """The uint8 c01b array stored in a hickle batch file (any hickle version: we read the HDF5
     directly and take its one 4-D dataset)."""
     try:
         with h5py.File(path, 'r') as f:
-            return _one_array(f, path)[()]
+            return hkl_dataset(f, path)[()]
     except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
@@ -46,7 +53,7 @@ def hkl_shape(path):
     """Shape of a batch file's uint8 array, from its header alone (no pixels read)."""
     try:
         with h5py.File(path, 'r') as f:
-            d = _one_array(f, path)
+            d = hkl_dataset(f, path)
             if d.dtype != np.uint8:
                 raise DataError(f'{path}: expected a uint8 batch, got {d.dtype} {d.shape}')
             return d.shape
@@ -65,12 +72,11 @@ def read_hkl_rows(path, rows, file_batch, out=None):
     lo, hi = rows
     try:
         with h5py.File(path, 'r') as f:
-            d = _one_array(f, path)
-            if d.dtype != np.uint8 or d.shape[0] != 3 or d.shape[1] != d.shape[2] \
-                    or d.shape[3] != file_batch \
-                    or (out is not None and out.shape != d.shape[:3] + (hi - lo,)):
-                want = f'(3, S, S, {file_batch})' if out is None else out.shape[:3] + (file_batch,)
+            d = hkl_dataset(f, path)
+            want = None if out is None else out.shape[:3] + (file_batch,)  # named in full
+            if want and (d.dtype != np.uint8 or d.shape != want or out.shape[3] != hi - lo):
                 raise DataError(f'{path}: expected uint8 {want}, got {d.dtype} {d.shape}')
+            check_batch(path, d.dtype, d.shape, file_batch)
             offset = d.id.get_offset()
             if d.chunks is not None or d.external or offset is None:  # (no filters without chunks)
                 if out is None:
@@ -98,7 +104,7 @@ def read_hkl_into(path, out, rows=None, file_batch=None):
         return
     try:
         with h5py.File(path, 'r') as f:
-            ds = _one_array(f, path)
+            ds = hkl_dataset(f, path)
             if ds.dtype != np.uint8 or ds.shape != out.shape:
                 raise DataError(f'{path}: expected uint8 {out.shape}, got {ds.dtype} {ds.shape}')
             ds.read_direct(out)
@@ -157,10 +163,7 @@ class BatchFolder:
         if self.rows is not None:  # only the rows: cheaper than the whole file and a slice
             return read_hkl_rows(self.files[i], self.rows, self.file_batch)
         x = read_hkl(self.files[i])
-        if x.dtype != np.uint8 or x.shape[0] != 3 or x.shape[1] != x.shape[2] \
-                or x.shape[3] != self.file_batch:
-            raise DataError(f'{self.files[i]}: expected uint8 (3, S, S, {self.file_batch}), '
-                            f'got {x.dtype} {x.shape}')
+        check_batch(self.files[i], x.dtype, x.shape, self.file_batch)
         return x
 
     def read_into(self, i, out):
@@ -174,9 +177,7 @@ class BatchFolder:
     def image_size(self):
         """S of the (3, S, S, B) batches, from the first file's header (checked as read() does)."""
         shape = hkl_shape(self.files[0])
-        if shape[0] != 3 or shape[1] != shape[2] or shape[3] != self.file_batch:
-            raise DataError(f'{self.files[0]}: expected uint8 (3, S, S, {self.file_batch}), '
-                            f'got uint8 {shape}')
+        check_batch(self.files[0], np.dtype(np.uint8), shape, self.file_batch)
         return shape[1]
 
 

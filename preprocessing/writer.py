@@ -109,21 +109,17 @@ def to_c01b(images):
 
 def read_batch(job):
     """The (3, S, S, B) array of a written batch, from its whole file if written, else from the
-    parts of its first sub-batch folder; read with h5py (lib.data.read_hkl: never unpickles)."""
-    from lib.data import DataError, read_hkl  # here: lib.data imports torch (1.3 s, 190 MB),
-    n, paths = min(job.outputs)                # which only a resumed run needs
-    parts = []
-    for path in paths:
+    parts of its first sub-batch folder; read with h5py (lib.data.read_hkl_into: never unpickles,
+    and checks the type and shape)."""
+    from lib.data import DataError, read_hkl_into  # here: lib.data imports torch (1.3 s, 190 MB),
+    n, paths = min(job.outputs)                     # which only a resumed run needs
+    parts = [np.empty((3, job.size, job.size, len(job.images) // n), np.uint8) for _ in paths]
+    for path, part in zip(paths, parts):
         try:
-            part = read_hkl(path)
+            read_hkl_into(path, part)
         except DataError as e:
             raise PrepError(f'{e}; delete it and run again to rewrite it') from None
-        if part.dtype != np.uint8 or part.shape != (3, job.size, job.size, len(job.images) // n):
-            raise PrepError(f'{path}: expected uint8 (3, {job.size}, {job.size}, '
-                            f'{len(job.images) // n}), found {part.dtype} {part.shape}; delete it '
-                            f'and run again to rewrite it')
-        parts.append(part)
-    return np.concatenate(parts, axis=3)
+    return parts[0] if n == 1 else np.concatenate(parts, axis=3)
 
 
 def parallel_map(fn, items, count, workers, desc, step=1, chunksize=1):
