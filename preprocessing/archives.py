@@ -12,7 +12,6 @@ the folder <wnid>; `<file>` for val), and only the members that extraction would
 folders with an image extension are listed (not directories, links, other files), exactly as the
 folder listing does: every output is the same as from the extracted folders.
 """
-import multiprocessing
 import os
 import tarfile
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from lib.atomic import atomic_write
 from preprocessing import PrepError
 from preprocessing.sources import IMAGE_EXTS, ArchiveSource, Window
-from preprocessing.writer import worker_signals
+from preprocessing.writer import parallel_map
 
 INDEX_VERSION = 1
 PARALLEL_CLASSES = 64  # fewer class tars are indexed in the main process (a pool costs ~20 ms to start)
@@ -91,17 +90,10 @@ def scan_train(archive, workers=1):
                 jobs.append((archive, m.name, m.offset_data, m.size))
             # (anything else is extracted beside the class folders: not listed)
     entries = {}
-    with tqdm(total=len(jobs), desc=f'index {os.path.basename(archive)}', unit='class', disable=None) as bar:
-        pool = None
-        if workers > 1 and len(jobs) >= PARALLEL_CLASSES:
-            pool = multiprocessing.Pool(workers, initializer=worker_signals)
-        try:
-            for found in (pool.imap(scan_class, jobs) if pool else map(scan_class, jobs)):
-                entries.update(found)  # in archive order: a class tar given twice adds to the first
-                bar.update()
-        finally:
-            if pool:
-                pool.terminate()
+    for found in parallel_map(scan_class, jobs, len(jobs),
+                              workers if len(jobs) >= PARALLEL_CLASSES else 1,
+                              f'index {os.path.basename(archive)}', unit='class'):
+        entries.update(found)  # in archive order: a class tar given twice adds to the first
     return sorted({direct_name_of(job[1])[:-4] for job in jobs}), entries
 
 

@@ -85,7 +85,9 @@ def find_in_devkit(path):
     for mat, gt in VERSIONS:
         if mat in found and gt in found:
             (mat_name, mat_bytes), (gt_name, gt_bytes) = found[mat], found[gt]
-            return (mat_name, mat_bytes or read_file(mat_name), gt_name, gt_bytes or read_file(gt_name))
+            # None: a file of the folder, read now (b'' is an empty archive member, kept)
+            return (mat_name, read_file(mat_name) if mat_bytes is None else mat_bytes,
+                    gt_name, read_file(gt_name) if gt_bytes is None else gt_bytes)
     for mat, gt in VERSIONS:
         if (mat in found) != (gt in found):
             have, lack = (mat, gt) if mat in found else (gt, mat)

@@ -122,11 +122,11 @@ def read_batch(job):
     return parts[0] if n == 1 else np.concatenate(parts, axis=3)
 
 
-def parallel_map(fn, items, count, workers, desc, step=1, chunksize=1):
+def parallel_map(fn, items, count, workers, desc, step=1, chunksize=1, unit='img'):
     """Yield fn(item) for each of the `count` items (any iterable: read as the workers need them),
     in order, computed in `workers` processes (1: in this one), with a progress bar counting `step`
-    per item (hidden when stderr is not a terminal)."""
-    with tqdm(total=count * step, desc=desc, unit='img', disable=None, smoothing=0.1) as bar:
+    `unit`s per item (hidden when stderr is not a terminal)."""
+    with tqdm(total=count * step, desc=desc, unit=unit, disable=None, smoothing=0.1) as bar:
         if workers == 1:
             for item in items:
                 yield fn(item)

@@ -17,7 +17,7 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from preprocessing import archives, make_data
+from preprocessing import archives, devkit, make_data
 from preprocessing.paths import KEYS, load_paths
 from tests.test_preprocessing import (REPO, WNIDS, batches, decode, listed, make_train, make_val_imagenet,
                                       one_line_error, run, run_sh, solid, write_paths)
@@ -172,6 +172,16 @@ def test_devkit_folder_of_either_version(imagenet_pair, tmp_path):
     for split in ('train', 'val'):
         assert (root / 'kitdir' / 'labels' / f'{split}_labels.npy').read_bytes() == \
             (root / 'ref' / 'labels' / f'{split}_labels.npy').read_bytes()
+
+
+def test_an_empty_devkit_member_is_read_as_empty_not_looked_up_as_a_file(tmp_path):
+    kit = tmp_path / 'kit.tgz'
+    with tarfile.open(kit, 'w:gz') as tar:
+        add_bytes(tar, 'kit/data/meta_clsloc.mat', synsets_mat(ORDER_2014))
+        add_bytes(tar, 'kit/data/ILSVRC2014_clsloc_validation_ground_truth.txt', b'')
+    mat_name, mat, gt_name, gt = devkit.find_in_devkit(str(kit))
+    assert gt == b'' and gt_name == f'{kit} member kit/data/ILSVRC2014_clsloc_validation_ground_truth.txt'
+    assert mat == synsets_mat(ORDER_2014)
 
 
 def test_train_archive_with_an_extracted_val_folder(imagenet_pair):
