@@ -11,6 +11,7 @@ preprocessing (preprocessing/images.load_rgb, validation's centre crop by lib/da
 it is decoded outside the model's lock, and only the forward passes take turns.
 """
 import argparse
+import html
 import io
 import json
 import os
@@ -312,10 +313,7 @@ class Handler(BaseHTTPRequestHandler):
         if error := self._check(body=False):
             self.send_error(*error)
         else:
-            with open(PAGE, encoding='utf-8') as f:
-                title = f'{self.classifier.name}: {self.classifier.num_classes} classes'
-                page = f.read().replace('{{title}}', title.replace('&', '&amp;').replace('<', '&lt;'))
-            self._send(200, page.encode(), 'text/html; charset=utf-8')
+            self._send(200, self.page, 'text/html; charset=utf-8')
 
     do_HEAD = do_GET
 
@@ -393,10 +391,22 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
+def render_page(classifier):
+    """The page's bytes, its title naming the model (rendered once: the model does not change)."""
+    try:
+        with open(PAGE, encoding='utf-8') as f:
+            page = f.read()
+    except OSError as e:
+        raise SetupError(f'cannot read the page {PAGE}: {e.strerror}') from None
+    title = html.escape(f'{classifier.name}: {classifier.num_classes} classes')
+    return page.replace('{{title}}', title).encode()
+
+
 def make_server(classifier, host, port, max_bytes, max_inflight=32, deadline=60.0):
     """The bound server (raises OSError when the address is taken)."""
     handler = type('BoundHandler', (Handler,), {
-        'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline})
+        'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline,
+        'page': render_page(classifier)})
     server = (Server6 if ':' in host else Server)((host, port), handler)
     server.bound(max_bytes, max_inflight)
     return server
@@ -433,6 +443,9 @@ def main(argv=None):
     try:
         server = make_server(classifier, args.host, args.port, args.max_bytes, args.max_inflight,
                              args.deadline)
+    except SetupError as e:  # the page
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     except (OSError, OverflowError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f'error: cannot listen on {args.host} port {args.port}: {reason}', file=sys.stderr)

@@ -563,3 +563,13 @@ def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapsho
         with pytest.raises(SystemExit):
             serve.main([snapshot['path'], flag, '0'])
         assert f'{flag} must be positive' in capsys.readouterr().err
+
+
+def test_the_page_is_rendered_once_at_start_and_a_missing_one_is_a_setup_error(classifier,
+                                                                                monkeypatch):
+    page = serve.render_page(classifier)
+    assert page.startswith(b'<!doctype') or b'<html' in page
+    assert f'<title>{classifier.name}: {classifier.num_classes} classes</title>'.encode() in page
+    monkeypatch.setattr(serve, 'PAGE', '/nonexistent/serve_page.html')
+    with pytest.raises(serve.SetupError, match='cannot read the page /nonexistent/serve_page.html'):
+        serve.make_server(classifier, '127.0.0.1', 0, MAX_BYTES)
