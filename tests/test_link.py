@@ -2,6 +2,7 @@
 prove the secret, the secret never on the wire) and the frame size cap."""
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -120,3 +121,127 @@ def test_frames_over_the_cap_are_dropped_before_the_handshake_reads_them():
         ctx.term()
         for lk in links:
             lk.close()
+
+
+# --- CURVE (two hosts): the only protection there, since the handshake secret of --worker mode is
+# derived from the public key files -----------------------------------------------------------------
+
+def curve_dir(tmp_path):
+    from zmq.auth import create_certificates
+    d = tmp_path / 'keys'
+    d.mkdir()
+    for r in (0, 1):
+        create_certificates(str(d), f'worker{r}')
+    return str(d)
+
+
+class Relay:
+    """A plain TCP relay between worker 1 and worker 0 that keeps every byte it forwards: what a
+    host on the path between two machines sees."""
+
+    def __init__(self, target_port):
+        import socket
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port, self.target, self.seen = self.listener.getsockname()[1], target_port, bytearray()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self):
+        import socket
+        try:
+            a, _ = self.listener.accept()
+        except OSError:
+            return
+        b = socket.create_connection(('127.0.0.1', self.target))
+        for src, dst in ((a, b), (b, a)):
+            t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src, dst):
+        try:
+            while chunk := src.recv(1 << 16):
+                self.seen += chunk
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize('curve', [False, True])
+def test_curve_encrypts_everything_on_the_wire(tmp_path, curve):
+    """Through a relay that records the bytes: with curve_dir, neither the hellos' JSON nor the
+    exchange data can be read there; without, both can (which shows the relay sees them)."""
+    port, keys = free_port(), curve_dir(tmp_path) if curve else ''
+    relay = Relay(port)
+    server = link.Link(0, '127.0.0.1', port, TOKEN, 10.0, keys, max_frame=4096)
+    client = link.Link(1, '127.0.0.1', relay.port, TOKEN, 10.0, keys, max_frame=4096)
+    marker = b'plaintext-marker-' * 64
+    out = {}
+    try:
+        t = threading.Thread(target=lambda: out.update(c=client.handshake({'who': 'secret-info-1'})))
+        t.start()
+        out['s'] = server.handshake({'who': 'secret-info-0'})
+        t.join(30)
+        assert out == {'s': {'who': 'secret-info-1'}, 'c': {'who': 'secret-info-0'}}
+        server.send(link.DATA, 1, marker)
+        assert client.recv(link.DATA, 1) == [marker]
+        client.send(link.DATA, 2, marker)
+        assert server.recv(link.DATA, 2) == [marker]
+    finally:
+        client.close()
+        server.close()
+        relay.close()
+    wire = bytes(relay.seen)
+    assert len(wire) > 2 * len(marker)
+    for plain in (marker[:64], b'secret-info-0', b'secret-info-1', b'ALXW'):
+        assert (plain in wire) == (not curve), plain
+
+
+def test_curve_refuses_clients_without_the_right_key(tmp_path):
+    """A client with no key, with a key pair of its own, or with worker 1's public key but another
+    secret key never reaches worker 0's handshake (nothing answered, nothing rejected: ZeroMQ's
+    CURVE handshake and authenticator drop it); worker 1 then connects as usual."""
+    from zmq.auth import load_certificate
+    port, keys = free_port(), curve_dir(tmp_path)
+    server = link.Link(0, '127.0.0.1', port, TOKEN, 15.0, keys, max_frame=4096)
+    server_public, _ = load_certificate(os.path.join(keys, 'worker0.key'))
+    worker1_public, _ = load_certificate(os.path.join(keys, 'worker1.key'))
+    ctx = zmq.Context()
+    intruders = []
+    for how in ('no key', 'own key pair', "worker 1's public key, another secret"):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        if how != 'no key':
+            public, secret = zmq.curve_keypair()
+            s.curve_publickey = worker1_public if how.startswith('worker 1') else public
+            s.curve_secretkey, s.curve_serverkey = secret, server_public
+        s.connect(f'tcp://127.0.0.1:{port}')
+        s.send_multipart([link.header(link.HELLO, 0), os.urandom(32)], zmq.NOBLOCK)
+        intruders.append((how, s))
+    out = {}
+    client = link.Link(1, '127.0.0.1', port, TOKEN, 15.0, keys, max_frame=4096)
+    try:
+        time.sleep(1.0)  # the intruders' hellos are on their way before worker 1's
+        t = threading.Thread(target=lambda: out.update(c=client.handshake({'b': 1})))
+        t.start()
+        out['s'] = server.handshake({'a': 0})
+        t.join(30)
+        assert out == {'s': {'b': 1}, 'c': {'a': 0}}
+        assert server.rejected == 0  # no intruder's message reached the application
+        for how, s in intruders:
+            assert not s.poll(500), f'a client with {how} got an answer'
+    finally:
+        for _, s in intruders:
+            s.close()
+        ctx.term()
+        client.close()
+        server.close()
