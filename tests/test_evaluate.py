@@ -33,6 +33,8 @@ def test_validate_reproduces_the_val_record_row(trained):
             dict(cfg, load_epoch=epoch, **{k: v for k, (v, _) in config.EVALUATE.items()}))
         assert n == 2 * 8
         assert (top1, loss) == (record[epoch - 1, 0], record[epoch - 1, 1])  # bit for bit
+        history = torch.load(os.path.join(root, 'w', f'model_{epoch}.pt'), weights_only=True)['history']
+        assert top5 == history[epoch - 1]['val_top5_error']  # (top-5 itself: the hand computation)
 
 
 def test_validate_cli_prints_six_significant_digits_and_ten_crop(trained):
@@ -121,3 +123,29 @@ def test_ten_crop_loss_is_finite_when_a_probability_underflows():
     want = -(torch.logsumexp(logp, 0) - math.log(10))[[0, 1], [1, 0]].mean().item()
     assert math.isfinite(loss) and loss == pytest.approx(want, rel=1e-6)  # about 102.2
     assert top1 == 0.5                                                    # image 0 is wrong
+
+
+def test_top1_top5_and_loss_against_a_hand_computation():
+    """Ten classes, so that top-5 differs from top-1: per image, the rank of its true class is
+    set by hand (0: top-1 right; 3: top-5 right; 7: both wrong), and the loss is computed from
+    the logits in float64."""
+    n_classes, true_rank = 10, [0, 3, 7, 4, 5, 1]
+    y = torch.tensor([2, 9, 0, 5, 7, 3])
+    order = torch.tensor([[9, 8, 7, 6, 5, 4, 3, 2, 1, 0]] * len(y))  # class order, best first
+    logits = torch.empty(len(y), n_classes)
+    for i, (label, rank) in enumerate(zip(y.tolist(), true_rank)):
+        classes = [c for c in order[i].tolist() if c != label]
+        classes.insert(rank, label)                       # the true class at that rank
+        logits[i, classes] = torch.linspace(3.0, -2.0, n_classes) + 0.01 * i
+
+    class OneBatch:
+        batch_size = len(y)
+
+        def epoch(self, plan):
+            for _ in plan:
+                yield torch.zeros(len(y), 1), y
+    top1, top5, loss = trainer.evaluate(lambda x: logits, OneBatch(), [None], 1)
+    assert top1 == pytest.approx(sum(r >= 1 for r in true_rank) / len(y))   # 5 of 6 wrong
+    assert top5 == pytest.approx(sum(r >= 5 for r in true_rank) / len(y))   # ranks 7 and 5: 2 of 6
+    want = -logits.double().log_softmax(1)[torch.arange(len(y)), y].mean().item()
+    assert loss == pytest.approx(want, rel=1e-6)
