@@ -359,3 +359,51 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert len(everyone) >= 4  # 2 workers + 2 loaders (+ the resource tracker)
     for pid in everyone:
         assert gone_within(pid, 10), pid
+
+
+@pytest.mark.parametrize('transport', ['tcp', 'shm'])
+def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
+    """Two real Pair exchangers (in threads), exchange_freq 3: worker r adds r + 1 to its weight
+    and momentum after every step. Against a hand computation: they are averaged after steps 3
+    and 6 only, and flush() averages the step left over at the end of the epoch (step 7)."""
+    import threading
+    cfg = dict(exchange_freq=3, peer_timeout=20.0, exchange_host='', sock_gpu=free_port(),
+               curve_dir='')
+    results = {}
+
+    def worker(rank):
+        pair = exchange.Pair(rank, cfg, bytes(32), transport, str(tmp_path))
+        w, m = torch.nn.Parameter(torch.zeros(4)), [torch.zeros(4)]
+        seen = []
+        try:
+            pair.attach([w], m, torch.device('cpu'))
+            for _ in range(7):
+                with torch.no_grad():
+                    w += rank + 1
+                    m[0] += rank + 1
+                pair.after_step()
+                seen.append((w[0].item(), m[0][0].item()))
+            pair.flush()
+            seen.append((w[0].item(), m[0][0].item()))
+            pair.flush()  # nothing pending: no exchange (a second would wait for a peer that sent none)
+            results[rank] = seen
+        except Exception as e:  # noqa: BLE001  (handed to the test)
+            results[rank] = e
+        finally:
+            pair.close()
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+
+    def expected(rank):  # by hand: the mean of 1 and 2 is 1.5 per step
+        v, out = 0.0, []
+        for step in range(1, 8):
+            v += rank + 1
+            if step % 3 == 0:
+                v = 1.5 * step
+            out.append((v, v))
+        return out + [(1.5 * 7, 1.5 * 7)]
+    assert results[0] == expected(0) and results[1] == expected(1)
