@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import train
-from lib import optim
+from lib import optim, trainer
 from tests.test_train import tiny_config
 
 
@@ -95,3 +95,25 @@ def test_fp16_overflow_decision_is_shared_by_the_workers():
     assert scale0 == scale1 == 4.0             # backed off once, alike
     assert torch.equal(w0, w1)
     assert torch.allclose(w0, torch.full((2, 2), 1 - 0.1 * 8.0 / 4.0))
+
+
+@pytest.mark.parametrize('precision,dtype', [('bf16', torch.bfloat16), ('fp16', torch.float16),
+                                             ('fp32', torch.float32), ('fp64', torch.float64)])
+def test_the_forward_runs_in_the_precision_asked_for(tmp_path, monkeypatch, precision, dtype):
+    """Every convolution and linear layer's output, in training and in validation, is of the
+    precision's dtype (autocast really on for bf16 / fp16)."""
+    seen, fit = {}, trainer.Trainer.fit
+
+    def hook(module, args, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            seen.setdefault(module.training, set()).add(output.dtype)
+
+    def hooked_fit(self, *args):  # the loop's forwards only (the model's constructor runs one)
+        handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        try:
+            return fit(self, *args)
+        finally:
+            handle.remove()
+    monkeypatch.setattr(trainer.Trainer, 'fit', hooked_fit)
+    train.run(tiny_config(str(tmp_path), n_epochs=1, precision=precision))
+    assert seen == {True: {dtype}, False: {dtype}}
