@@ -95,24 +95,52 @@ def test_train_py_reports_unknown_key_in_one_line(tmp_path):
         "error: unknown config key 'n_epoch' in command-line overrides; did you mean 'n_epochs'?"]
 
 
-@pytest.mark.parametrize('override,msg', [
-    ('snapshot_freq=0', 'snapshot_freq must be at least 1, got 0'),
-    ('print_freq=0', 'print_freq must be at least 1, got 0'),
-    ('exchange_freq=0', 'exchange_freq must be at least 1, got 0'),
-    ('batch_size=0', 'batch_size must be at least 1, got 0'),
-    ('n_epochs=-1', 'n_epochs must be at least 0, got -1'),
-    ('learning_rate=0', 'learning_rate must be above 0, got 0.0'),
-    ('momentum=1', 'momentum must be in [0, 1), got 1.0'),
-    ('dropout=1.0', 'dropout must be in [0, 1), got 1.0'),
-    ('crop_size=0', 'crop_size must be at least 1, got 0'),
-    ('weight_decay=-1e-4', 'weight_decay must be at least 0, got -0.0001'),
-    ('sock_data=70000', 'sock_data must be a port in 1..65535, got 70000'),
-])
-def test_values_out_of_range_are_named_at_start_up(tmp_path, override, msg):
-    g = write(tmp_path / 'g.yaml', '')
+# every key with a range: (a value just outside it, the message; a value just inside it)
+OUT_OF_RANGE = {
+    'n_epochs': (-1, 'at least 0, got -1', 0),
+    'load_epoch': (-1, 'at least 0, got -1', 0),
+    'learning_rate': (0, 'above 0, got 0.0', 1e-9),
+    'lr_adapt_threshold': (-0.1, 'at least 0, got -0.1', 0.0),
+    'lr_step': ([3, 0], 'a list of epochs, each at least 1, got [3, 0]', [1]),
+    'warmup_epochs': (-1, 'at least 0, got -1', 0),
+    'label_smoothing': (1.0, 'in [0, 1), got 1.0', 0.0),
+    'loader_timeout': (0, 'above 0, got 0.0', 0.5),
+    'crop_size': (0, 'at least 1, got 0', 1),
+    'synthetic_batches': (0, 'at least 1, got 0', 1),
+    'num_classes': (-1, 'at least 0 (0: from the dataset), got -1', 0),
+    'dropout': (1.0, 'in [0, 1), got 1.0', 0.0),
+    'momentum': (1, 'in [0, 1), got 1.0', 0.0),
+    'weight_decay': (-1e-4, 'at least 0, got -0.0001', 0.0),
+    'exchange_freq': (0, 'at least 1, got 0', 1),
+    'peer_timeout': (0, 'above 0, got 0.0', 0.1),
+    'snapshot_freq': (0, 'at least 1, got 0', 1),
+    'print_freq': (0, 'at least 1, got 0', 1),
+    'batch_size': (0, 'at least 1, got 0', 1),
+    'sock_data': (70000, 'a port in 1..65535, got 70000', 65535),
+    'sock_data0': (0, 'a port in 1..65535, got 0', 1),
+    'sock_data1': (65536, 'a port in 1..65535, got 65536', 65535),
+    'sock_gpu': (-5, 'a port in 1..65535, got -5', 1),
+}
+EVERY_KEY = {**config.CONFIG, **config.SPEC_1GPU, **config.SPEC_2GPU}
+
+
+def test_every_range_of_the_schema_is_tested_here():
+    assert set(OUT_OF_RANGE) == set(config.RANGES)
+
+
+@pytest.mark.parametrize('key', sorted(OUT_OF_RANGE))
+def test_values_out_of_range_are_named_at_start_up(key):
+    bad, msg, edge = OUT_OF_RANGE[key]
     with pytest.raises(config.ConfigError) as e:
-        config.load(g, g, [override], SCHEMA)
-    assert str(e.value) == msg
+        config.merge(EVERY_KEY, [('command-line overrides', {key: bad}, None)])
+    assert str(e.value) == f'{key} must be {msg}'
+    assert config.merge(EVERY_KEY, [('command-line overrides', {key: edge}, None)])[key] == edge
+
+
+def test_an_override_out_of_range_is_named_when_the_files_are_merged(tmp_path):
+    g = write(tmp_path / 'g.yaml', '')
+    with pytest.raises(config.ConfigError, match=r'^momentum must be in \[0, 1\), got 1.0$'):
+        config.load(g, g, ['momentum=1'], SCHEMA)
 
 
 def test_out_of_range_value_is_a_one_line_error_before_training(tmp_path):
