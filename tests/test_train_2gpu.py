@@ -407,3 +407,45 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
             out.append((v, v))
         return out + [(1.5 * 7, 1.5 * 7)]
     assert results[0] == expected(0) and results[1] == expected(1)
+
+
+def test_two_workers_resume_two_plus_two_epochs_as_four(tmp_path):
+    """Both workers load the snapshot (weights, momentum, lr, the shared file order): 2 epochs,
+    then a resume to 4, give the weights of 4 epochs in one go (fp64, 1e-9), exchange_freq 3 so
+    that the end-of-epoch flush is part of it. Each worker draws its own crops and dropout
+    from seed + 7919 x rank (+ the epoch on a resume): rand_crop and dropout stay off here."""
+    _, halves = dataset(tmp_path)
+    over = {k: v for k, v in EXACT.items() if k != 'n_epochs'}
+    over['exchange_freq'] = 3
+    full = run_2gpu(tmp_path, halves, n_epochs=4, weights_dir=str(tmp_path / 'full'), **over)
+    assert full.returncode == 0, full.stderr
+    part = run_2gpu(tmp_path, halves, n_epochs=2, **over)
+    assert part.returncode == 0, part.stderr
+    resumed = run_2gpu(tmp_path, halves, n_epochs=4, resume_train=True, load_epoch=2, **over)
+    assert resumed.returncode == 0, resumed.stderr
+    assert 'resumed from' in resumed.stdout and 'epoch 2 |' not in resumed.stdout
+    a = torch.load(tmp_path / 'full' / 'model_4.pt', weights_only=True)
+    b = torch.load(tmp_path / 'w2' / 'model_4.pt', weights_only=True)
+    for part_ in ('model', 'momentum'):
+        for k in a[part_]:
+            assert relative_error(b[part_][k], a[part_][k]) < EXACT_TOLERANCE, (part_, k)
+    assert [h['val_loss'] for h in b['history']] == pytest.approx(
+        [h['val_loss'] for h in a['history']], rel=1e-9)
+
+
+def test_a_worker_that_fails_tells_the_other_which_names_it(tmp_path):
+    """Worker 1 meets a corrupt batch file: it stops with its error and sends BYE; worker 0 stops
+    at once naming worker 1 and its reason (not a lost connection, not a timeout)."""
+    _, halves = dataset(tmp_path, n_train=6)
+    bad = os.path.join(halves['train_folder'], '0003_1.hkl')  # worker 1's half of file 3
+    with open(bad, 'wb') as f:
+        f.write(b'not an hdf5 file' * 64)
+    t0 = time.monotonic()
+    r = run_2gpu(tmp_path, halves, shuffle=False, peer_timeout=60.0, timeout=120)
+    assert time.monotonic() - t0 < 60.0  # well before peer_timeout
+    assert r.returncode == 1, r.stderr
+    assert 'worker 1: error: ' in r.stderr and bad in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith('worker 0: error: ')]
+    assert len(lines) == 1 and lines[0].startswith(f'worker 0: error: worker 1 stopped ({bad}'), \
+        r.stderr
+    assert not os.path.exists(tmp_path / 'w2' / 'model_1.pt')
