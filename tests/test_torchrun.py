@@ -183,3 +183,61 @@ def test_resuming_a_snapshot_of_another_network_is_a_one_line_error(tmp_path):
     with pytest.raises(config.ConfigError, match=r'model_1.pt was trained with crop_size 32, '
                                                  r'this run has crop_size 28'):
         train.run(dict(more, crop_size=28))
+
+
+@pytest.mark.parametrize('mode', ['average', 'gradients'])
+def test_ranks_resume_two_plus_two_epochs_as_four(tmp_path, mode):
+    """Every rank loads the snapshot: 2 epochs, then `resume_train=True load_epoch=2` to 4, give
+    the weights of 4 epochs in one go (fp64, 1e-9). A rank that ignored it would start from the
+    initial weights (gradients: DDP broadcast them before the resume) or average them in."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=3, n_val=2, batch=8, size=36)
+    base = dict(keys, **{k: v for k, v in EXACT.items() if k != 'n_epochs'}, gpu='cpu',
+                exchange=mode, exchange_freq=2 if mode == 'average' else 1)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    for name, over in (('full', dict(n_epochs=4)), ('part', dict(n_epochs=2)),
+                       ('part', dict(n_epochs=4, resume_train=True, load_epoch=2))):
+        values = dict(base, weights_dir=str(tmp_path / name), **over)
+        r = subprocess.run(torchrun(2) + args(values), capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert 'resumed from' in r.stdout
+    a = torch.load(tmp_path / 'full' / 'model_4.pt', weights_only=True)
+    b = torch.load(tmp_path / 'part' / 'model_4.pt', weights_only=True)
+    for part in ('model', 'momentum'):
+        for k in a[part]:
+            assert relative_error(b[part][k], a[part][k]) < EXACT_TOLERANCE, (mode, part, k)
+    assert [h['val_loss'] for h in b['history']] == pytest.approx(
+        [h['val_loss'] for h in a['history']], rel=1e-9)
+
+
+def test_train_py_names_a_dead_rank_itself(tmp_path):
+    """Ranks started by hand (no torchrun agent to stop the survivor first): rank 1 is killed,
+    and rank 0 stops by itself, in seconds, with train.py's one-line error and exit code 2."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=300, n_val=2, batch=8, size=36)
+    values = dict(keys, **dict(COMMON, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
+                  peer_timeout=20.0)
+    port, procs = free_port(), []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + args(values),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=tmp_path, env=env))
+    try:
+        for line in procs[0].stdout:
+            if 'epoch 1 iter' in line:
+                break
+        procs[1].kill()
+        t0 = time.monotonic()
+        out, err = procs[0].communicate(timeout=20.0 + 30)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert elapsed < 20.0 + 10.0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        'rank 0: error: a peer rank died, stalled or failed (torch.distributed: '), err[-3000:]
