@@ -97,12 +97,16 @@ def test_cosine_and_warmup_schedules():
 
 
 def test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss(tmp_path):
-    plain = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=2, learning_rate=0.003))
-    smooth = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, learning_rate=0.003,
-                                   lr_policy='cosine', warmup_epochs=1, label_smoothing=0.1))
-    assert [h['lr'] for h in plain] == [0.003, 0.003]
-    assert smooth[0]['lr'] == 0.0 and smooth[1]['lr'] == pytest.approx(0.003)  # warm-up, then 1.0
+    plain = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=1, learning_rate=0.003))
+    cosine = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, learning_rate=0.003,
+                                   lr_policy='cosine', warmup_epochs=1))
+    smooth = train.run(tiny_config(str(tmp_path / 'c'), n_epochs=1, learning_rate=0.003,
+                                   label_smoothing=0.1))
+    assert [h['lr'] for h in plain] == [0.003]
+    assert cosine[0]['lr'] == 0.0 and cosine[1]['lr'] == pytest.approx(0.003)  # warm-up, then 1.0
+    # the same run but for the training loss's smoothing: its weights and losses differ
     assert smooth[0]['train_loss'] != plain[0]['train_loss']
+    assert smooth[0]['val_loss'] != plain[0]['val_loss']
 
 
 def test_ten_crop_loss_is_finite_when_a_probability_underflows():

@@ -33,7 +33,8 @@ def fake_worker0(port, forge, seen, ready):
                 s.send_multipart([ident, link.header(link.HELLO, 3), os.urandom(32), info])
             else:
                 s.send_multipart([ident] + frames[:-1] + [info] if len(frames) == 3 else [ident] + frames)
-            s.poll(2000)
+            while s.poll(2000):  # whatever worker 1 sends after our answer
+                seen.extend(s.recv_multipart()[1:])
     finally:
         s.close()
         ctx.term()
@@ -59,7 +60,8 @@ def test_worker1_refuses_a_server_that_cannot_prove_the_secret(forge, monkeypatc
         pair.close()
         t.join(30)
     assert opened == []                                   # never opened the handle it was offered
-    assert seen and all(TOKEN not in f for f in seen)    # and never sent the secret
+    assert seen and all(TOKEN not in f for f in seen)    # and never sent the secret,
+    assert len(seen) == 2 and not any(b'"ff"' in f for f in seen)  # nor anything past its hello
 
 
 def run_pair(port, tokens, infos, max_frame=None, before=None):
@@ -101,6 +103,41 @@ def test_worker1_with_the_wrong_secret_is_refused_by_worker0_too():
     finally:
         for lk in links:
             lk.close()
+
+
+def test_worker0_refuses_a_client_whose_proof_is_wrong_and_waits_for_worker1():
+    """A client that answers worker 0's challenge with a wrong proof is rejected (and hears
+    nothing more); worker 1, connecting after it, is the peer."""
+    port, out = free_port(), {}
+    server = link.Link(0, '127.0.0.1', port, TOKEN, 15.0)
+    t = threading.Thread(target=lambda: out.update(s=server.handshake({'a': 0})))
+    t.start()
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    client = None
+    try:
+        rogue.connect(f'tcp://127.0.0.1:{port}')
+        rogue.send_multipart([link.header(link.HELLO, 0), os.urandom(32)])
+        assert rogue.poll(5000)
+        assert link.parse_header(rogue.recv_multipart()[0]) == (link.HELLO, 1)
+        rogue.send_multipart([link.header(link.HELLO, 2), os.urandom(32), b'{"rogue": 1}'])
+        deadline = time.monotonic() + 5
+        while not server.rejected and time.monotonic() < deadline and t.is_alive():
+            time.sleep(0.05)
+        client = link.Link(1, '127.0.0.1', port, TOKEN, 5.0)
+        out['c'] = client.handshake({'b': 1})
+        t.join(30)
+        assert out == {'s': {'b': 1}, 'c': {'a': 0}}
+        assert server.rejected == 1
+        assert not rogue.poll(500)  # no HELLO 3 for the rogue
+    finally:
+        rogue.close()
+        ctx.term()
+        t.join(30)
+        for lk in (client, server):
+            if lk is not None:
+                lk.close()
 
 
 def test_frames_over_the_cap_are_dropped_before_the_handshake_reads_them():

@@ -149,6 +149,8 @@ def test_malformed_control_messages_are_rejected(tiny):
     import pickle
     for frames in ([b''], [b'garbage'], [pickle.dumps({'cmd': 'rm -rf'})],
                    loader.encode(loader.LOAD, 0, 0, 1)[:1],             # LOAD without arrays
+                   [b'ALXX' + loader.encode(loader.STOP)[0][4:]],       # another magic
+                   [loader.encode(loader.STOP)[0][:4] + b'\x09' + loader.encode(loader.STOP)[0][5:]],
                    loader.encode(loader.LOAD, 0, 5, 1, plan_for(tiny[1][0])[0]),   # slot 5
                    loader.encode(loader.LOAD, 2, 0, 1, plan_for(tiny[1][0])[0])):  # split 2
         with pytest.raises(loader.ProtocolError):

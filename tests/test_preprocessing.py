@@ -272,6 +272,18 @@ def test_hostile_files_become_the_right_rgb(tmp_path):
             assert np.abs(img.astype(int) - rgb).max() <= 3, (name, img[0, 0])
 
 
+def test_batches_hold_the_images_pixel_for_pixel():
+    """c01b: batch[c, row, col, i] is pixel (row, col) of image i, channel c (20 images: more
+    than one block of the 16-image transposes)."""
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 256, (S, S, 3)).astype(np.uint8) for _ in range(20)]
+    batch = writer.to_c01b(images)
+    assert batch.shape == (3, S, S, 20) and batch.dtype == np.uint8
+    for i, img in enumerate(images):
+        for c in range(3):
+            np.testing.assert_array_equal(batch[c, :, :, i], img[:, :, c])
+
+
 @pytest.mark.parametrize('mode', ['I;16', 'I;16B', 'I'])
 def test_16_bit_gray_is_scaled_not_clipped(mode):
     for value, gray in ((65535, 255), (32896, 128), (0, 0)):

@@ -1,0 +1,155 @@
+"""The mutation check: each guarantee README calls tested is broken on purpose, one line at a time,
+in a copy of the project, and the tests that guard it must then fail.
+
+A mutant that survives (its tests still pass) fails here: the guarantee has no test that bites.
+A mutation whose line is no longer in the source fails too, so the list follows the code: when a
+guarded line changes, update its mutant. A new guarantee in README comes with its mutant here.
+Run alone:  sh test.sh tests/test_mutants.py -v
+"""
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP = {'.git', '.venv', '.whl', 'data', 'weights', '__pycache__', '.pytest_cache'}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str        # the guarantee it breaks
+    path: str        # file, relative to the repo root
+    line: str        # text found exactly once in that file ...
+    mutated: str     # ... and what it becomes
+    tests: tuple     # pytest node ids (relative to the repo root) of which one must fail
+
+
+T2 = 'tests/test_train_2gpu.py::'
+MUTANTS = [
+    # --- the two-worker link (lib/link.py) and exchange (lib/exchange.py)
+    Mutant('CURVE switched off between hosts', 'lib/link.py',
+           '        if curve_dir:\n            self._curve(curve_dir)',
+           '        if False:\n            self._curve(curve_dir)',
+           ('tests/test_link.py::test_curve_encrypts_everything_on_the_wire',
+            'tests/test_link.py::test_curve_refuses_clients_without_the_right_key')),
+    Mutant('worker 1 trusts a server that cannot prove the secret', 'lib/link.py',
+           "raise ValueError('it cannot prove the exchange secret')", 'pass',
+           ('tests/test_link.py::test_worker1_refuses_a_server_that_cannot_prove_the_secret',)),
+    Mutant('worker 0 accepts a client with the wrong secret', 'lib/link.py',
+           "raise ValueError('wrong secret')", 'pass',
+           ('tests/test_link.py::test_worker0_refuses_a_client_whose_proof_is_wrong_and_waits_for_worker1',)),
+    Mutant('a worker that fails sends no BYE', 'lib/link.py',
+           'if reason is not None and self.peer_id is not None:', 'if False:',
+           (T2 + 'test_a_worker_that_fails_tells_the_other_which_names_it',)),
+    Mutant('exchange_freq ignored: exchange after every step', 'lib/exchange.py',
+           'if self.pending >= self.freq:', 'if True:',
+           (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
+    Mutant('no exchange at the end of an epoch', 'lib/exchange.py',
+           '    def flush(self):\n        if self.pending:', '    def flush(self):\n        if False:',
+           (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
+    Mutant('each worker keeps its own half: averages only what it owns', 'lib/exchange.py',
+           '                p.copy_(m)\n', '                pass\n',
+           (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
+    Mutant('tcp exchange: the averaged half is not sent back', 'lib/exchange.py',
+           'self.link.recv(link.DATA, seq, into=host[plo:phi])',
+           'self.link.recv(link.DATA, seq, into=self.scratch.numpy())',
+           (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
+    # --- the training loop (lib/trainer.py)
+    Mutant('worker 1 ignores the snapshot on resume', 'lib/trainer.py',
+           "self.model.load_state_dict(state['model'])",
+           "self.exchanger.rank or self.model.load_state_dict(state['model'])",
+           ('tests/test_torchrun.py::test_ranks_resume_two_plus_two_epochs_as_four[gradients]',)),
+    Mutant('a resume does not restore the momentum and lr', 'lib/trainer.py',
+           'self.opt.load_state_dict(state)', 'pass',
+           ('tests/test_train.py::test_two_plus_two_epochs_equal_four_bitwise',)),
+    Mutant('a resume does not restore the random streams', 'lib/trainer.py',
+           "checkpoint.set_rng_state(state['rng'], self.gen, self.device, self.order_gen)", 'pass',
+           ('tests/test_train.py::test_two_plus_two_epochs_equal_four_bitwise',)),
+    Mutant('top-5 computed as top-1', 'lib/trainer.py',
+           '(top5 != y[:, None]).all(1)', '(top5[:, :1] != y[:, None]).all(1)',
+           ('tests/test_evaluate.py::test_top1_top5_and_loss_against_a_hand_computation',)),
+    Mutant('autocast switched off', 'lib/trainer.py',
+           "enabled=precision in ('bf16', 'fp16')", 'enabled=False',
+           ('tests/test_precision.py::test_the_forward_runs_in_the_precision_asked_for',)),
+    Mutant('label smoothing ignored', 'lib/trainer.py',
+           "label_smoothing=cfg['label_smoothing']", 'label_smoothing=0.0',
+           ('tests/test_evaluate.py::test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss',)),
+    Mutant('the file order is not shared by the workers', 'lib/trainer.py',
+           "self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED)",
+           "self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED + exchanger.rank)",
+           ('tests/test_torchrun.py::test_n_ranks_equal_one_worker[2-average-0]',)),
+    # --- torchrun (train.py)
+    Mutant("train.py does not name a dead rank (traceback instead)", 'train.py',
+           "if not (isinstance(e, dist.DistError) or 'gloo' in str(e).lower()):", 'if True:',
+           ('tests/test_torchrun.py::test_train_py_names_a_dead_rank_itself',)),
+    # --- data (lib/data.py) and the loader process (lib/loader.py)
+    Mutant('mirrored crops take the unmirrored mean', 'lib/data.py',
+           'm = mean_flip[:, y0:y0 + c, W - x0 - c:W - x0]', 'm = mean[:, y0:y0 + c, x0:x0 + c]',
+           ('tests/test_data.py::test_crop_mirror_matches_the_reference_bitwise',)),
+    Mutant('labels of another batch file', 'lib/data.py',
+           'y = self._to_device(torch.from_numpy(self.source.labels[step.file]))',
+           'y = self._to_device(torch.from_numpy(self.source.labels[step.file - 1]))',
+           ('tests/test_train.py::test_train_py_end_to_end',)),
+    Mutant('the loader mirrors the crops the trainer did not mirror', 'lib/loader.py',
+           'mirror = torch.from_numpy(np.frombuffer(frames[3], np.uint8) != 0)',
+           'mirror = torch.from_numpy(np.frombuffer(frames[3], np.uint8) == 0)',
+           ('tests/test_loader.py::test_batches_equal_the_in_process_loader',)),
+    Mutant('the loader acts on a message that is not ours', 'lib/loader.py',
+           'if magic != MAGIC or version != VERSION:', 'if False:',
+           ('tests/test_loader.py::test_malformed_control_messages_are_rejected',)),
+    Mutant('the loader outlives its killed trainer', 'lib/loader.py',
+           "if os.getppid() != job['parent']:", 'if False:',
+           ('tests/test_loader.py::test_loader_exits_when_its_trainer_is_killed',)),
+    # --- the preprocessing writer (preprocessing/writer.py)
+    Mutant('batches written with rows and columns swapped', 'preprocessing/writer.py',
+           '.transpose(2, 0, 1, 3)', '.transpose(2, 1, 0, 3)',
+           ('tests/test_preprocessing.py::test_batches_hold_the_images_pixel_for_pixel',)),
+    Mutant('the two halves of a batch swapped', 'preprocessing/writer.py',
+           'for path, part in zip(paths, np.split(batch, n, axis=3)):',
+           'for path, part in zip(paths, np.split(batch, n, axis=3)[::-1]):',
+           ('tests/test_preprocessing.py::test_labels_follow_the_images',)),
+    Mutant('a rerun rewrites finished batch files', 'preprocessing/writer.py',
+           '            if path in missing:', '            if True:',
+           ('tests/test_preprocessing.py::test_resume_writes_only_what_is_missing',)),
+    # --- snapshots and records (lib/checkpoint.py)
+    Mutant('the file-order stream is not in the snapshot', 'lib/checkpoint.py',
+           ", 'order': order_gen.get_state()}", '}',
+           ('tests/test_train.py::test_two_plus_two_epochs_equal_four_bitwise',)),
+    Mutant('val_record.npy columns swapped', 'lib/checkpoint.py',
+           "record = np.array([[h['val_error'], h['val_loss']] for h in history], dtype=np.float64)",
+           "record = np.array([[h['val_loss'], h['val_error']] for h in history], dtype=np.float64)",
+           ('tests/test_train.py::test_train_py_end_to_end',)),
+    # --- config (lib/config.py)
+    Mutant('a config range dropped', 'lib/config.py',
+           "'peer_timeout': (lambda v: v > 0, 'above 0'),", '',
+           ('tests/test_config.py::test_every_range_of_the_schema_is_tested_here',)),
+]
+
+
+@pytest.fixture(scope='module')
+def copy(tmp_path_factory):
+    """The project's files (not its venv, data or outputs) in a folder of their own."""
+    dest = tmp_path_factory.mktemp('mutant') / 'repo'
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+    return dest
+
+
+@pytest.mark.parametrize('mutant', MUTANTS, ids=[m.name for m in MUTANTS])
+def test_the_mutant_is_caught(copy, mutant):
+    path = copy / mutant.path
+    source = path.read_text()
+    assert source.count(mutant.line) == 1, (
+        f'{mutant.path}: the mutated line is no longer there once ({mutant.line!r}): update the '
+        f'mutant "{mutant.name}" in tests/test_mutants.py')
+    path.write_text(source.replace(mutant.line, mutant.mutated))
+    try:
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+                            *mutant.tests], cwd=copy, capture_output=True, text=True, timeout=600)
+    finally:
+        path.write_text(source)
+    tail = r.stdout[-2000:] + r.stderr[-1000:]
+    assert r.returncode != 0, f'the mutant "{mutant.name}" survived:\n{tail}'
+    assert r.returncode == 1 and ' failed' in r.stdout, f'the tests did not run as expected:\n{tail}'
