@@ -81,6 +81,14 @@ MUTANTS = [
            "self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED)",
            "self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED + exchanger.rank)",
            ('tests/test_torchrun.py::test_n_ranks_equal_one_worker[2-average-0]',)),
+    # --- the optimiser (lib/optim.py)
+    Mutant('biases at the weights\' learning rate', 'lib/optim.py',
+           '([i for i, w in enumerate(is_weight) if not w], 2.0, 0.0)',
+           '([i for i, w in enumerate(is_weight) if not w], 1.0, 0.0)',
+           ('tests/test_optim.py::test_two_steps_match_a_hand_computation',)),
+    Mutant('no weight decay', 'lib/optim.py',
+           'torch._foreach_add_(grads, params, alpha=decay)', 'pass',
+           ('tests/test_optim.py::test_two_steps_match_a_hand_computation',)),
     # --- torchrun (train.py)
     Mutant("train.py does not name a dead rank (traceback instead)", 'train.py',
            "if not (isinstance(e, dist.DistError) or 'gloo' in str(e).lower()):", 'if True:',
@@ -135,6 +143,15 @@ def copy(tmp_path_factory):
     dest = tmp_path_factory.mktemp('mutant') / 'repo'
     shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
     return dest
+
+
+def test_the_guarding_tests_pass_in_the_copy_unmutated(copy):
+    """Else a mutant would count as caught by a test that fails anyway."""
+    tests = sorted({t for m in MUTANTS for t in m.tests})
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *tests],
+                       cwd=copy, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+    assert ' passed' in r.stdout and 'deselected' not in r.stdout, r.stdout[-1000:]
 
 
 @pytest.mark.parametrize('mutant', MUTANTS, ids=[m.name for m in MUTANTS])
