@@ -170,3 +170,18 @@ def test_the_mutant_is_caught(copy, mutant):
     tail = r.stdout[-2000:] + r.stderr[-1000:]
     assert r.returncode != 0, f'the mutant "{mutant.name}" survived:\n{tail}'
     assert r.returncode == 1 and ' failed' in r.stdout, f'the tests did not run as expected:\n{tail}'
+
+
+def test_readme_names_tests_that_exist():
+    """README's table of guarantees names the tests that guard them: each must exist."""
+    import re
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    table = readme[readme.index('| guarantee | test | mutant caught |'):]
+    named, current = [], None
+    for file, name in re.findall(r'`(test_\w+\.py)?::(\w+)`', table.split('\n\n')[0]):
+        current = file or current
+        named.append((current, name))
+    assert len(named) > 20
+    for file, name in named:
+        source = open(os.path.join(ROOT, 'tests', file)).read()
+        assert f'def {name}(' in source, f'README names tests/{file}::{name}, which does not exist'
