@@ -139,9 +139,18 @@ MUTANTS = [
 
 @pytest.fixture(scope='module')
 def copy(tmp_path_factory):
-    """The project's files (not its venv, data or outputs) in a folder of their own."""
+    """The project's files (what git does not ignore: not its venv, data, outputs or downloaded
+    weights) in a folder of their own."""
     dest = tmp_path_factory.mktemp('mutant') / 'repo'
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+    r = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+                       cwd=ROOT, capture_output=True)
+    if r.returncode != 0:  # not a git checkout: everything but the usual outputs
+        shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+        return dest
+    for name in r.stdout.decode().split('\0'):
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(dest / name), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), dest / name)
     return dest
 
 
