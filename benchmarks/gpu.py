@@ -422,6 +422,7 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
     todo, t0 = ids, time.monotonic()
     while todo:
         if budget.left() < 10 * (not args.cpu_smoke):
+            code = 'timeout'
             break
         last[0] = time.monotonic()
         text, code = run_group(base + ['-v', '-rs'] + extra + todo, max(10.0, budget.left()),
@@ -437,15 +438,16 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
         report.write()
         todo = todo[1:]
     for i in todo:
-        rows[i]['result'] = 'not run (time budget)' if code == 'timeout' else f'not run ({code})'
+        rows[i]['result'] = ('not run (time budget)' if code == 'timeout' else
+                             f'no result (pytest exit code {code})')
     counts = {}
     for r in part['rows']:
         counts[r['result'].split(':')[0]] = counts.get(r['result'].split(':')[0], 0) + 1
     part['summary'] = counts
+    how = 'pytest-timeout' if plugin else 'no pytest-timeout: pytest restarted on the rest'
     part['notes'] = [f'{", ".join(f"{n} {k}" for k, n in counts.items())} in '
                      f'{time.monotonic() - t0:.0f} s; each test stopped after {test_timeout:.0f} s '
-                     f'({"pytest-timeout" if plugin else "no pytest-timeout: pytest restarted on the rest"}); '
-                     'full log in cuda_tests.log']
+                     f'({how}); full log in cuda_tests.log']
     report.write()
     return part
 
