@@ -842,6 +842,7 @@ def main(argv=None):
     device = torch.device('cpu' if args.cpu_smoke else 'cuda:0')
     sizes = SMOKE if args.cpu_smoke else FULL
     report = Report(args.out_dir, environment(args, torch))
+    report.write()  # the environment, before anything that may fail or hang
     say = lambda text: print(f'[{args.budget_s - budget.left():5.0f} s] {text}', flush=True)  # noqa: E731
     run = set(args.parts)
     big = sizes['alexnet_batches'][0]
