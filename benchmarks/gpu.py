@@ -115,8 +115,15 @@ class Report:
         return part
 
     def write(self):
-        with open(os.path.join(self.out_dir, 'gpu_report.json'), 'w') as f:
-            json.dump({'environment': self.env, 'parts': self.parts}, f, indent=1)
+        """Both files, each replaced whole (a run stopped mid-write keeps the previous one)."""
+        from lib.atomic import atomic_write
+
+        def put(name, text):
+            def write(tmp):
+                with open(tmp, 'w') as f:
+                    f.write(text)
+            atomic_write(os.path.join(self.out_dir, name), write)
+        put('gpu_report.json', json.dumps({'environment': self.env, 'parts': self.parts}, indent=1))
         lines = ['# benchmarks.gpu report', '', '## Environment', '', '| what | value |', '|---|---|']
         lines += [f'| {k} | {v} |' for k, v in self.env.items()]
         for p in self.parts:
@@ -130,8 +137,7 @@ class Report:
                     lines.append('| ' + ' | '.join(fmt(r.get(c, '')) for c in p['columns']) + ' |')
                 lines.append('')
             lines += [str(n) for n in p['notes']]
-        with open(os.path.join(self.out_dir, 'gpu_report.md'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+        put('gpu_report.md', '\n'.join(lines) + '\n')
 
 
 def fmt(v):
@@ -157,7 +163,8 @@ def environment(args, torch):
     def smi(query):
         try:
             return subprocess.run(['nvidia-smi', f'--query-gpu={query}', '--format=csv,noheader'],
-                                  capture_output=True, text=True, timeout=30).stdout.strip() or '?'
+                                  capture_output=True, text=True, timeout=30
+                                  ).stdout.strip().replace('\n', ', ') or '?'
         except (OSError, subprocess.SubprocessError):
             return '?'
     cuda = torch.cuda.is_available()
