@@ -38,7 +38,7 @@ SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
 ENV = dict(os.environ, NVIDIA_TF32_OVERRIDE='0')
 
 
-def script(name, values, cwd, timeout=300):
+def script(name, values, cwd, timeout=100):
     r = subprocess.run([sys.executable, os.path.join(ROOT, name)] + args(values), cwd=cwd,
                        capture_output=True, text=True, timeout=timeout, env=ENV)
     assert r.returncode == 0, r.stdout[-2000:] + '\n--- stderr:\n' + r.stderr[-4000:]
@@ -263,7 +263,7 @@ def test_torchrun_nccl_two_ranks_equal_one_worker(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node=2',
                         '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{free_port()}',
                         os.path.join(ROOT, 'train.py')] + args(values),
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=100, cwd=tmp_path,
                        env=dict(ENV, TMPDIR=str(tmp_path)))  # torchrun's torchelastic_* folder
     assert r.returncode == 0, r.stderr[-4000:]
     assert 'device cuda:0' in r.stdout and '(2 workers x 4)' in r.stdout
