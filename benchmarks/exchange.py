@@ -73,9 +73,9 @@ def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out,
         pair.close()
 
 
-def time_exchange(transport, device, repeats, net='alexnet'):
+def time_exchange(transport, device, repeats, net='alexnet', timeout=600.0):
     """(ms per exchange: the slower worker's median, bytes per worker) of two processes averaging
-    `net`'s [params | momentum] with lib/exchange.Pair over `transport`."""
+    `net`'s [params | momentum] with lib/exchange.Pair over `transport`, within `timeout` s."""
     token, port = secrets.token_bytes(32), free_port()
     shm_dir = tempfile.mkdtemp(prefix='bench-exchange-', dir='/dev/shm' if os.path.isdir('/dev/shm') else None)
     ctx = multiprocessing.get_context('spawn')
@@ -86,7 +86,7 @@ def time_exchange(transport, device, repeats, net='alexnet'):
     try:
         for p in procs:
             p.start()
-        results, deadline = [], time.monotonic() + 600
+        results, deadline = [], time.monotonic() + timeout
         while len(results) < len(procs):  # a worker that dies is an error now, not in 600 s
             try:
                 results.append(out.get(timeout=2))
@@ -94,7 +94,8 @@ def time_exchange(transport, device, repeats, net='alexnet'):
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f'exchange worker failed (exit codes '
-                                       f'{[p.exitcode for p in procs]}) or gave no result in 600 s')
+                                       f'{[p.exitcode for p in procs]}) or gave no result in '
+                                       f'{timeout:.0f} s')
         for p in procs:
             p.join(60)
     finally:

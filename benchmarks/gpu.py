@@ -1,40 +1,44 @@
-"""One command that proves and measures every GPU path, for a lent GPU machine (< 10 min on one H100).
+"""One command that proves and measures every GPU path on a CUDA machine (about 8 min on one H200).
 
-    python -m benchmarks.gpu OUT_DIR                 # on a CUDA machine
-    python -m benchmarks.gpu OUT_DIR --cpu-smoke     # every part with tiny sizes on the CPU (CI)
+    python -m benchmarks.gpu OUT_DIR                       # every part, on a CUDA machine
+    python -m benchmarks.gpu OUT_DIR --parts tests,steps   # some parts (each about 2 min or less)
+    python -m benchmarks.gpu OUT_DIR --cpu-smoke           # every part, tiny sizes, on the CPU (CI)
 
-In order, writing OUT_DIR/gpu_report.md and gpu_report.json after each part (so a run cut short
-keeps what it measured), and OUT_DIR/cuda_tests.log:
+It writes OUT_DIR/gpu_report.md and gpu_report.json, rewritten after every row (a run cut short
+keeps what it measured), and OUT_DIR/cuda_tests.log. First an import check (one line naming what
+is missing, exit 2), then the environment table (sandbox, /dev/shm, GPU compute mode, allocator
+settings, driver, CUDA, cuDNN, NCCL, GPUs, cores, commit: from git, else $GIT_COMMIT), then the
+parts, in order of value, so that a run cut anywhere holds the most important answers:
 
-1. imports: every module of requirements.txt / requirements-test.txt; one line naming what is
-   missing and how to bring it, exit 2 (the device machine's python3 has torch + CUDA but not
-   pyzmq or hickle: see README, "GPU").
-2. correctness: the CUDA-marked tests (tests/test_cuda.py: CUDA IPC exchange, page-locked loader
-   slots, data layer, bf16 / fp16, compile, validate_performance.py and serve.py on the GPU,
-   torchrun NCCL with 2 GPUs). Without CUDA (--cpu-smoke) they must all skip.
-3. speed, one table per part, ratios against rows of the same run, in this order:
-   a. AlexNet 227 on synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last,
-      eager, cuDNN autotuning on (as train.py sets it): forward, backward, update and step ms
-      (CUDA events), img/s; then the best batch-256 row with autotuning off (cudnn_benchmark);
-   b. the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, lib/exchange.Pair, two
-      processes on the one GPU) against a device-to-device copy of the same bytes, and as % of a
-      step of (a)'s best configurations;
-   c. a profile (torch.profiler) of (a)'s best batch-256 configuration: the operators with the
-      most device time, to say what bounds the step;
-   d. that configuration end to end: train.py from hkl batch files on local disk (written here,
-      256 px) through the loader process with use_data_layer, against in-process loading: img/s
-      and data wait as % of the step;
-   e. alexnet_cifar on CIFAR-size (32 px) input, for scale;
-   f. last, as compiling costs about a minute a row: (a) at batch 256 with torch.compile.
-   Rows that would start past --budget-s are marked skipped. --cpu-smoke: tiny batches, compile
-   with the 'eager' backend (traced, not code-generated), exchange over shm with alexnet_cifar.
+  preflight  a matmul, 1 MB shared with a second process over CUDA IPC, cudaHostRegister of a
+             1 MB /dev/shm mapping: what the platform allows. A refusal is a finding ("refused by
+             the platform: ..."), apart from a wrong result; the run goes on with the fallbacks
+  tests      the CUDA-marked tests of tests/test_cuda.py but compile's, each stopped after 120 s,
+             each result in the report as it ends; without CUDA (--cpu-smoke) they all skip
+  steps      AlexNet 227, synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last,
+             eager, cuDNN autotuning on (as train.py): forward / backward / update / step ms (CUDA
+             events) and img/s; then the best batch-256 row with autotuning off, in a fresh process
+  exchange   the CUDA IPC exchange of AlexNet's [params | momentum] (488 MB, two processes on the
+             one GPU) against a device copy of the same bytes, and as % of the best steps
+  e2e        the best configuration end to end: train.py from hkl files on local disk, loader
+             process + use_data_layer against in-process loading: img/s, data wait (the loader not
+             ready) and copy wait (the device copy not done) per step
+  profile    torch.profiler of the best batch-256 step: the kernels with the most device time
+  cifar      alexnet_cifar at 32 px, for scale
+  compile    compile's CUDA test, then the batch-256 rows with torch.compile (a row starts only
+             with 150 s of the budget left: a cold compile of AlexNet takes about a minute)
+
+Rows that would start past --budget-s are marked skipped. --cpu-smoke: tiny batches, compile with
+the 'eager' backend, the exchange over shm with alexnet_cifar, the profile's CPU operators.
 """
 import argparse
 import datetime
 import importlib
+import importlib.util
 import json
 import os
 import platform
+import queue
 import re
 import shutil
 import signal
@@ -42,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,13 +54,15 @@ REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
 # demo data, ImageNet devkit, serve.py's browser test: not used by this command
 NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright'}
-WHEELS = '../shared/device-wheels'
-INSTALL = ('python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site '
-           '.whl/*.whl && export PYTHONPATH=/tmp/site')
 MIN_TORCH = (2, 11)
+PARTS = ('preflight', 'tests', 'steps', 'exchange', 'e2e', 'profile', 'cifar', 'compile')
+TEST_TIMEOUT = 120.0     # s per CUDA test: one hang must not take the others' time
+TESTS_S = 240.0          # s at most for the tests part (about 100 s when none hangs)
+COMPILE_MIN_LEFT = 150.0  # s of budget a compiled row needs to start
+SHM = '/dev/shm' if os.path.isdir('/dev/shm') else None
 
 
-# --- 1. imports ------------------------------------------------------------------------------------
+# --- imports ---------------------------------------------------------------------------------------
 def requirements(files=REQUIREMENTS):
     """[(distribution, version, module)] pinned in the requirement files (recursing into -r)."""
     out = []
@@ -80,7 +87,7 @@ def needed(files=REQUIREMENTS):
 
 
 def import_problem(files=REQUIREMENTS):
-    """None, or one line naming the missing modules and how to bring them."""
+    """None, or one line naming the missing modules and how to install them."""
     missing = []
     for dist, version, module in needed(files):
         try:
@@ -89,41 +96,48 @@ def import_problem(files=REQUIREMENTS):
             missing.append(f'{module} ({dist}=={version})' if version else module)
     if not missing:
         return None
-    return (f'error: missing Python modules: {", ".join(missing)}. Bring them: copy their wheels '
-            f'(for pyzmq and hickle: {WHEELS}/*.whl) into a git-ignored .whl/ folder, carry it, and '
-            f'start with `{INSTALL}`; where a package index is reachable: pip install -r '
-            f'requirements-test.txt')
+    return (f'error: missing Python modules: {", ".join(missing)}. Install them: '
+            f'pip install -r requirements.txt -r requirements-test.txt')
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- the report ------------------------------------------------------------------------------------
 class Report:
-    """The tables and facts of one run, rewritten as markdown + JSON after every part."""
+    """The environment and the tables of one run, rewritten as markdown + JSON after every row."""
 
-    def __init__(self, out_dir, meta):
-        self.out_dir, self.meta, self.parts = out_dir, meta, []
+    def __init__(self, out_dir, env):
+        self.out_dir, self.env, self.parts = out_dir, env, []
 
-    def add(self, part):
+    def add(self, title, columns=(), notes=(), **facts):
+        """A new table (rows filled by the caller, who calls write() after each)."""
+        part = dict(facts, title=title, columns=list(columns), rows=[], notes=list(notes))
         self.parts.append(part)
         self.write()
+        return part
 
     def write(self):
-        with open(os.path.join(self.out_dir, 'gpu_report.json'), 'w') as f:
-            json.dump({'meta': self.meta, 'parts': self.parts}, f, indent=1)
-        lines = ['# benchmarks.gpu report', '']
-        lines += [f'- {k}: {v}' for k, v in self.meta.items()]
+        """Both files, each replaced whole (a run stopped mid-write keeps the previous one)."""
+        from lib.atomic import atomic_write
+
+        def put(name, text):
+            def write(tmp):
+                with open(tmp, 'w') as f:
+                    f.write(text)
+            atomic_write(os.path.join(self.out_dir, name), write)
+        put('gpu_report.json', json.dumps({'environment': self.env, 'parts': self.parts}, indent=1))
+        lines = ['# benchmarks.gpu report', '', '## Environment', '', '| what | value |', '|---|---|']
+        lines += [f'| {k} | {v} |' for k, v in self.env.items()]
         for p in self.parts:
             lines += ['', f'## {p["title"]}', '']
             if p.get('error'):
                 lines += [f'**failed:** {p["error"]}', '']
-            if p.get('columns') and p.get('rows'):
+            if p['columns'] and p['rows']:
                 lines.append('| ' + ' | '.join(p['columns']) + ' |')
                 lines.append('|' + '---|' * len(p['columns']))
                 for r in p['rows']:
                     lines.append('| ' + ' | '.join(fmt(r.get(c, '')) for c in p['columns']) + ' |')
                 lines.append('')
-            lines += [str(n) for n in p.get('notes', [])]
-        with open(os.path.join(self.out_dir, 'gpu_report.md'), 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+            lines += [str(n) for n in p['notes']]
+        put('gpu_report.md', '\n'.join(lines) + '\n')
 
 
 def fmt(v):
@@ -132,33 +146,74 @@ def fmt(v):
     return str(v)
 
 
-def meta(args, torch):
+def failure(e):
+    return f'failed: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
+def environment(args, torch):
+    """What a platform refusal or a figure may depend on, recorded before anything runs."""
     def smi(query):
         try:
             return subprocess.run(['nvidia-smi', f'--query-gpu={query}', '--format=csv,noheader'],
-                                  capture_output=True, text=True, timeout=30).stdout.strip() or '?'
+                                  capture_output=True, text=True, timeout=30
+                                  ).stdout.strip().replace('\n', ', ') or '?'
         except (OSError, subprocess.SubprocessError):
             return '?'
     cuda = torch.cuda.is_available()
+    release, cmdline = platform.release(), read('/proc/cmdline')
+    sandbox = ('gVisor (uname -r 4.4.0)' if release.startswith('4.4.0') else
+               'Firecracker (virtio_mmio devices on the kernel command line)'
+               if 'virtio_mmio' in cmdline or 'firecracker' in cmdline.lower() else 'none detected')
+    mounts = [line.split() for line in read('/proc/mounts').splitlines()]
+    shm_fs = next((m[2] for m in mounts if len(m) > 2 and m[1] == '/dev/shm'), None)
+    if SHM:
+        usage = shutil.disk_usage(SHM)
+        shm = (f'{shm_fs or "not a mount point"}, {usage.total / 2**30:.1f} GiB, '
+               f'{usage.free / 2**30:.1f} GiB free')
+    else:
+        shm = 'absent'
+    try:
+        nccl = torch.cuda.nccl.version() if cuda else '-'  # a tuple; an int in older torch
+        nccl = '.'.join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+    except Exception:  # noqa: BLE001 -- a build without NCCL
+        nccl = 'none'
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or '?'
+                                text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = '?'
+        commit = ''
+    gpus = [f'{torch.cuda.get_device_name(i)} '
+            f'({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)'
+            for i in range(torch.cuda.device_count())] if cuda else []
+    memory = re.search(r'MemTotal:\s+(\d+)', read('/proc/meminfo'))
     return {
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-        'mode': 'cpu-smoke' if args.cpu_smoke else 'gpu',
-        'device': torch.cuda.get_device_name(0) if cuda else 'cpu',
-        'gpus': torch.cuda.device_count() if cuda else 0,
-        'driver': smi('driver_version') if cuda else '-',
-        'torch': torch.__version__, 'cuda': torch.version.cuda or '-',
-        'cudnn': torch.backends.cudnn.version() if cuda else '-',
-        'python': platform.python_version(), 'cpu cores': os.cpu_count(),
-        'tf32 (cudnn conv / cuBLAS matmul)': f'{torch.backends.cudnn.allow_tf32} / '
-                                             f'{torch.backends.cuda.matmul.allow_tf32}',
-        'cudnn.benchmark at start (train.py sets config cudnn_benchmark)': torch.backends.cudnn.benchmark,
-        'commit': commit,
         'command': 'python -m benchmarks.gpu ' + ' '.join(args.argv),
+        'mode': 'cpu-smoke' if args.cpu_smoke else 'gpu',
+        'commit': commit or os.environ.get('GIT_COMMIT') or '?',
+        'sandbox': f'{sandbox}; uname -r {release}',
+        '/dev/shm': shm,
+        'GPUs': ', '.join(gpus) or 'none',
+        'compute mode': smi('compute_mode') if cuda else '-',
+        'driver': smi('driver_version') if cuda else '-',
+        'torch / CUDA / cuDNN / NCCL': f'{torch.__version__} / {torch.version.cuda or "-"} / '
+                                       f'{torch.backends.cudnn.version() if cuda else "-"} / {nccl}',
+        'PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF':
+            f'{os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "unset")} / '
+            f'{os.environ.get("PYTORCH_ALLOC_CONF", "unset")}',
+        'tf32 (cuDNN conv / cuBLAS matmul)': f'{torch.backends.cudnn.allow_tf32} / '
+                                            f'{torch.backends.cuda.matmul.allow_tf32}',
+        'CPU cores (usable)': f'{os.cpu_count()} ({len(os.sched_getaffinity(0))})',
+        'memory': f'{int(memory.group(1)) / 2**20:.0f} GiB' if memory else '?',
+        'python': platform.python_version(),
     }
 
 
@@ -170,47 +225,241 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
-# --- 2. the CUDA tests -----------------------------------------------------------------------------
-def run_group(cmd, timeout):
-    """(output, exit code or 'timeout') of cmd, run in its own process group: one stopped at the
-    timeout takes along what it started (a test's workers, loaders, servers would otherwise hold
-    the GPU and its memory while the speed tables run)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        text, _ = p.communicate(timeout=timeout)
-        return text, p.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT):
+    """(output, exit code or 'timeout' or 'quiet') of cmd, run in its own process group, which is
+    killed when it ends or is stopped: what a test started and left behind (workers, loaders,
+    servers) would otherwise hold the GPU and its memory while the next part runs. on_line(line)
+    sees each line as it comes; with quiet_s, cmd is also stopped ('quiet') when on_line has
+    returned nothing true for that long (a hung test)."""
+    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
+    out, t0 = [], time.monotonic()
+    progress = t0
+    while True:
         try:
-            text, _ = p.communicate(timeout=30)
-        except subprocess.TimeoutExpired as e:  # something left the group and holds the pipe
-            text = e.output.decode(errors='replace') if isinstance(e.output, bytes) else e.output
-            p.stdout.close()
-            p.wait()
-        return (text or '') + f'\n(stopped after {timeout:.0f} s)', 'timeout'
+            out.append(lines.get(timeout=0.5))
+            if on_line is not None and on_line(out[-1]):
+                progress = time.monotonic()
+        except queue.Empty:  # no output for 0.5 s: ended? (its pipe may be held by what it left)
+            if p.poll() is not None:
+                code = p.returncode
+                break
+        now = time.monotonic()
+        if now >= t0 + timeout or (quiet_s is not None and now >= progress + quiet_s):
+            code = 'timeout' if now >= t0 + timeout else 'quiet'
+            break
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left in the group
+        pass
+    p.wait()
+    time.sleep(0.1)  # the reader's last lines
+    while not lines.empty():
+        out.append(lines.get())
+    text = ''.join(out)
+    if code == 'timeout':
+        text += f'\n(stopped after {timeout:.0f} s)'
+    elif code == 'quiet':
+        text += f'\n(stopped: no test ended for {quiet_s:.0f} s)'
+    return text, code
 
 
-def run_tests(args, budget):
+# --- preflight: what the platform allows -----------------------------------------------------------
+REFUSED = 'refused by the platform: '
+
+
+def share_child(info, out):
+    """In a second process: open the parent's 1 MB (CUDA IPC handle, or a /dev/shm file on the
+    CPU), check it holds 7s, write 8s for the parent to see."""
+    import numpy as np
+    import torch
+    from lib import exchange
+    try:
+        if 'handle' in info:
+            t = exchange.ipc_open(info)
+        else:
+            t = torch.from_numpy(np.memmap(info['path'], np.uint8, 'r+', shape=(info['numel'],)))
+    except Exception as e:  # noqa: BLE001 -- cudaIpcOpenMemHandle's refusal, say
+        out.put(REFUSED + f'{type(e).__name__}: {e}')
+        return
+    ok = bool((t == 7).all())
+    t.fill_(8)
+    if t.is_cuda:
+        torch.cuda.synchronize()
+    out.put('ok' if ok else 'WRONG: the second process read other bytes than were written')
+
+
+def check_share(torch, device):
+    import multiprocessing
+    import numpy as np
+    from lib import exchange
+    folder = tempfile.mkdtemp(prefix='bench-gpu-share-', dir=SHM)
+    try:
+        n = 1 << 20
+        if device.type == 'cuda':
+            t = torch.full((n,), 7, dtype=torch.uint8, device=device)
+            try:
+                info = exchange.ipc_share(t)  # cudaIpcGetMemHandle
+            except Exception as e:  # noqa: BLE001
+                return REFUSED + f'{type(e).__name__}: {e}'
+            torch.cuda.synchronize()
+        else:
+            info = {'path': os.path.join(folder, 'buf'), 'numel': n}
+            t = torch.from_numpy(np.memmap(info['path'], np.uint8, 'w+', shape=(n,)))
+            t.fill_(7)
+        ctx = multiprocessing.get_context('spawn')
+        out = ctx.Queue()
+        child = ctx.Process(target=share_child, args=(info, out), daemon=True)
+        child.start()
+        deadline, result = time.monotonic() + 60, None
+        while result is None:
+            alive = child.is_alive()
+            try:
+                result = out.get(timeout=1)
+            except queue.Empty:
+                if not alive or time.monotonic() > deadline:
+                    result = (f'failed: the second process gave no answer (exit code '
+                              f'{child.exitcode}{"" if alive else ", it died"})')
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+        if result == 'ok' and not bool((t == 8).all()):
+            result = 'WRONG: the second process\'s writes did not arrive'
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_register(torch, device):
+    import numpy as np
+    from lib import loader
+    folder = tempfile.mkdtemp(prefix='bench-gpu-register-', dir=SHM)
+    try:
+        slots = loader.map_slots(folder, (np.uint8, (1 << 20,)), 1, create=True)
+        slots[0].fill_(5)
+        feed = loader.SlotFeed(slots, device)  # cudaHostRegister of the mapping, as the loader's
+        try:
+            x = feed.to_device(0)
+            right = bool((x == 5).all())
+            feed.consumed(0)
+            feed.release(0)
+        finally:
+            feed.close()
+        if not right:
+            return 'WRONG: the device copy of the slot holds other bytes'
+        if device.type == 'cuda' and not feed.pinned:
+            try:
+                name = torch.cuda.cudart().cudaGetErrorString(feed.error)
+            except Exception:  # noqa: BLE001
+                name = ''
+            return REFUSED + f'cudaHostRegister gave cudaError {feed.error} {name} (the loader ' \
+                             'falls back to synchronous copies, which gave the right bytes)'
+        return 'ok' if device.type == 'cuda' else 'ok (the CPU reads the slot in place)'
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_matmul(torch, device):
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1024, 1024, generator=gen) for _ in range(2))
+    got = (a.to(device) @ b.to(device)).cpu().double()
+    err = ((got - a.double() @ b.double()).norm() / got.norm()).item()
+    return 'ok' if err < 1e-2 else f'WRONG: relative error {err:.1e} against float64 on the CPU'
+
+
+def preflight(torch, device, report):
+    """{check: result}: a few seconds that say what the platform allows before anything needs it."""
+    part = report.add('Preflight: what the platform allows', ['check', 'result', 'ms'], notes=[
+        '"refused by the platform" is the platform saying no (the run goes on with the fallbacks: '
+        'the exchange over tcp, synchronous loader copies); "WRONG" is a wrong result.'])
+    checks = [('matmul 1024 x 1024 fp32, against float64 on the CPU', check_matmul),
+              ('1 MB shared with a second process (CUDA IPC; on the CPU a /dev/shm file)', check_share),
+              ('cudaHostRegister of a 1 MB /dev/shm mapping, copied to the device', check_register)]
+    results = {}
+    for name, check in checks:
+        t0 = time.perf_counter()
+        try:
+            results[check.__name__] = result = check(torch, device)
+        except Exception as e:  # noqa: BLE001 -- the report says what failed; the rest goes on
+            results[check.__name__] = result = failure(e)
+        part['rows'].append({'check': name, 'result': result, 'ms': 1000 * (time.perf_counter() - t0)})
+        report.write()
+    return results
+
+
+# --- the CUDA tests --------------------------------------------------------------------------------
+RESULT = re.compile(r'^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b')
+
+
+def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cwd=ROOT):
+    """The tests `select` picks, in one pytest process, each result written to the report as it
+    ends. Each test is stopped after test_timeout s: by pytest-timeout where it is installed (the
+    run goes on), else by stopping pytest (a quarter later) and starting it again on the tests
+    not yet run, as after a test that crashed pytest."""
     log = os.path.join(args.out_dir, 'cuda_tests.log')
-    cmd = [sys.executable, '-m', 'pytest', 'tests/test_cuda.py', '-m', 'cuda', '-v', '-rs',
-           '-p', 'no:cacheprovider']
-    timeout = max(30, min(args.tests_timeout, budget.left() - 60))
-    t0 = time.monotonic()
-    text, code = run_group(cmd, timeout)
-    with open(log, 'w') as f:
-        f.write(text)
-    summary = next((line.strip('= ') for line in reversed(text.splitlines())
-                    if re.search(r'\d+ (passed|failed|skipped|error)', line)), 'no summary')
-    rows = [{'test': m.group(1), 'result': m.group(2)}
-            for m in re.finditer(r'^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)', text, re.M)]
-    return {'title': 'CUDA tests (tests/test_cuda.py, marker cuda)', 'columns': ['test', 'result'],
-            'rows': rows, 'summary': summary, 'exit code': code,
-            'notes': [f'`{" ".join(cmd[1:])}`: {summary} in {time.monotonic() - t0:.0f} s '
-                      f'(exit code {code}; full log in cuda_tests.log)']}
+    base = [sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider']
+    text, code = run_group(base + ['--collect-only', '-q'] + select, 120, cwd=cwd)
+    ids = [line for line in text.splitlines() if re.match(r'^\S+::\S+$', line)]
+    part = report.add(title, ['test', 'result', 's'], notes=[])
+    if not ids:
+        part['error'] = f'no tests collected (exit code {code}): {text.strip()[-300:]}'
+        report.write()
+        return part
+    rows = {i: {'test': i.split('::', 1)[1], 'result': 'not run'} for i in ids}
+    part['rows'] = list(rows.values())
+    report.write()
+    plugin = importlib.util.find_spec('pytest_timeout') is not None
+    extra = [f'--timeout={test_timeout:.0f}'] if plugin else []
+    last = [time.monotonic()]
+
+    def on_line(line):
+        m = RESULT.match(line)
+        if not m or m.group(1) not in rows:
+            return False
+        row, now = rows[m.group(1)], time.monotonic()
+        if row['result'] == 'not run':
+            row.update(result=m.group(2), s=now - last[0])
+        else:  # an error in teardown, after the test's own result
+            row['result'] += f', then {m.group(2)}'
+        last[0] = now
+        report.write()
+        return True
+    todo, t0 = ids, time.monotonic()
+    while todo:
+        if budget.left() < 10 * (not args.cpu_smoke):
+            code = 'timeout'
+            break
+        last[0] = time.monotonic()
+        text, code = run_group(base + ['-v', '-rs'] + extra + todo, max(10.0, budget.left()),
+                               on_line, quiet_s=1.25 * test_timeout, cwd=cwd)
+        with open(log, 'a') as f:
+            f.write(text)
+        todo = [i for i in todo if rows[i]['result'] == 'not run']
+        if code in (0, 1, 'timeout') or not todo:  # 0 / 1: pytest ran them all, passed / not
+            break
+        rows[todo[0]]['result'] = (  # the test running when pytest hung or died: the rest go on
+            f'TIMEOUT: no result in {1.25 * test_timeout:.0f} s, stopped' if code == 'quiet' else
+            f'CRASHED: pytest ended during it with exit code {code}')
+        report.write()
+        todo = todo[1:]
+    for i in todo:
+        rows[i]['result'] = ('not run (time budget)' if code == 'timeout' else
+                             f'no result (pytest exit code {code})')
+    counts = {}
+    for r in part['rows']:
+        counts[r['result'].split(':')[0]] = counts.get(r['result'].split(':')[0], 0) + 1
+    part['summary'] = counts
+    how = 'pytest-timeout' if plugin else 'no pytest-timeout: pytest restarted on the rest'
+    part['notes'] = [f'{", ".join(f"{n} {k}" for k, n in counts.items())} in '
+                     f'{time.monotonic() - t0:.0f} s; each test stopped after {test_timeout:.0f} s '
+                     f'({how}); full log in cuda_tests.log']
+    report.write()
+    return part
 
 
-# --- 3a. step times on synthetic input -------------------------------------------------------------
+# --- step times on synthetic input -----------------------------------------------------------------
 class Clock:
     """CUDA events on a GPU (no host sync between the marks), perf_counter on the CPU."""
 
@@ -239,6 +488,7 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
     import torch.nn.functional as F
     from lib import model, optim
+    device = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
     torch.manual_seed(0)
@@ -274,74 +524,93 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     return fwd, bwd, upd, step
 
 
+def steps_in_fresh_process(timeout, **kwargs):
+    """time_steps(**kwargs) in a new Python process. cuDNN's v8 API caches each convolution's plan
+    per process under a key without the benchmark flag and looks there before the flag: in a
+    process that has autotuned, cudnn_benchmark=False would reuse the autotuned plans."""
+    code = ('import json, sys, torch; from benchmarks.gpu import time_steps; '
+            'print("RESULT", json.dumps(time_steps(torch, **json.loads(sys.argv[1]))))')
+    text, rc = run_group([sys.executable, '-c', code, json.dumps(kwargs)], timeout)
+    found = re.findall(r'^RESULT (.*)$', text, re.M)
+    if rc != 0 or not found:
+        raise RuntimeError(f'exit code {rc}: {(text.strip().splitlines() or [""])[-1][:200]}')
+    return json.loads(found[-1])
+
+
 def configs(batches, compiled, keep=lambda precision, layout: True):
     return [(b, p, l, compiled) for b in batches for p in ('fp32', 'bf16')
             for l in ('nchw', 'channels_last') if keep(p, l)]
 
 
-def step_table(torch, args, sizes, budget, device, name, size, classes, title, runs, eager=None):
+def step_table(torch, args, sizes, budget, report, device, name, size, classes, title, runs,
+               eager=None):
     """One row per (batch, precision, layout, compiled) of `runs`. `x fp32 NCHW eager`: against
     the fp32 NCHW eager row of the same batch, in this table or in `eager` (an earlier table of
     the same run); compiled rows also get `x eager`, against their own configuration eager."""
     cols = ['batch', 'precision', 'layout', 'mode', 'forward ms', 'backward ms', 'update ms',
-            'step ms', 'img/s', 'x fp32 NCHW eager'] + (['x eager'] if eager else [])
-    rows = []
+            'step ms', 'img/s', 'x fp32 NCHW eager'] + (['x eager'] if eager is not None else [])
+    part = report.add(title, cols, notes=[
+        f'{sizes["steps"]} timed steps after {sizes["warmup"]} warm-up (+2 when compiled, backend '
+        f'{sizes["backend"]}); forward / backward / update: medians between CUDA events '
+        '(perf_counter on the CPU); step: mean of the back-to-back steps (what img/s is computed '
+        'from); synthetic input already on the device.'])
     done = {(r['batch'], r['precision'], r['layout']): r['step ms']
             for r in (eager or {}).get('rows', []) if isinstance(r.get('img/s'), float)}
     for batch, precision, layout, compiled in runs:
         row = dict(batch=batch, precision=precision, layout=layout,
                    mode='compile' if compiled else 'eager')
-        rows.append(row)
-        if budget.left() < (90 if compiled else 20) * (not args.cpu_smoke):
+        part['rows'].append(row)
+        if budget.left() < (COMPILE_MIN_LEFT if compiled else 20) * (not args.cpu_smoke):
             row['img/s'] = 'skipped (time budget)'
+            report.write()
             continue
         try:
             fwd, bwd, upd, step = time_steps(torch, name, size, classes, batch, precision, layout,
                                              compiled, sizes['steps'], sizes['warmup'] + 2 * compiled,
                                              device, sizes['backend'])
         except Exception as e:  # noqa: BLE001 -- one bad row (OOM, compiler) stays one row
-            row['img/s'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}'
+            row['img/s'] = failure(e)
+            report.write()
             continue
-        if not eager:
+        if eager is None:
             done[batch, precision, layout] = step
         base = done.get((batch, 'fp32', 'nchw'))
         row.update({'forward ms': fwd, 'backward ms': bwd, 'update ms': upd, 'step ms': step,
                     'img/s': 1000 * batch / step,
                     'x fp32 NCHW eager': f'{base / step:.2f}x' if base else '-'})
-        if eager:
+        if eager is not None:
             same = done.get((batch, precision, layout))
             row['x eager'] = f'{same / step:.2f}x' if same else '-'
-    notes = [f'{sizes["steps"]} timed steps after {sizes["warmup"]} warm-up (+2 when compiled, '
-             f'backend {sizes["backend"]}); forward / backward / update: medians between CUDA events '
-             '(perf_counter on the CPU); step: mean of the back-to-back steps (what img/s is computed '
-             'from); synthetic input already on the device.']
-    return {'title': title, 'columns': cols, 'rows': rows, 'notes': notes}
+        report.write()
+    return part
 
 
-def autotune_table(torch, args, sizes, budget, device, best):
+def autotune_table(args, sizes, budget, report, device, best):
     """The best row of the step table again with cuDNN's autotuning off (config
-    cudnn_benchmark=False: its heuristics pick the algorithms), against the row with it on."""
+    cudnn_benchmark=False: its heuristics pick the algorithms), in a fresh process."""
     row = {'cudnn_benchmark': False}
-    rows = [{'cudnn_benchmark': True, 'step ms': best['step ms'], 'img/s': best['img/s'],
-             'x autotuned': '1.00x'}, row]
-    if budget.left() < 20 * (not args.cpu_smoke):
+    part = report.add(
+        f'cuDNN autotuning (config cudnn_benchmark): AlexNet batch {best["batch"]} '
+        f'{best["precision"]} {best["layout"]} eager', ['cudnn_benchmark', 'step ms', 'img/s', 'x autotuned'],
+        notes=['True (the default) is the step table\'s row; False is timed in a fresh process '
+               '(cuDNN caches its plans per process, whatever the flag). `x autotuned` > 1 would '
+               'mean the heuristics are faster. No effect on the CPU (--cpu-smoke).'])
+    part['rows'] = [{'cudnn_benchmark': True, 'step ms': best['step ms'], 'img/s': best['img/s'],
+                     'x autotuned': '1.00x'}, row]
+    if budget.left() < 30 * (not args.cpu_smoke):
         row['img/s'] = 'skipped (time budget)'
     else:
         try:
-            step = time_steps(torch, 'alexnet', 227, 1000, best['batch'], best['precision'],
-                              best['layout'], False, sizes['steps'], sizes['warmup'], device,
-                              sizes['backend'], cudnn_benchmark=False)[3]
+            step = steps_in_fresh_process(
+                min(120.0, max(30.0, budget.left())), name='alexnet', size=227, classes=1000,
+                batch=best['batch'], precision=best['precision'], layout=best['layout'],
+                compiled=False, steps=sizes['steps'], warmup=sizes['warmup'], device=str(device),
+                backend=sizes['backend'], cudnn_benchmark=False)[3]
             row.update({'step ms': step, 'img/s': 1000 * best['batch'] / step,
                         'x autotuned': f'{best["step ms"] / step:.2f}x'})
         except Exception as e:  # noqa: BLE001
-            row['img/s'] = f'failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}'
-        finally:
-            torch.backends.cudnn.benchmark = True
-    return {'title': f'cuDNN autotuning (config cudnn_benchmark): AlexNet batch {best["batch"]} '
-                     f'{best["precision"]} {best["layout"]} eager',
-            'columns': ['cudnn_benchmark', 'step ms', 'img/s', 'x autotuned'], 'rows': rows,
-            'notes': ['True (the default) is the step table\'s row; `x autotuned` > 1 would mean the '
-                      'heuristics are faster. No effect on the CPU (--cpu-smoke).']}
+            row['img/s'] = failure(e)
+    report.write()
 
 
 def best_row(part, batch):
@@ -349,16 +618,33 @@ def best_row(part, batch):
     return max(done, key=lambda r: r['img/s']) if done else None
 
 
-def profile_table(torch, sizes, device, row, top=12):
+def device_events(events, device_type):
+    """[(event, own µs)] of the key_averages() events that ran on device_type: on CUDA the kernels
+    (and copies), which torch.profiler's own table sums; the aten operator that launched a kernel
+    carries that kernel's time as well, so counting both would count it twice. On the CPU
+    (--cpu-smoke) the operators' self CPU time. Annotations (ProfilerStep ranges) are left out."""
+    key = 'self_cpu_time_total' if str(device_type).endswith('CPU') else 'self_device_time_total'
+    return [(e, getattr(e, key)) for e in events if e.device_type == device_type
+            and not getattr(e, 'is_user_annotation', False) and getattr(e, key) > 0]
+
+
+def profile_table(torch, sizes, report, device, row, top=12):
     """Where a step of `row`'s configuration (eager) spends its time: torch.profiler, the
-    operators with the most self device time (CPU time on the CPU) over a few steps."""
+    kernels with the most device time (the operators' CPU time on the CPU) over a few steps."""
     import torch.nn.functional as F
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from lib import model, optim
-    fmt = torch.channels_last if row['layout'] == 'channels_last' else torch.contiguous_format
-    net = model.build('alexnet', 1000, 0.5, 227, 1).to(device, memory_format=fmt)
+    cuda = device.type == 'cuda'
+    what = 'kernel' if cuda else 'CPU operator'
+    part = report.add(f'Profile: AlexNet batch {row["batch"]} {row["precision"]} {row["layout"]} '
+                      f'eager, the {what}s with the most {"device" if cuda else "self CPU"} time',
+                      [what, 'ms per step', '% of the step', 'calls per step'])
+    fmt_ = torch.channels_last if row['layout'] == 'channels_last' else torch.contiguous_format
+    torch.backends.cudnn.benchmark = True
+    net = model.build('alexnet', 1000, 0.5, 227, 1).to(device, memory_format=fmt_)
     opt = optim.MomentumSGD(net.named_parameters(), 0.01)
-    x = (torch.randn(row['batch'], 3, 227, 227, device=device) * 50).contiguous(memory_format=fmt)
+    x = (torch.randn(row['batch'], 3, 227, 227, device=device) * 50).contiguous(memory_format=fmt_)
     y = torch.randint(0, 1000, (row['batch'],), device=device)
     dtype = torch.bfloat16 if row['precision'] == 'bf16' else torch.float32
 
@@ -370,7 +656,6 @@ def profile_table(torch, sizes, device, row, top=12):
         opt.step()
     for _ in range(sizes['warmup']):
         step()
-    cuda = device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     n = max(1, sizes['steps'] // 4)
     with profile(activities=activities) as prof:
@@ -378,26 +663,17 @@ def profile_table(torch, sizes, device, row, top=12):
             step()
         if cuda:
             torch.cuda.synchronize()
-
-    def own(e):  # the attribute's name changed over torch versions
-        if not cuda:
-            return e.self_cpu_time_total
-        return getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
-    events = [e for e in prof.key_averages() if own(e) > 0]
-    total = sum(own(e) for e in events) or 1
-    rows = [{'operator': e.key[:80], 'ms per step': own(e) / 1000 / n,
-             '% of the step': 100 * own(e) / total, 'calls per step': e.count / n}
-            for e in sorted(events, key=own, reverse=True)[:top]]
-    what = 'device (kernel)' if cuda else 'CPU'
-    return {'title': f'Profile: AlexNet batch {row["batch"]} {row["precision"]} {row["layout"]} '
-                     f'eager, self {what} time per operator',
-            'columns': ['operator', 'ms per step', '% of the step', 'calls per step'], 'rows': rows,
-            'notes': [f'torch.profiler over {n} steps after {sizes["warmup"]} warm-up; the top {top} '
-                      f'of {len(events)} operators by self {what} time ({total / 1000 / n:.1f} ms '
-                      'per step in all).']}
+    events = device_events(prof.key_averages(), DeviceType.CUDA if cuda else DeviceType.CPU)
+    total = sum(t for _, t in events) or 1
+    part['rows'] = [{what: e.key[:100], 'ms per step': t / 1000 / n, '% of the step': 100 * t / total,
+                     'calls per step': e.count / n}
+                    for e, t in sorted(events, key=lambda et: et[1], reverse=True)[:top]]
+    part['notes'] = [f'torch.profiler over {n} steps after {sizes["warmup"]} warm-up; the top {top} '
+                     f'of {len(events)} {what}s ({total / 1000 / n:.1f} ms per step in all).']
+    report.write()
 
 
-# --- 3b. end to end from hkl files -----------------------------------------------------------------
+# --- end to end from hkl files, the exchange -------------------------------------------------------
 def write_dataset(root, n_train, n_val, batch, size, classes, seed=0):
     """Synthetic batch files as preprocessing writes them (4 distinct ones, repeated), labels, a
     mean image and dataset.yaml. Returns the config keys pointing at them."""
@@ -420,7 +696,8 @@ def write_dataset(root, n_train, n_val, batch, size, classes, seed=0):
 
 
 def run_train(values, timeout):
-    """(img/s of the last epoch, mean data wait ms per step in it) of a train.py run."""
+    """(img/s of the last epoch, mean data wait ms, mean copy wait ms per step in it) of a
+    train.py run."""
     cmd = [sys.executable, 'train.py'] + [f'{k}={v}' for k, v in values.items()]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -428,14 +705,19 @@ def run_train(values, timeout):
                            f'{(r.stderr.strip() or r.stdout.strip()).splitlines()[-1][:300]}')
     last = values['n_epochs']
     img_s = float(re.findall(rf'^epoch {last} \|.* ([\d.]+) img/s$', r.stdout, re.M)[-1])
-    waits = [float(w) for w in re.findall(rf'^epoch {last} iter .*\| data wait ([\d.]+) ms', r.stdout, re.M)]
-    return img_s, statistics.mean(waits)
+    waits = re.findall(rf'^epoch {last} iter .*\| data wait ([\d.]+) ms \| copy wait ([\d.]+) ms',
+                       r.stdout, re.M)
+    return img_s, statistics.mean(float(w) for w, _ in waits), statistics.mean(float(c) for _, c in waits)
 
 
-def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
+def e2e_table(args, sizes, budget, report, device, best, which, synthetic_img_s):
     e = sizes['e2e']
+    part = report.add(f'End to end from hkl files: train.py, {e["model"]} {e["crop"]}, batch {e["batch"]}, '
+                      f'{best["precision"]} {best["layout"]} eager ({which})',
+                      ['input', 'img/s', 'step ms', 'data wait ms', 'copy wait ms',
+                       'data wait % of step', 'x synthetic'])
     work = tempfile.mkdtemp(prefix='bench-gpu-e2e-', dir=args.work_dir)
-    rows, notes = [], []
+    rows, notes = part['rows'], part['notes']
     try:
         t0 = time.monotonic()
         keys = write_dataset(work, e['files'], 2, e['batch'], e['size'], e['classes'])
@@ -453,37 +735,39 @@ def e2e_table(args, sizes, budget, device, best, synthetic_img_s):
             rows.append(row)
             if budget.left() < 60 * (not args.cpu_smoke):
                 row['img/s'] = 'skipped (time budget)'
+                report.write()
                 continue
             try:
-                img_s, wait = run_train(dict(common, para_load=para, weights_dir=os.path.join(work, f'w{para}')),
-                                        timeout=max(60, budget.left()))
+                img_s, wait, copy = run_train(dict(common, para_load=para,
+                                                   weights_dir=os.path.join(work, f'w{para}')),
+                                              timeout=min(150.0, max(60.0, budget.left())))
             except (RuntimeError, subprocess.TimeoutExpired, IndexError, statistics.StatisticsError) as ex:
                 row['img/s'] = f'failed: {str(ex)[:300]}'
+                report.write()
                 continue
             step = 1000 * e['batch'] / img_s
-            row.update({'img/s': img_s, 'step ms': step, 'data wait ms': wait,
+            row.update({'img/s': img_s, 'step ms': step, 'data wait ms': wait, 'copy wait ms': copy,
                         'data wait % of step': 100 * wait / step,
                         'x synthetic': f'{img_s / synthetic_img_s:.2f}x' if synthetic_img_s else '-'})
+            report.write()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    title = (f'End to end from hkl files: train.py, {e["model"]} {e["crop"]}, batch {e["batch"]}, '
-             f'{best["precision"]} {best["layout"]} eager (the best row of the eager step table)')
     if synthetic_img_s:
         notes.append(f'`x synthetic`: img/s over the same configuration on synthetic input in the '
                      f'step table ({synthetic_img_s:.0f} img/s).')
-    notes.append('data wait: the time the loop waits for its next batch, per step (train.py log '
-                 'lines).')
-    return {'title': title, 'columns': ['input', 'img/s', 'step ms', 'data wait ms',
-                                        'data wait % of step', 'x synthetic'],
-            'rows': rows, 'notes': notes}
+    notes.append('per step, from the train.py log lines: data wait, the loop waiting for the loader '
+                 '(the batch not ready); copy wait, the loop waiting for the previous batch\'s copy '
+                 'to the device before its slot goes back to the loader process (it queues behind '
+                 'earlier compute: the device is the bottleneck; never with in-process loading).')
+    report.write()
 
 
-# --- 3c. the exchange ------------------------------------------------------------------------------
-def exchange_table(args, sizes, device, steps):
+
+def exchange_table(sizes, budget, report, device, steps, transport):
     from benchmarks import exchange as bx
     x = sizes['exchange']
-    transport = 'ipc' if device.type == 'cuda' else 'shm'
-    ms, nbytes = bx.time_exchange(transport, str(device), x['repeats'], x['net'])
+    ms, nbytes = bx.time_exchange(transport, str(device), x['repeats'], x['net'],
+                                  timeout=min(120.0, max(30.0, budget.left())))
     copy = bx.time_copy(nbytes, device, x['repeats'])
     rows = [{'what': f'device copy of the same {nbytes / 1e6:.0f} MB, 1 process (floor)', 'ms': copy,
              'x copy': '1.00'},
@@ -492,21 +776,43 @@ def exchange_table(args, sizes, device, steps):
     for batch, step in steps:
         rows[1][f'% of a batch-{batch} step'] = 100 * ms / step
     cols = ['what', 'ms', 'x copy'] + [f'% of a batch-{b} step' for b, _ in steps]
-    return {'title': f'Exchange of {x["net"]} [params | momentum], {nbytes / 1e6:.0f} MB per worker',
-            'columns': cols, 'rows': rows,
-            'notes': [f'medians of {x["repeats"]} exchanges after a warm-up one (benchmarks/exchange.py); '
-                      'steps: the best rows of the step table (train_2gpu.py runs batch 128 per worker).']}
+    notes = [f'medians of {x["repeats"]} exchanges after a warm-up one (benchmarks/exchange.py); '
+             'steps: the best rows of the step table (train_2gpu.py runs batch 128 per worker).']
+    if transport == 'tcp':
+        notes.append('over tcp: the preflight found CUDA IPC refused by the platform.')
+    part = report.add(f'Exchange of {x["net"]} [params | momentum], {nbytes / 1e6:.0f} MB per worker',
+                      cols, notes)
+    part['rows'] = rows
+    report.write()
 
 
 # --- main ------------------------------------------------------------------------------------------
 FULL = {'alexnet_batches': (256, 128), 'alexnet_cifar_batches': (256, 128), 'steps': 20,
         'warmup': 3, 'backend': 'inductor', 'compile_keep': lambda precision, layout: True,
-        'e2e': dict(model='alexnet', crop=227, size=256, batch=256, files=80, epochs=2, classes=1000),
+        'e2e': dict(model='alexnet', crop=227, size=256, batch=256, files=48, epochs=2, classes=1000),
         'exchange': dict(net='alexnet', repeats=10)}
 SMOKE = {'alexnet_batches': (2,), 'alexnet_cifar_batches': (4,), 'steps': 1, 'warmup': 1,
          'backend': 'eager', 'compile_keep': lambda precision, layout: (precision, layout) == ('fp32', 'nchw'),
          'e2e': dict(model='alexnet_cifar', crop=32, size=36, batch=8, files=4, epochs=1, classes=10),
          'exchange': dict(net='alexnet_cifar', repeats=2)}
+
+
+def guarded(report, title, fn, *args):
+    """fn(*args), or its failure as a part of the report: one failed part does not stop the rest."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        report.add(title, error=failure(e))
+        return None
+
+
+def part_list(text):
+    parts = [p.strip() for p in text.split(',') if p.strip()]
+    wrong = [p for p in parts if p not in PARTS]
+    if wrong or not parts:
+        raise argparse.ArgumentTypeError(f'unknown part(s) {", ".join(wrong) or "(none)"}; '
+                                         f'choose from {",".join(PARTS)}')
+    return parts
 
 
 def main(argv=None):
@@ -515,10 +821,11 @@ def main(argv=None):
     p.add_argument('out_dir', help='folder for gpu_report.md / .json and cuda_tests.log')
     p.add_argument('--cpu-smoke', action='store_true',
                    help='every part with tiny sizes on the CPU (what CI checks)')
-    p.add_argument('--budget-s', type=float, default=540.0,
-                   help='stop starting rows after this many seconds (540)')
-    p.add_argument('--tests-timeout', type=float, default=300.0, help='for the CUDA tests (300)')
-    p.add_argument('--skip-tests', action='store_true', help='no CUDA tests, speed only')
+    p.add_argument('--parts', type=part_list, default=list(PARTS),
+                   help=f'comma-separated, run in this order whatever the order given: {",".join(PARTS)} '
+                        '(default: all)')
+    p.add_argument('--budget-s', type=float, default=480.0,
+                   help='stop starting rows after this many seconds (480)')
     p.add_argument('--work-dir', help='where the e2e batch files go (default: the temporary folder)')
     args = p.parse_args(argv)
     args.argv = argv
@@ -536,56 +843,77 @@ def main(argv=None):
               'to check the command on the CPU', file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, 'cuda_tests.log'), 'w'):
+        pass
     budget = Budget(args.budget_s)
     device = torch.device('cpu' if args.cpu_smoke else 'cuda:0')
     sizes = SMOKE if args.cpu_smoke else FULL
-    report = Report(args.out_dir, meta(args, torch))
-    report.write()
+    report = Report(args.out_dir, environment(args, torch))
+    report.write()  # the environment, before anything that may fail or hang
     say = lambda text: print(f'[{args.budget_s - budget.left():5.0f} s] {text}', flush=True)  # noqa: E731
-    if not args.skip_tests:
-        say('CUDA tests ...')
-        part = run_tests(args, budget)
-        report.add(part)
-        say(part['notes'][0])
-    say('step table, alexnet (eager) ...')
+    run = set(args.parts)
     big = sizes['alexnet_batches'][0]
-    steps = step_table(torch, args, sizes, budget, device, 'alexnet', 227, 1000,
-                       'AlexNet 227, synthetic input: step times (eager)',
-                       configs(sizes['alexnet_batches'], False))
-    report.add(steps)
-    best = best_row(steps, big)
-    if best is None:
-        report.add({'title': 'End to end and exchange', 'error': 'no row of the step table ran'})
-        return 1
-    say(f'best batch-{big} row: {best["precision"]} {best["layout"]}, {best["img/s"]:.0f} img/s; '
-        'cuDNN autotuning off ...')
-    report.add(autotune_table(torch, args, sizes, budget, device, best))
-    say('exchange ...')
-    step_ms = [(b, r['step ms']) for b in sizes['alexnet_batches'] if (r := best_row(steps, b))]
-    if budget.left() > 45 * (not args.cpu_smoke):
-        try:
-            report.add(exchange_table(args, sizes, device, step_ms))
-        except Exception as e:  # noqa: BLE001 -- the report says what failed; the rest goes on
-            report.add({'title': 'Exchange', 'error': f'{type(e).__name__}: {e}'})
-    else:
-        report.add({'title': 'Exchange', 'error': 'skipped (time budget)'})
-    say('profile ...')
-    try:
-        report.add(profile_table(torch, sizes, device, best))
-    except Exception as e:  # noqa: BLE001
-        report.add({'title': 'Profile', 'error': f'{type(e).__name__}: {e}'})
-    say('end to end from hkl files ...')
-    same_model = sizes['e2e']['model'] == 'alexnet'  # --cpu-smoke: alexnet_cifar, no ratio
-    report.add(e2e_table(args, sizes, budget, device, best, best['img/s'] if same_model else None))
-    say('step table, alexnet_cifar ...')
-    report.add(step_table(torch, args, sizes, budget, device, 'alexnet_cifar', 32, 10,
-                          'alexnet_cifar 32 px (CIFAR-size), synthetic input, for scale',
-                          configs(sizes['alexnet_cifar_batches'], False)))
-    # last: compiling costs about a minute per row; the rows the budget leaves no room for say so
-    say('step table, alexnet (compile) ...')
-    report.add(step_table(torch, args, sizes, budget, device, 'alexnet', 227, 1000,
-                          f'Compiled: AlexNet 227, batch {big}, torch.compile',
-                          configs([big], True, sizes['compile_keep']), eager=steps))
+    # without the step table (not among --parts, or no row ran), the later parts take this one
+    best = {'batch': big, 'precision': 'bf16', 'layout': 'channels_last', 'img/s': None}
+    steps, checks = None, {}
+    if 'preflight' in run:
+        say('preflight ...')
+        checks = guarded(report, 'Preflight', preflight, torch, device, report) or {}
+        say('; '.join(checks.values()))
+    if 'tests' in run:
+        say('CUDA tests ...')
+        title = 'CUDA tests (tests/test_cuda.py, marker cuda)'
+        part = guarded(report, title, run_tests, args, Budget(min(budget.left(), TESTS_S)), report,
+                       title, ['tests/test_cuda.py', '-m', 'cuda', '-k', 'not compile'])
+        say(((part or {}).get('notes') or ['failed'])[0])
+    if 'steps' in run:
+        say('step table, alexnet (eager) ...')
+        steps = step_table(torch, args, sizes, budget, report, device, 'alexnet', 227, 1000,
+                           'AlexNet 227, synthetic input: step times (eager)',
+                           configs(sizes['alexnet_batches'], False))
+        if best_row(steps, big):
+            best = best_row(steps, big)
+            say(f'best batch-{big} row: {best["precision"]} {best["layout"]}, {best["img/s"]:.0f} '
+                'img/s; cuDNN autotuning off, in a fresh process ...')
+            guarded(report, 'cuDNN autotuning', autotune_table, args, sizes, budget, report, device,
+                    best)
+    note = ('the best row of the step table' if best['img/s'] else
+            'no step table in this run: the configuration expected to be best')
+    if 'exchange' in run:
+        say('exchange ...')
+        step_ms = [(b, r['step ms']) for b in sizes['alexnet_batches']
+                   if steps and (r := best_row(steps, b))]
+        refused = checks.get('check_share', '').startswith(REFUSED)
+        transport = 'shm' if device.type == 'cpu' else 'tcp' if refused else 'ipc'
+        if budget.left() > 45 * (not args.cpu_smoke):
+            guarded(report, 'Exchange', exchange_table, sizes, budget, report, device, step_ms,
+                    transport)
+        else:
+            report.add('Exchange', error='skipped (time budget)')
+    if 'e2e' in run:
+        say('end to end from hkl files ...')
+        same_model = sizes['e2e']['model'] == 'alexnet'  # --cpu-smoke: alexnet_cifar, no ratio
+        guarded(report, 'End to end', e2e_table, args, sizes, budget, report, device, best, note,
+                best['img/s'] if same_model else None)
+    if 'profile' in run:
+        say('profile ...')
+        guarded(report, 'Profile', profile_table, torch, sizes, report, device, best)
+    if 'cifar' in run:
+        say('step table, alexnet_cifar ...')
+        step_table(torch, args, sizes, budget, report, device, 'alexnet_cifar', 32, 10,
+                   'alexnet_cifar 32 px (CIFAR-size), synthetic input, for scale',
+                   configs(sizes['alexnet_cifar_batches'], False))
+    if 'compile' in run:  # last: a cold compile takes about a minute per row
+        say('compile: its CUDA test, then the step table ...')
+        if budget.left() >= COMPILE_MIN_LEFT * (not args.cpu_smoke):
+            title = 'CUDA test of compile (tests/test_cuda.py)'
+            guarded(report, title, run_tests, args, budget, report, title,
+                    ['tests/test_cuda.py', '-m', 'cuda', '-k', 'compile'])
+        first = (best['precision'], best['layout'])  # the most likely to be used, first
+        runs = sorted(configs([big], True, sizes['compile_keep']), key=lambda r: r[1:3] != first)
+        step_table(torch, args, sizes, budget, report, device, 'alexnet', 227, 1000,
+                   f'Compiled: AlexNet 227, batch {big}, torch.compile', runs,
+                   eager=steps or {})
     say(f'done: {os.path.join(args.out_dir, "gpu_report.md")}')
     return 0
 

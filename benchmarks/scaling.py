@@ -26,7 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(r'^epoch 2 iter \d+/\d+ .*\| ([\d.]+) img/s \| data wait [\d.]+ ms'
-                  r'(?: \| exchange ([\d.]+) ms)?$', re.M)
+                  r' \| copy wait [\d.]+ ms(?: \| exchange ([\d.]+) ms)?$', re.M)
 
 
 def free_port():

@@ -349,6 +349,7 @@ class InProcessLoader:
     False crops on the host and ships float32. As with the loader process, a batch is valid
     until the next one is asked for (host buffers are reused; clone to keep one).
     """
+    copy_wait = 0.0  # as loader.ProcessLoader's: next() never waits for an earlier device copy
 
     def __init__(self, source, mean, crop_size, device, on_device=False):
         self.source, self.crop_size, self.device = source, crop_size, torch.device(device)

@@ -146,13 +146,14 @@ class SlotFeed:
     def __init__(self, slots, device):
         self.slots, self.device = slots, device
         self.cuda = device.type == 'cuda'
-        self.registered = []
+        self.registered, self.error = [], None  # error: cudaHostRegister's, where it refused
         if not self.cuda:
             return
         cudart = torch.cuda.cudart()
         for t in slots:
             err = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
             if err:
+                self.error = err
                 clear_last_cuda_error()  # not left for the next kernel launch to report as its own
                 print(f'notice: cudaHostRegister of the loader slots failed (cudaError {err}); '
                       'host-to-device copies are synchronous', flush=True)
@@ -376,6 +377,10 @@ class ProcessLoader:
 
     def __init__(self, process, split):
         self.process, self.split = process, split
+        # seconds next() spent waiting for the previous batch's device copy to finish before its
+        # slot goes back (use_data_layer on CUDA): that copy queues behind the compute of two
+        # steps back, so this is the device's back-pressure, not the loader being late
+        self.copy_wait = 0.0
         self.source = process.sources[split]
         self.batch_size = self.source.batch_size
         self.image_size = process.image_size
@@ -414,7 +419,9 @@ class ProcessLoader:
                 y = y.to(p.device)
                 yield x, y        # valid until the next batch is asked for
                 if p.on_device:
+                    t = time.perf_counter()
                     p.feed.release(slot)
+                    self.copy_wait += time.perf_counter() - t
                 request(slot)     # the trainer is done with this slot: refill it
         finally:
             # an epoch cut short: let the loads in flight land before the slots are reused

@@ -141,6 +141,7 @@ class Trainer:
                    disable=not (sys.stdout.isatty() and self.exchanger.is_main))
         t_epoch = t_log = time.perf_counter()
         wait = exch = 0.0  # seconds waiting for data / in the exchanger, since the last log line
+        copied = self.train_data.copy_wait  # of `wait`: for the device copy, not for the loader
         batches = self.train_data.epoch(plan)
         for it in range(1, len(plan) + 1):
             t = time.perf_counter()
@@ -174,9 +175,11 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 err_txt = f' | error {err_v:.4f}' if cfg['print_train_error'] else ''
                 exch_txt = f' | exchange {1000 * exch / n:.1f} ms' if self.exchanger.size > 1 else ''
+                copy, copied = self.train_data.copy_wait - copied, self.train_data.copy_wait
                 self.log(f'epoch {epoch} iter {it}/{len(plan)} | cost {loss_v:.4f}{err_txt} | '
                          f'lr {opt.lr * opt.lr_scale:g} | {n * images / dt:.0f} img/s | '
-                         f'data wait {1000 * wait / n:.1f} ms{exch_txt}', bar)
+                         f'data wait {1000 * (wait - copy) / n:.1f} ms | copy wait '
+                         f'{1000 * copy / n:.1f} ms{exch_txt}', bar)
                 window.zero_()
                 wait, exch, t_log = 0.0, 0.0, time.perf_counter()
         bar.close()

@@ -94,6 +94,18 @@ def test_para_load_and_data_layer_train_bitwise_identically(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_waiting_for_the_device_copy_is_logged_apart_from_waiting_for_the_loader(
+        tmp_path, monkeypatch, capsys):
+    # on CUDA, release() waits for the previous batch's copy, queued behind earlier compute:
+    # device back-pressure that must not read as a late loader (here a 50 ms stand-in)
+    release = loader.SlotFeed.release
+    monkeypatch.setattr(loader.SlotFeed, 'release', lambda self, k: (time.sleep(0.05), release(self, k)))
+    train.run(tiny_config(str(tmp_path), n_epochs=1, para_load=True, use_data_layer=True))
+    line = [l for l in capsys.readouterr().out.splitlines() if 'copy wait' in l][-1]
+    data_ms, copy_ms = (float(line.split(f'{w} wait ')[1].split()[0]) for w in ('data', 'copy'))
+    assert copy_ms >= 45 and data_ms < 45, line
+
+
 def test_killed_loader_stops_the_trainer_with_an_error_naming_it(tiny):
     keys, sources = tiny
     proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
