@@ -32,7 +32,8 @@ from werkzeug.http import parse_options_header
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
-from lib import model as models
+from lib import UserError, model as models
+from lib.checkpoint import load_net, read as read_snapshot
 from lib.data import crop_mirror, make_plan
 from lib.trainer import resolve_device
 from preprocessing.images import load_rgb
@@ -47,8 +48,8 @@ MULTIPART_FAULT = {'PREAMBLE': 'no boundary found', 'PART': 'bad part headers',
                    'DATA': 'no closing boundary (truncated upload?)'}
 
 
-class SetupError(Exception):
-    """A missing or unusable input file (snapshot, mean, classes); the message names it."""
+class SetupError(UserError):
+    """A missing or unusable input file (mean, classes); the message names it."""
 
 
 class BadRequest(Exception):
@@ -98,28 +99,12 @@ class Classifier:
 
     def __init__(self, checkpoint, mean_file=None, classes_file=None, device='auto',
                  max_pixels=16_000_000):
-        try:
-            self.device = resolve_device(device, '--device')
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-        if not os.path.isfile(checkpoint):
-            raise SetupError(f'snapshot {checkpoint} not found')
-        try:
-            snap = torch.load(checkpoint, map_location='cpu', weights_only=True)
-            state, cfg = snap['model'], snap.get('config') or {}
-            if not isinstance(state, dict) or not isinstance(cfg, dict):
-                raise TypeError("'model' must be a state_dict and 'config' a dict")
-        except Exception as e:  # noqa: BLE001 -- unpickling fails in many ways
-            raise SetupError(f'cannot read snapshot {checkpoint}: '
-                             f'{" ".join(f"{type(e).__name__}: {e}".split())}') from None
-        self.name = cfg.get('model', 'alexnet')
-        self.crop_size = int(cfg.get('crop_size', 227 if self.name == 'alexnet' else 32))
-        try:
-            net = models.from_state(state, self.name, float(cfg.get('dropout', 0.5)), self.crop_size)
-        except (ValueError, RuntimeError) as e:
-            raise SetupError(f'{checkpoint} does not fit model {self.name} '
-                             f'(crop_size {self.crop_size}): {str(e).splitlines()[0]}') from None
-        self.net, self.num_classes = net.to(self.device), models.output_classes(state)
+        self.device = resolve_device(device, '--device')
+        snap = read_snapshot(checkpoint)
+        cfg = snap.get('config', {})
+        self.net, settings = load_net(snap, checkpoint, self.device)
+        self.name, self.crop_size = settings['model'], settings['crop_size']
+        self.num_classes = models.output_classes(snap['model'])
         if mean_file is None:
             if not cfg.get('mean_file'):
                 raise SetupError(f"{checkpoint}: its config names no mean_file; give --mean MEAN_FILE")
@@ -437,7 +422,7 @@ def main(argv=None):
     try:
         classifier = Classifier(args.checkpoint, args.mean, args.classes, args.device,
                                 args.max_pixels)
-    except SetupError as e:
+    except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     try:

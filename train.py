@@ -24,7 +24,7 @@ import torch.distributed as dist
 import yaml
 
 import plot
-from lib import checkpoint, config, data, exchange, halves, loader, model, optim, trainer
+from lib import UserError, checkpoint, config, data, exchange, halves, loader, model, optim, trainer
 
 
 def num_classes(cfg, sources):
@@ -151,6 +151,11 @@ def run(cfg, worker=Worker()):
         loop = trainer.Trainer(cfg, net, opt, (train_data, val_data), device, exchanger)
         loop.on_epoch_end = plot.write_quietly  # training.png, when matplotlib is installed
         start = 0
+        if not cfg['resume_train']:  # (a torchrun restart resumes: torchrun_worker set it)
+            aside = checkpoint.check_fresh_start(cfg['weights_dir'], cfg['overwrite'],
+                                                 move=exchanger.is_main)
+            if aside:
+                loop.log(f'overwrite: the previous run in {cfg["weights_dir"]} moved to {aside}')
         if cfg['resume_train']:
             state = checkpoint.load(cfg['weights_dir'], cfg['load_epoch'])
             check_snapshot(cfg, state, net, loop.images_per_step)
@@ -237,8 +242,7 @@ def main(argv=None):
         history = run(cfg, worker)
         if dist.is_initialized():  # no rank tears its connections down while a peer still
             dist.barrier()         # writes its snapshot (gloo aborted once at such a teardown)
-    except (config.ConfigError, data.DataError, loader.LoaderError, FileNotFoundError,
-            ValueError) as e:
+    except UserError as e:
         print(f'{who}error: {e}', file=sys.stderr)
         return 2
     except RuntimeError as e:  # DistError, or gloo's plain RuntimeError: a peer rank died or stalled

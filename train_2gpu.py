@@ -32,11 +32,9 @@ import time
 import torch
 
 import train
-from lib import config, data, exchange, loader, trainer
+from lib import UserError, config, exchange, trainer
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
-ERRORS = (config.ConfigError, data.DataError, loader.LoaderError, exchange.ExchangeError,
-          FileNotFoundError, ValueError)
 
 
 def devices(cfg):
@@ -68,7 +66,7 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
                                               port=cfg[f'sock_data{rank}']))
         if rank == 0:
             print(train.summary(cfg, history), flush=True)
-    except ERRORS as e:
+    except UserError as e:
         print(f'worker {rank}: error: {e}', file=sys.stderr, flush=True)
         pair.close(reason=e)
         return 2
@@ -149,6 +147,14 @@ def wait(procs, peer_timeout):
     return 0
 
 
+def read_key(path):
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise config.ConfigError(f'curve_dir: cannot read {path}: {e.strerror}') from None
+
+
 def make_keys(folder):
     """CURVE key pairs for worker0 and worker1 (copy the folder to both hosts)."""
     import zmq.auth
@@ -186,7 +192,7 @@ def main(argv=None):
         if not (cfg['exchange_host'] and cfg['curve_dir']):
             raise config.ConfigError('--worker needs exchange_host and curve_dir (the link '
                                      'between hosts is always authenticated and encrypted)')
-        keys = [open(os.path.join(cfg['curve_dir'], f'worker{r}.key'), 'rb').read() for r in (0, 1)]
+        keys = [read_key(os.path.join(cfg['curve_dir'], f'worker{r}.key')) for r in (0, 1)]
         token = hashlib.sha256(b''.join(keys)).digest()
         device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
         transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
@@ -194,7 +200,7 @@ def main(argv=None):
         if rank == 0:
             print('config:\n' + config.describe(cfg), flush=True)
         return worker_main(rank, cfg, token, transport, '')
-    except ERRORS + (OSError,) as e:
+    except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

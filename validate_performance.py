@@ -16,7 +16,7 @@ import sys
 import torch
 
 import train
-from lib import checkpoint, config, data, model, trainer
+from lib import UserError, checkpoint, config, data, model, trainer
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 
 
@@ -24,18 +24,17 @@ def validate(cfg):
     """(top-1 error, top-5 error, loss, images, snapshot path) of a snapshot on the val set."""
     path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
     if not os.path.exists(path):
-        raise FileNotFoundError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    cfg = dict(cfg, **{k: state['config'][k] for k in ('model', 'crop_size', 'dropout')
-                       if k in state.get('config', {})})
+        raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
+    state = checkpoint.read(path)
     device = trainer.resolve_device(cfg['gpu'])
+    net, settings = checkpoint.load_net(state, path, device)
+    cfg = dict(cfg, **settings)
     val, = train.data_sources(cfg, splits=('val',))
     size = val.image_size()
     mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
             else data.load_mean(cfg['mean_file'], size))
     loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
     train.check_labels(model.output_classes(state['model']), [val], where=f'{path} has classes')
-    net = model.from_state(state['model'], cfg['model'], cfg['dropout'], cfg['crop_size']).to(device)
     plan, group = data.eval_plan(len(val), cfg['batch_size'], size, cfg['crop_size'],
                                  cfg['ten_crop'])
     top1, top5, loss = trainer.evaluate(lambda x: net(x).float(), loader, plan, group)
@@ -46,7 +45,7 @@ def main(argv=None):
     try:
         cfg = config.command_line(__doc__, argv, SCHEMA)
         top1, top5, loss, n, path = validate(cfg)
-    except (config.ConfigError, data.DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except UserError as e:
         print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
         return 2
     views = 'ten crops' if cfg['ten_crop'] else 'centre crop'

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from lib import UserError
 from lib.atomic import atomic_write, save_npy
 
 HISTORY_FIELDS = ('epoch', 'train_loss', 'train_error', 'val_error', 'val_top5_error',
@@ -47,13 +48,80 @@ def latest_epoch(weights_dir):
     return have[-1] if have else 0
 
 
+class SnapshotError(UserError):
+    """A snapshot that is missing, damaged, not one of ours, or does not fit the run."""
+
+
+def read(path):
+    """The snapshot dict at path (tensors on the CPU), checked to hold a network's weights."""
+    if not os.path.isfile(path):
+        raise SnapshotError(f'no snapshot {path}')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a truncated zip, a pickle of anything, ...: many kinds)
+        raise SnapshotError(f'{path} is not a readable snapshot ({type(e).__name__}: '
+                            f'{" ".join(str(e).split())[:200]})') from None
+    if not (isinstance(state, dict) and isinstance(state.get('model'), dict)
+            and isinstance(state.get('config', {}), dict)):
+        raise SnapshotError(f'{path} is not a snapshot of this trainer (no state_dict under "model")')
+    return state
+
+
 def load(weights_dir, epoch):
     path = snapshot_path(weights_dir, epoch)
     if not os.path.exists(path):
         have = epochs(weights_dir)
-        raise FileNotFoundError(f'no snapshot {path} to resume from (load_epoch: {epoch}; '
-                                f'snapshots there: {have or "none"})')
-    return torch.load(path, map_location='cpu', weights_only=True)
+        raise SnapshotError(f'no snapshot {path} to resume from (load_epoch: {epoch}; '
+                            f'snapshots there: {have or "none"})')
+    return read(path)
+
+
+def load_net(state, path, device='cpu', **over):
+    """The network of a snapshot dict (read from `path`), in eval mode on `device`: its model,
+    crop_size and dropout from the snapshot's own config (`over` replaces them), the classes
+    from its weights. (net, the settings used)."""
+    from lib import model
+    saved = state.get('config', {})
+    name = over.get('model', saved.get('model', 'alexnet'))
+    settings = {'model': name,
+                'crop_size': int(over.get('crop_size', saved.get('crop_size',
+                                                                 227 if name == 'alexnet' else 32))),
+                'dropout': float(over.get('dropout', saved.get('dropout', 0.5)))}
+    try:
+        net = model.from_state(state['model'], name, settings['dropout'], settings['crop_size'])
+    except (ValueError, RuntimeError) as e:  # no fc layer; weights of another shape
+        raise SnapshotError(f'{path} does not fit model {name} (crop_size {settings["crop_size"]}): '
+                            f'{str(e).strip().splitlines()[0]}') from None
+    return net.to(device), settings
+
+
+RUN_FILES = ('config.yaml', 'history.csv', 'val_record.npy', 'training.png')
+
+
+def check_fresh_start(weights_dir, overwrite, move=True):
+    """Before a fresh run writes into weights_dir: refuse (one line naming the ways on) when it
+    holds another run's snapshots, or with `overwrite` move that run's files into
+    weights_dir/previous_<N>/ (`move` False: leave that to the worker that writes)."""
+    have = epochs(weights_dir)
+    if not have:
+        return None
+    if not overwrite:
+        raise SnapshotError(
+            f'{weights_dir} holds the snapshots of another run (model_{have[0]}.pt .. '
+            f'model_{have[-1]}.pt): resume it with resume_train=True load_epoch={have[-1]}, '
+            f'choose another weights_dir, or set overwrite=True to move that run into '
+            f'{os.path.join(weights_dir, "previous_<N>")} first')
+    if not move:
+        return None
+    n = 1
+    while os.path.exists(os.path.join(weights_dir, f'previous_{n}')):
+        n += 1
+    aside = os.path.join(weights_dir, f'previous_{n}')
+    os.mkdir(aside)
+    for name in [f'model_{e}.pt' for e in have] + list(RUN_FILES):
+        if os.path.exists(os.path.join(weights_dir, name)):
+            os.replace(os.path.join(weights_dir, name), os.path.join(aside, name))
+    return aside
 
 
 def rng_state(gen, device, order_gen):

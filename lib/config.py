@@ -12,6 +12,7 @@ import os
 
 import yaml
 
+from lib import UserError
 from lib.atomic import atomic_write
 
 # key: (default, meaning). The shipped config.yaml / spec_1gpu.yaml hold the same values.
@@ -62,6 +63,8 @@ CONFIG = {
     'peer_timeout': (120.0, 'seconds a worker waits for the others before stopping with an error'),
     # --- output -----------------------------------------------------------------------------
     'weights_dir': ('weights', 'snapshots, val_record.npy, history.csv, config.yaml'),
+    'overwrite': (False, 'a fresh run into a weights_dir holding snapshots moves that run into '
+                         'weights_dir/previous_<N> first (False: refuse to start)'),
     'snapshot_freq': (1, 'save model_<epoch>.pt every this many epochs'),
     'print_train_error': (True, 'log the training top-1 error too'),
     'print_freq': (40, 'log a line every this many iterations'),
@@ -134,7 +137,7 @@ RANGES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value; the message is one line meant for the user."""
 
 

@@ -17,8 +17,10 @@ import h5py
 import numpy as np
 import torch
 
+from lib import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
     """A missing or malformed data file; the message names it."""
 
 

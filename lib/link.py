@@ -32,6 +32,8 @@ import time
 import zmq
 import zmq.utils.monitor
 
+from lib import UserError
+
 MAGIC, VERSION = b'ALXW', 1
 HELLO, ARRIVE, DONE, DATA, METRIC, BYE = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {HELLO: 'hello', ARRIVE: 'arrive', DONE: 'done', DATA: 'data', METRIC: 'metric',
@@ -42,7 +44,7 @@ HEARTBEAT_MS = 1000
 MIN_FRAME = 1 << 16  # frame size cap when there is no exchange data (hello, bye, metrics)
 
 
-class ExchangeError(RuntimeError):
+class ExchangeError(UserError, RuntimeError):
     """The exchange cannot go on (bad setup, protocol violation); the message says why."""
 
 

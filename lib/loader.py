@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import zmq
 
-from lib import data
+from lib import UserError, data
 
 MAGIC, VERSION = b'ALXL', 1
 LOAD, STOP, READY, ERROR, HELLO = 1, 2, 3, 4, 5
@@ -41,7 +41,7 @@ STARTUP_TIMEOUT = 120.0  # seconds for the loader to import torch and open its f
 MAX_TEXT = 16384         # bytes of an error text on the wire (longer ones are cut)
 
 
-class LoaderError(RuntimeError):
+class LoaderError(UserError, RuntimeError):
     """The loader process died, stalled, or sent something unexpected."""
 
 

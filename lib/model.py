@@ -7,6 +7,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from lib.config import ConfigError
+
 
 def _channel_window_sum(t, before, after):
     """out[:, c] = sum of t[:, c - before .. c + after] over the channels that exist."""
@@ -173,7 +175,7 @@ def build(name, num_classes, dropout, crop_size, seed):
     torch.manual_seed(seed)
     if name == 'alexnet':
         if crop_size != 227:
-            raise ValueError(f'model alexnet needs crop_size 227, got {crop_size}')
+            raise ConfigError(f'model alexnet needs crop_size 227, got {crop_size}')
         return AlexNet(num_classes, dropout)
     return AlexNetCifar(num_classes, dropout, crop_size)
 

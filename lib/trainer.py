@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib import checkpoint, data, optim
+from lib.config import ConfigError
 
 
 def resolve_device(name, key='gpu'):
@@ -25,12 +26,12 @@ def resolve_device(name, key='gpu'):
         return torch.device('cpu')
     index = name[3:] if name.startswith('gpu') else name[5:] if name.startswith('cuda:') else ''
     if not index.isdigit():
-        raise ValueError(f"{key}: '{name}' is not a device (use auto, cpu, gpu0, gpu1 or cuda:N)")
+        raise ConfigError(f"{key}: '{name}' is not a device (use auto, cpu, gpu0, gpu1 or cuda:N)")
     if not torch.cuda.is_available():
-        raise ValueError(f"{key}: '{name}' asks for CUDA, which is not available here "
+        raise ConfigError(f"{key}: '{name}' asks for CUDA, which is not available here "
                          f"(use {key}=cpu or {key}=auto)")
     if int(index) >= torch.cuda.device_count():
-        raise ValueError(f"{key}: '{name}' but only {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"{key}: '{name}' but only {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(f'cuda:{index}')
 
 

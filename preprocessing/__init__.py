@@ -4,6 +4,9 @@ Run it with  sh preprocessing/generate_data.sh [PATHS_YAML]  (or generate_toy_da
 """
 
 
-class PrepError(Exception):
+from lib import UserError
+
+
+class PrepError(UserError):
     """A problem with the inputs or settings that the user must fix; the message (one line) names it.
     make_data.main prints it as `error: ...` and exits with status 2, without a traceback."""

@@ -153,3 +153,18 @@ def test_top1_top5_and_loss_against_a_hand_computation():
     assert top5 == pytest.approx(sum(r >= 5 for r in true_rank) / len(y))   # ranks 7 and 5: 2 of 6
     want = -logits.double().log_softmax(1)[torch.arange(len(y)), y].mean().item()
     assert loss == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch'])
+def test_a_damaged_snapshot_is_a_one_line_error(trained, tmp_path, capsys, damage):
+    import shutil
+    from tests.test_train import damage_snapshot
+    root, cfg = trained
+    bad = tmp_path / 'bad.pt'
+    shutil.copy(os.path.join(root, 'w', 'model_1.pt'), bad)
+    damage_snapshot(bad, damage)
+    argv = [f'{k}={cfg[k]}' for k in ('val_folder', 'label_folder', 'mean_file', 'batch_size')] + [
+        'gpu=cpu', f'checkpoint={bad}']
+    assert validate_performance.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: {bad} is not a'), err

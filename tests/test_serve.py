@@ -310,6 +310,10 @@ def test_missing_mean_or_classes_is_a_one_line_error(tmp_path, capsys):
     assert err.count('\n') == 1 and snap['dataset_yaml'] in err
     assert serve.main([str(tmp_path / 'none.pt')]) == 2
     assert 'none.pt' in capsys.readouterr().err
+    (tmp_path / 'cut.pt').write_bytes(open(snap['path'], 'rb').read()[:1000])  # truncated
+    assert serve.main([str(tmp_path / 'cut.pt')]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'{tmp_path / "cut.pt"} is not a readable snapshot' in err, err
 
 
 def test_port_in_use_exits_2(snapshot, tmp_path):

@@ -100,7 +100,7 @@ def test_data_layer_on_and_off_train_identically(tmp_path):
 def test_resume_from_a_missing_snapshot_names_it(tmp_path):
     cfg = tiny_config(str(tmp_path), n_epochs=1)
     train.run(cfg)
-    with pytest.raises(FileNotFoundError, match=r'model_7.pt.*snapshots there: \[1\]'):
+    with pytest.raises(checkpoint.SnapshotError, match=r'model_7.pt.*snapshots there: \[1\]'):
         train.run(dict(cfg, resume_train=True, load_epoch=7))
 
 
@@ -147,3 +147,53 @@ def test_a_snapshot_resumes_at_its_images_per_step_whatever_the_worker_count(tmp
     with pytest.raises(config.ConfigError, match=r'trained with batch_size 8, this run has '
                                                  r'batch_size 4'):
         train.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)
+
+
+def test_a_fresh_run_into_another_runs_folder_is_refused_or_moves_it_aside(tmp_path, capsys):
+    """Two runs never mix in one weights_dir: a fresh start (no resume_train) into a folder with
+    snapshots stops with one line naming the ways on and changes nothing; overwrite=True first
+    moves the old run's files into previous_1/, whole."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=8, size=36)
+    argv = [f'{k}={v}' for k, v in keys.items()] + [
+        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']
+    assert train.main(argv + ['n_epochs=3']) == 0
+    w = tmp_path / 'w'
+    old = {n: (w / n).read_bytes() for n in os.listdir(w)}
+    capsys.readouterr()
+    assert train.main(argv + ['n_epochs=1']) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f'error: {w} holds the snapshots of another run (model_1.pt .. model_3.pt): resume it with '
+        f'resume_train=True load_epoch=3, choose another weights_dir, or set overwrite=True to '
+        f'move that run into {w / "previous_<N>"} first']
+    assert {n: (w / n).read_bytes() for n in os.listdir(w)} == old
+    assert train.main(argv + ['n_epochs=1', 'overwrite=True']) == 0
+    assert f'the previous run in {w} moved to {w / "previous_1"}' in capsys.readouterr().out
+    assert {n: (w / 'previous_1' / n).read_bytes() for n in os.listdir(w / 'previous_1')} == old
+    assert sorted(os.listdir(w)) == ['config.yaml', 'history.csv', 'model_1.pt', 'previous_1',
+                                     'training.png', 'val_record.npy']
+    assert np.load(w / 'val_record.npy').shape == (1, 2)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch'])
+def test_a_damaged_snapshot_is_a_one_line_error_on_resume(tmp_path, capsys, damage):
+    keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=8, size=36)
+    argv = [f'{k}={v}' for k, v in keys.items()] + [
+        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']
+    assert train.main(argv + ['n_epochs=1']) == 0
+    damage_snapshot(tmp_path / 'w' / 'model_1.pt', damage)
+    capsys.readouterr()
+    assert train.main(argv + ['n_epochs=2', 'resume_train=True', 'load_epoch=1']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'error: {tmp_path / "w" / "model_1.pt"} is not a'), err
+
+
+def damage_snapshot(path, how):
+    """Spoil a snapshot file as a user's disk or hand might."""
+    if how == 'truncated':
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif how == 'not a snapshot':
+        torch.save({'weights': torch.zeros(3)}, path)
+    else:
+        path.write_bytes(b'not a torch file at all\n' * 10)
