@@ -130,6 +130,13 @@ MUTANTS = [
            "record = np.array([[h['val_error'], h['val_loss']] for h in history], dtype=np.float64)",
            "record = np.array([[h['val_loss'], h['val_error']] for h in history], dtype=np.float64)",
            ('tests/test_train.py::test_train_py_end_to_end',)),
+    Mutant('a fresh run mixes with another run in its weights_dir', 'lib/checkpoint.py',
+           '    if not overwrite:\n        raise SnapshotError(', '    if False:\n        raise SnapshotError(',
+           ('tests/test_train.py::test_a_fresh_run_into_another_runs_folder_is_refused_or_moves_it_aside',)),
+    Mutant('a damaged snapshot ends in a traceback', 'lib/checkpoint.py',
+           'except Exception as e:  # noqa: BLE001  (a truncated zip',
+           'except OSError as e:  # noqa: BLE001  (a truncated zip',
+           ('tests/test_train.py::test_a_damaged_snapshot_is_a_one_line_error_on_resume',)),
     # --- config (lib/config.py)
     Mutant('a config range dropped', 'lib/config.py',
            "'peer_timeout': (lambda v: v > 0, 'above 0'),", '',
