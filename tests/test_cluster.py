@@ -1,6 +1,8 @@
 """Many machines, on a test cluster of network namespaces (tests/cluster.py): torchrun across two
 hosts trains as one worker; a node killed whole and started again resumes; a node that never
-comes back, or a lost node without restarts, stops the other cleanly."""
+comes back, or a lost node without restarts, stops the other cleanly; train_2gpu.py's two
+workers on two hosts (tcp, CURVE) train as one worker, refuse a third host, ride out a short
+link cut and stop cleanly on a dead peer or a long cut."""
 import os
 import signal
 import subprocess
@@ -13,7 +15,7 @@ import train
 from lib import config
 from tests.cluster import cluster  # noqa: F401  (the fixture)
 from tests.helpers import make_batches
-from tests.test_train_2gpu import EXACT, EXACT_TOLERANCE, args, relative_error
+from tests.test_train_2gpu import EXACT, EXACT_TOLERANCE, SCRIPT, args, dataset, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RDZV_PORT = 29500
@@ -141,3 +143,78 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
             n.startswith('model_') and n != 'model_1.pt' or n.startswith('.')
             for n in os.listdir(tmp_path / 'w')), os.listdir(tmp_path / 'w')
         os.remove(tmp_path / 'w' / 'model_1.pt')
+
+
+def worker_on(host, rank, values, tmp_path):
+    """README's two-host command: train_2gpu.py --worker <rank> on `host`."""
+    return host.popen([sys.executable, SCRIPT, '--worker', str(rank)] + args(values),
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                      env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
+def two_host_run(tmp_path, a, n_train, **over):
+    """(values, one worker's model_2.pt) for train_2gpu.py's workers on hosts over CURVE tcp."""
+    full, halves = dataset(tmp_path, n_train=n_train)
+    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+        full, **EXACT, gpu='cpu', weights_dir=str(tmp_path / 'w1')), None)]))
+    r = subprocess.run([sys.executable, SCRIPT, '--make-keys', str(tmp_path / 'keys')],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    values = dict(halves, **EXACT, gpu0='cpu', gpu1='cpu', weights_dir=str(tmp_path / 'w2'),
+                  exchange_host=a.addr, curve_dir=str(tmp_path / 'keys'), sock_gpu=5002,
+                  exchange_transport='tcp', peer_timeout=20.0)
+    values.update(over)
+    return values, torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)
+
+
+def test_train_2gpu_on_two_hosts_rides_out_a_short_cut_and_refuses_a_third(cluster, tmp_path):
+    """Same weights as one worker although node B's link is down for 3 s in epoch 2 (well under
+    the heartbeat timeout) and a client on a third host without the keys tries to connect."""
+    a, b, c = cluster(3)
+    values, ref = two_host_run(tmp_path, a, n_train=20)
+    procs = [worker_on(h, r, values, tmp_path) for r, h in enumerate((a, b))]
+    stranger = c.popen([sys.executable, '-c', f"""
+import zmq, time
+s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0)
+s.connect('tcp://{a.addr}:5002')
+for _ in range(20):
+    s.send_multipart([b'ALXW', b'x' * 32]); time.sleep(0.1)
+print('sent')"""], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)
+        b.link(False)
+        time.sleep(3.0)
+        b.link(True)
+        results = finish(procs, 180)
+        assert stranger.communicate(timeout=30)[0].strip() == 'sent'
+    finally:
+        b.link(True)
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert 'done: epoch 2' in results[0][1]
+    assert_same_weights(torch.load(tmp_path / 'w2' / 'model_2.pt', weights_only=True), ref)
+
+
+def test_train_2gpu_on_two_hosts_stops_on_a_dead_peer_or_a_long_cut(cluster, tmp_path):
+    a, b = cluster(2)
+    values, _ = two_host_run(tmp_path, a, n_train=4, n_epochs=100, peer_timeout=8.0)
+    for cut in (False, True):
+        procs = [worker_on(h, r, values, tmp_path) for r, h in enumerate((a, b))]
+        try:
+            wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)
+            t0 = time.monotonic()
+            b.link(False) if cut else kill_host(b)
+            results = finish(procs, 60)
+            elapsed = time.monotonic() - t0
+        finally:
+            b.link(True)
+        assert elapsed < 8.0 + 5.0, (cut, elapsed, results)
+        assert results[0][0] == 2, results
+        errors = [line for line in results[0][1].splitlines() if 'error:' in line]
+        # the lost connection, or (when ZeroMQ did not report it) the peer_timeout
+        assert len(errors) == 1 and errors[0].startswith('worker 0: error: ') and \
+            'worker 1' in errors[0] and 'at step' in errors[0], results[0][1][-3000:]
+        if cut:  # both sides see it
+            assert results[1][0] == 2 and 'worker 1: error: worker 0 did not answer within 8 s' \
+                in results[1][1], results[1][1][-3000:]
+        assert a.pids() == [] and b.pids() == []
+        os.remove(tmp_path / 'w2' / 'model_1.pt')
