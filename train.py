@@ -15,7 +15,9 @@ epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
 Resume with resume_train=True load_epoch=N.
 """
 import os
+import secrets
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -184,6 +186,44 @@ def summary(cfg, history):
             f"{os.path.join(cfg['weights_dir'], 'val_record.npy')}")
 
 
+def round_store(store, rank, world, timeout):
+    """The keys of this round of torchrun's ranks, in a namespace every rank names alike.
+
+    torchrun's store can outlive a round (the agent's shared store; restarts), so a new process
+    group must not read the dead group's addresses (seen: gloo 'Connection refused'). Naming the
+    round after TORCHELASTIC_RESTART_COUNT fails: the count is per agent, and a node started
+    again counts from 0 while the others do not (pytorch/pytorch#135712). So rank 0 draws a
+    fresh name and gives it to each rank in answer to that rank's fresh nonce: a key left by an
+    earlier round is never taken for this one's."""
+    deadline = time.monotonic() + timeout
+    if rank == 0:
+        name, answered, waiting = secrets.token_hex(8), set(), set(range(1, world))
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f'alexnet/{name}/joined/{r}']):
+                    waiting.discard(r)
+                elif store.check([f'alexnet/hello/{r}']):
+                    nonce = store.get(f'alexnet/hello/{r}').decode()
+                    if nonce not in answered:  # an earlier round's nonce is answered in vain
+                        store.set(f'alexnet/name/{nonce}', name)
+                        answered.add(nonce)
+            if waiting and time.monotonic() > deadline:
+                raise dist.DistError(f'rank(s) {sorted(waiting)} did not join the process group '
+                                     f'within {timeout:g} s (peer_timeout)')
+            time.sleep(0.05)
+    else:
+        nonce = secrets.token_hex(8)
+        store.set(f'alexnet/hello/{rank}', nonce)
+        try:
+            store.wait([f'alexnet/name/{nonce}'], timedelta(seconds=timeout))
+        except dist.DistError:
+            raise dist.DistError(f'rank 0 did not answer rank {rank} within {timeout:g} s '
+                                 '(peer_timeout) at the start of the process group') from None
+        name = store.get(f'alexnet/name/{nonce}').decode()
+        store.set(f'alexnet/{name}/joined/{rank}', b'1')
+    return dist.PrefixStore(f'alexnet/{name}', store)
+
+
 def torchrun_worker(cfg):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group and return this
     rank's Worker; None when not under torchrun. A restart (--max-restarts) resumes from the
@@ -201,12 +241,14 @@ def torchrun_worker(cfg):
         gpu, backend = f'cuda:{local}', 'nccl'
         torch.cuda.set_device(local)
     timeout = timedelta(seconds=cfg['peer_timeout'])
-    restarts = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
-    # torchrun's store outlives a restart; a namespace per attempt keeps the new group from
-    # reading the dead group's addresses (seen here: gloo 'Connection refused' after a restart)
     store, _, _ = next(dist.rendezvous('env://', rank, world, timeout=timeout))
     dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world,
-                            store=dist.PrefixStore(f'alexnet/attempt{restarts}', store))
+                            store=round_store(store, rank, world, cfg['peer_timeout']))
+    # TORCHELASTIC_RESTART_COUNT is per agent (a node started again counts from 0): a restart
+    # for one rank is a restart for all
+    restarts = torch.tensor([int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))], device=gpu)
+    dist.all_reduce(restarts, op=dist.ReduceOp.MAX)
+    restarts = int(restarts.item())
     if restarts:  # rank 0 decides the epoch for everyone (nodes may hold different snapshots)
         latest = torch.tensor([checkpoint.latest_epoch(cfg['weights_dir']) if rank == 0 else 0],
                               device=gpu)

@@ -51,13 +51,17 @@ def sync(device):
 NETS = {'alexnet': (1000, 227), 'alexnet_cifar': (10, 32)}  # classes, crop
 
 
-def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out, net='alexnet'):
+def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out, net='alexnet',
+                    host='', curve_dir=''):
+    """One of the two Pair workers; puts (rank, median ms, bytes of its buffer) into `out`.
+    host / curve_dir: worker 0's address and the CURVE keys (two hosts; benchmarks.links)."""
     torch.set_num_threads(1)
     device = torch.device(device)
     net = model.build(net, NETS[net][0], 0.5, NETS[net][1], seed=23455).to(device)
     params = list(net.parameters())
     momentum = [torch.zeros_like(p) for p in params]
-    cfg = dict(exchange_freq=1, peer_timeout=120.0, exchange_host='', sock_gpu=port, curve_dir='')
+    cfg = dict(exchange_freq=1, peer_timeout=600.0, exchange_host=host, sock_gpu=port,
+               curve_dir=curve_dir)
     pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
     try:
         pair.attach(params, momentum, device)  # includes one (warm-up) exchange
