@@ -31,8 +31,7 @@ import time
 
 import torch
 
-import train
-from lib import UserError, config, exchange, trainer
+from lib import UserError, config, exchange, trainer, training
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 
@@ -53,7 +52,7 @@ def watch_parent(parent):
 
 
 def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
-    """One worker: train.run on its half with the Pair exchanger. Returns the exit code."""
+    """One worker: training.run on its half with the Pair exchanger. Returns the exit code."""
     if parent is not None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         watch_parent(parent)
@@ -62,10 +61,10 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
     try:
-        history = train.run(cfg, train.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
+        history = training.run(cfg, training.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
                                               port=cfg[f'sock_data{rank}']))
         if rank == 0:
-            print(train.summary(cfg, history), flush=True)
+            print(training.summary(cfg, history), flush=True)
     except UserError as e:
         print(f'worker {rank}: error: {e}', file=sys.stderr, flush=True)
         pair.close(reason=e)

@@ -15,8 +15,7 @@ import sys
 
 import torch
 
-import train
-from lib import UserError, checkpoint, config, data, model, trainer
+from lib import UserError, checkpoint, config, data, model, trainer, training
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 
 
@@ -29,12 +28,12 @@ def validate(cfg):
     device = trainer.resolve_device(cfg['gpu'])
     net, settings = checkpoint.load_net(state, path, device)
     cfg = dict(cfg, **settings)
-    val, = train.data_sources(cfg, splits=('val',))
+    val, = training.data_sources(cfg, splits=('val',))
     size = val.image_size()
     mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
             else data.load_mean(cfg['mean_file'], size))
     loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
-    train.check_labels(model.output_classes(state['model']), [val], where=f'{path} has classes')
+    training.check_labels(model.output_classes(state['model']), [val], where=f'{path} has classes')
     plan, group = data.eval_plan(len(val), cfg['batch_size'], size, cfg['crop_size'],
                                  cfg['ten_crop'])
     top1, top5, loss = trainer.evaluate(lambda x: net(x).float(), loader, plan, group)

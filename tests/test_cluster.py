@@ -12,8 +12,7 @@ import time
 import pytest
 import torch
 
-import train
-from lib import config
+from lib import config, training
 from tests.cluster import cluster  # noqa: F401  (the fixture)
 from tests.helpers import make_batches
 from tests.test_loader import gone_within
@@ -46,7 +45,7 @@ def reference(tmp_path, n_train, n_epochs, seed=0):
     """(config values, one worker's last snapshot) on whole batches, fp64."""
     keys = make_batches(str(tmp_path / 'data'), n_train=n_train, n_val=2, batch=8, size=36, seed=seed)
     values = dict(keys, **dict(EXACT, n_epochs=n_epochs), seed=seed, gpu='cpu')
-    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+    training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
                            [('test', dict(values, weights_dir=str(tmp_path / 'w1')), None)]))
     return values, torch.load(tmp_path / 'w1' / f'model_{n_epochs}.pt', weights_only=True)
 
@@ -197,7 +196,7 @@ def worker_on(host, rank, values, tmp_path):
 def two_host_run(tmp_path, a, n_train, **over):
     """(values, one worker's model_2.pt) for train_2gpu.py's workers on hosts over CURVE tcp."""
     full, halves = dataset(tmp_path, n_train=n_train)
-    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+    training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
         full, **EXACT, gpu='cpu', weights_dir=str(tmp_path / 'w1')), None)]))
     r = subprocess.run([sys.executable, SCRIPT, '--make-keys', str(tmp_path / 'keys')],
                        capture_output=True, text=True, timeout=60)

@@ -24,8 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
-from lib import config, data, loader
+from lib import config, data, loader, training
 from tests.helpers import make_batches
 from tests.test_train import tiny_config
 from tests.test_train_2gpu import EXACT, EXACT_TOLERANCE, args, free_port, relative_error
@@ -141,7 +140,7 @@ def test_para_load_and_data_layer_on_cuda_train_as_in_process_loading(tmp_path):
     finals = {}
     for para_load in (False, True):
         root = str(tmp_path / str(para_load))
-        train.run(tiny_config(root, n_epochs=2, gpu='cuda:0', para_load=para_load,
+        training.run(tiny_config(root, n_epochs=2, gpu='cuda:0', para_load=para_load,
                               use_data_layer=True, dropout=0.5, cudnn_benchmark=False,
                               precision='fp64'))
         assert not torch.backends.cudnn.benchmark  # the trainer set the config's value
@@ -160,7 +159,7 @@ def steps300(tmp_path_factory):
     def run(precision):
         cfg = config.merge(SCHEMA, [('test', dict(values, precision=precision,
                                                   weights_dir=str(root / precision)), None)])
-        return train.run(cfg), torch.load(root / precision / 'model_3.pt', weights_only=True)
+        return training.run(cfg), torch.load(root / precision / 'model_3.pt', weights_only=True)
     return run, run('fp32')
 
 
@@ -183,12 +182,12 @@ def test_bf16_and_fp16_train_300_steps_to_finite_losses_close_to_fp32(steps300, 
 def eager(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('eager'))
     cfg = tiny_config(root, n_epochs=2, gpu='cuda:0', learning_rate=0.003, cudnn_benchmark=False)
-    return root, cfg, train.run(cfg)
+    return root, cfg, training.run(cfg)
 
 
 def test_compile_gives_the_val_record_of_eager(eager, tmp_path):
     root, _, _ = eager
-    train.run(tiny_config(str(tmp_path), n_epochs=2, gpu='cuda:0', learning_rate=0.003,
+    training.run(tiny_config(str(tmp_path), n_epochs=2, gpu='cuda:0', learning_rate=0.003,
                           compile=True, cudnn_benchmark=False))
     a = np.load(os.path.join(root, 'w', 'val_record.npy'))
     b = np.load(tmp_path / 'w' / 'val_record.npy')

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import plot
-import train
 import validate_performance
-from lib import config, data, optim, trainer
+from lib import config, data, optim, trainer, training
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def trained(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('run'))
     cfg = tiny_config(root, n_epochs=2, learning_rate=0.003)
-    train.run(cfg)
+    training.run(cfg)
     return root, cfg
 
 
@@ -81,7 +80,7 @@ def test_synthetic_trains_with_no_dataset_on_disk(tmp_path):
         synthetic=True, synthetic_batches=3, num_classes=7, model='alexnet_cifar', crop_size=32,
         batch_size=4, n_epochs=1, gpu='cpu', weights_dir=str(tmp_path / 'w'),
         train_folder='/nonexistent', label_folder='/nonexistent', mean_file='/nonexistent'), None)])
-    history = train.run(cfg)
+    history = training.run(cfg)
     assert len(history) == 1 and math.isfinite(history[0]['train_loss'])
     state = torch.load(tmp_path / 'w' / 'model_1.pt', weights_only=True)
     assert state['model']['classifier.bias'].shape == (7,)
@@ -97,10 +96,10 @@ def test_cosine_and_warmup_schedules():
 
 
 def test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss(tmp_path):
-    plain = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=1, learning_rate=0.003))
-    cosine = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, learning_rate=0.003,
+    plain = training.run(tiny_config(str(tmp_path / 'a'), n_epochs=1, learning_rate=0.003))
+    cosine = training.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, learning_rate=0.003,
                                    lr_policy='cosine', warmup_epochs=1))
-    smooth = train.run(tiny_config(str(tmp_path / 'c'), n_epochs=1, learning_rate=0.003,
+    smooth = training.run(tiny_config(str(tmp_path / 'c'), n_epochs=1, learning_rate=0.003,
                                    label_smoothing=0.1))
     assert [h['lr'] for h in plain] == [0.003]
     assert cosine[0]['lr'] == 0.0 and cosine[1]['lr'] == pytest.approx(0.003)  # warm-up, then 1.0

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
-from lib import data, loader
+from lib import data, loader, training
 from tests.helpers import make_batches, write_hkl
 from tests.test_train import tiny_config
 
@@ -86,7 +85,7 @@ def test_para_load_and_data_layer_train_bitwise_identically(tmp_path):
             root = str(tmp_path / f'{para_load}{layer}')
             cfg = tiny_config(root, n_epochs=2, para_load=para_load, use_data_layer=layer,
                               dropout=0.5, batch_crop_mirror=layer)
-            train.run(cfg)
+            training.run(cfg)
             finals.append((layer, torch.load(os.path.join(root, 'w', 'model_2.pt'),
                                              weights_only=True)['model']))
     for layer in (False, True):  # per-image and per-batch draws: each pair equal bit for bit
@@ -100,7 +99,7 @@ def test_waiting_for_the_device_copy_is_logged_apart_from_waiting_for_the_loader
     # device back-pressure that must not read as a late loader (here a 50 ms stand-in)
     release = loader.SlotFeed.release
     monkeypatch.setattr(loader.SlotFeed, 'release', lambda self, k: (time.sleep(0.05), release(self, k)))
-    train.run(tiny_config(str(tmp_path), n_epochs=1, para_load=True, use_data_layer=True))
+    training.run(tiny_config(str(tmp_path), n_epochs=1, para_load=True, use_data_layer=True))
     line = [l for l in capsys.readouterr().out.splitlines() if 'copy wait' in l][-1]
     data_ms, copy_ms = (float(line.split(f'{w} wait ')[1].split()[0]) for w in ('data', 'copy'))
     assert copy_ms >= 45 and data_ms < 45, line

@@ -2,13 +2,12 @@
 import pytest
 import torch
 
-import train
-from lib import optim, trainer
+from lib import optim, trainer, training
 from tests.test_train import tiny_config
 
 
 def final_weights(root, **over):
-    history = train.run(tiny_config(root, n_epochs=2, **over))
+    history = training.run(tiny_config(root, n_epochs=2, **over))
     state = torch.load(f'{root}/w/model_2.pt', weights_only=True)
     return history, state
 
@@ -115,5 +114,5 @@ def test_the_forward_runs_in_the_precision_asked_for(tmp_path, monkeypatch, prec
         finally:
             handle.remove()
     monkeypatch.setattr(trainer.Trainer, 'fit', hooked_fit)
-    train.run(tiny_config(str(tmp_path), n_epochs=1, precision=precision))
+    training.run(tiny_config(str(tmp_path), n_epochs=1, precision=precision))
     assert seen == {True: {dtype}, False: {dtype}}

@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-import train
-from lib import config
+from lib import config, training
 from tests.helpers import make_batches
 from tests.test_loader import children, gone_within
 from tests.test_train_2gpu import COMMON, EXACT, EXACT_TOLERANCE, args, free_port, relative_error
@@ -55,7 +54,7 @@ def single(tmp_path_factory):
         if seed not in done:
             root = tmp_path_factory.mktemp(f'torchrun{seed}')
             keys = make_batches(str(root / 'data'), n_train=4, n_val=2, batch=8, size=36, seed=seed)
-            train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [(
+            training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [(
                 'test', dict(keys, **EXACT, seed=seed, gpu='cpu', weights_dir=str(root / 'w1')), None)]))
             done[seed] = keys, torch.load(root / 'w1' / 'model_2.pt', weights_only=True)
         return done[seed]
@@ -148,7 +147,7 @@ def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
     resume from it, so both stop with one line instead of averaging different epochs."""
     keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=8, size=36)
     base = dict(keys, **dict(COMMON, n_epochs=2), gpu='cpu', peer_timeout=30.0)
-    train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+    training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
                            [('test', dict(base, weights_dir=str(tmp_path / 'w0')), None)]))
     os.makedirs(tmp_path / 'w1')
     os.link(tmp_path / 'w0' / 'model_1.pt', tmp_path / 'w1' / 'model_1.pt')
@@ -175,14 +174,14 @@ def test_resuming_a_snapshot_of_another_network_is_a_one_line_error(tmp_path):
     keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=8, size=36)
     cfg = config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
         keys, **dict(COMMON, n_epochs=1), gpu='cpu', weights_dir=str(tmp_path / 'w')), None)])
-    train.run(cfg)
+    training.run(cfg)
     more = dict(cfg, n_epochs=2, resume_train=True, load_epoch=1)
     with pytest.raises(config.ConfigError, match=r'model_1.pt holds classifier.weight of shape '
                                                  r'\(3, 1024\), this run \(5, 1024\)'):
-        train.run(dict(more, num_classes=5))
+        training.run(dict(more, num_classes=5))
     with pytest.raises(config.ConfigError, match=r'model_1.pt was trained with crop_size 32, '
                                                  r'this run has crop_size 28'):
-        train.run(dict(more, crop_size=28))
+        training.run(dict(more, crop_size=28))
 
 
 @pytest.mark.parametrize('mode', ['average', 'gradients'])

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import train
-from lib import checkpoint, config, model
+from lib import checkpoint, config, model, training
 from tests.helpers import make_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_train_py_end_to_end(tmp_path):
 
 def test_snapshot_is_one_weights_only_dict(tmp_path):
     cfg = tiny_config(str(tmp_path), n_epochs=1)
-    train.run(cfg)
+    training.run(cfg)
     state = torch.load(tmp_path / 'w' / 'model_1.pt', weights_only=True)
     assert set(state) == {'model', 'momentum', 'epoch', 'lr', 'val_record', 'history', 'config', 'rng',
                           'images_per_step'}
@@ -68,9 +68,9 @@ def test_snapshot_is_one_weights_only_dict(tmp_path):
 
 def test_two_plus_two_epochs_equal_four_bitwise(tmp_path, capsys):
     # dropout and random crops/mirrors/shuffles on, so every RNG stream must be restored
-    full = train.run(tiny_config(str(tmp_path / 'a'), dropout=0.5, lr_step=[3]))
-    train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, lr_step=[3]))
-    resumed = train.run(tiny_config(str(tmp_path / 'b'), resume_train=True, load_epoch=2,
+    full = training.run(tiny_config(str(tmp_path / 'a'), dropout=0.5, lr_step=[3]))
+    training.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, lr_step=[3]))
+    resumed = training.run(tiny_config(str(tmp_path / 'b'), resume_train=True, load_epoch=2,
                                     lr_step=[3]))
     assert 'resumed from ' in capsys.readouterr().out
     a = torch.load(tmp_path / 'a' / 'w' / 'model_4.pt', weights_only=True)
@@ -89,8 +89,8 @@ def test_two_plus_two_epochs_equal_four_bitwise(tmp_path, capsys):
 def test_data_layer_on_and_off_train_identically(tmp_path):
     """On the CPU both crop with the same slice loop (the GPU's gather is compared with it in
     test_data.py): what differs is where the mean lives and what is shipped. Same bits."""
-    a = train.run(tiny_config(str(tmp_path / 'a'), n_epochs=2, use_data_layer=False, dropout=0.5))
-    b = train.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, use_data_layer=True, dropout=0.5))
+    a = training.run(tiny_config(str(tmp_path / 'a'), n_epochs=2, use_data_layer=False, dropout=0.5))
+    b = training.run(tiny_config(str(tmp_path / 'b'), n_epochs=2, use_data_layer=True, dropout=0.5))
     assert [h['val_loss'] for h in a] == [h['val_loss'] for h in b]
     assert [h['train_loss'] for h in a] == [h['train_loss'] for h in b]
     wa, wb = (torch.load(tmp_path / r / 'w' / 'model_2.pt', weights_only=True)['model'] for r in 'ab')
@@ -99,9 +99,9 @@ def test_data_layer_on_and_off_train_identically(tmp_path):
 
 def test_resume_from_a_missing_snapshot_names_it(tmp_path):
     cfg = tiny_config(str(tmp_path), n_epochs=1)
-    train.run(cfg)
+    training.run(cfg)
     with pytest.raises(checkpoint.SnapshotError, match=r'model_7.pt.*snapshots there: \[1\]'):
-        train.run(dict(cfg, resume_train=True, load_epoch=7))
+        training.run(dict(cfg, resume_train=True, load_epoch=7))
 
 
 def test_bad_device_and_crop_are_one_line_errors(tmp_path):
@@ -122,11 +122,11 @@ def test_labels_beyond_num_classes_and_val_of_another_size_are_named_at_start_up
     cfg = tiny_config(str(tmp_path), n_epochs=1, num_classes=2)  # the labels go up to 2
     with pytest.raises(data.DataError, match=r'train_labels.npy holds label 2, outside 0..1 '
                                              r'\(num_classes 2\)'):
-        train.run(cfg)
+        training.run(cfg)
     write_hkl(os.path.join(cfg['val_folder'], '0000.hkl'), np.zeros((3, 40, 40, 8), np.uint8))
     with pytest.raises(data.DataError, match=r'0000.hkl holds 40 px images, the training batches '
                                              r'\(.*0000.hkl\) 36 px'):
-        train.run(dict(cfg, num_classes=0))
+        training.run(dict(cfg, num_classes=0))
     assert not os.path.exists(os.path.join(cfg['weights_dir'], 'config.yaml'))
 
 
@@ -134,19 +134,19 @@ def test_a_snapshot_resumes_at_its_images_per_step_whatever_the_worker_count(tmp
     """batch_size is per worker in train_2gpu.py and per step in train.py: a 1-worker snapshot of
     8 images per step resumes in 2 workers x 4, not in 2 x 8; older snapshots compare batch_size."""
     cfg = tiny_config(str(tmp_path), n_epochs=1)
-    train.run(cfg)
+    training.run(cfg)
     state = checkpoint.load(cfg['weights_dir'], 1)
     assert state['images_per_step'] == 8
     net = model.build('alexnet_cifar', 3, 0.0, 32, 0)
     more = dict(cfg, resume_train=True, load_epoch=1)
-    train.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)   # 2 x 4
+    training.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)   # 2 x 4
     with pytest.raises(config.ConfigError, match=r'model_1.pt was trained on 8 images per step, '
                                                  r'this run on 16 \(batch_size 8\)'):
-        train.check_snapshot(more, state, net, images_per_step=16)                   # 2 x 8
+        training.check_snapshot(more, state, net, images_per_step=16)                   # 2 x 8
     del state['images_per_step']
     with pytest.raises(config.ConfigError, match=r'trained with batch_size 8, this run has '
                                                  r'batch_size 4'):
-        train.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)
+        training.check_snapshot(dict(more, batch_size=4), state, net, images_per_step=8)
 
 
 def test_a_fresh_run_into_another_runs_folder_is_refused_or_moves_it_aside(tmp_path, capsys):

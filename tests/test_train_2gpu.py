@@ -14,8 +14,7 @@ import pytest
 import torch
 import zmq
 
-import train
-from lib import config, exchange, link
+from lib import config, exchange, link, training
 from lib.data import DataError
 from lib.halves import half_source, whole_sibling
 from tests.helpers import make_batches
@@ -86,7 +85,7 @@ def relative_error(a, b):
 @pytest.mark.parametrize('transport,seed', [('shm', 0), ('tcp', 1), ('shm', 2)])
 def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, transport, seed):
     full, halves = dataset(tmp_path, seed=seed)
-    one = train.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
+    one = training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
                                  [('test', dict(full, **EXACT, gpu='cpu', seed=seed,
                                                 weights_dir=str(tmp_path / 'w1')), None)]))
     r = run_2gpu(tmp_path, halves, exchange_transport=transport, seed=seed, **EXACT)
