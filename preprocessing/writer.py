@@ -21,6 +21,12 @@ from lib.atomic import atomic_write
 from preprocessing import PrepError
 from preprocessing.images import BadImage, load_rgb, open_rgb
 
+# No tqdm monitor thread: parallel_map forks its workers, and a fork while that thread holds tqdm's
+# lock leaves the child waiting on it forever (tqdm/tqdm#627; seen here once in the test suite:
+# a forked worker in futex_wait, the parent with a 'tqdm_monitor' thread). Bars still update on
+# every step; only the every-10-s refresh of a stalled bar goes.
+tqdm.monitor_interval = 0
+
 TEMP = re.compile(r'^\..+\.tmp\d+$')  # '.0003.hkl.tmp<pid>': never mistaken for a batch file
 
 
