@@ -8,4 +8,4 @@ sh tools/venv.sh requirements-test.txt
 # Debian's chromium, for the browser test of serve.py's page (which, where chromium is missing,
 # skips, or fails under CI=true; a failed install does not stop the other tests)
 sh tools/chromium.sh || echo "[chromium] install failed" >&2
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests --timeout=900 "$@"
