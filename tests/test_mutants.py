@@ -8,6 +8,7 @@ Run alone:  sh test.sh tests/test_mutants.py -v
 """
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -144,6 +145,23 @@ MUTANTS = [
 ]
 
 
+def run_alone(cmd, cwd, timeout):
+    """Run cmd in a process group of its own, and end whatever is left of that group after it:
+    a mutant may leave processes behind (a loader that no longer follows its trainer)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.fixture(scope='module')
 def copy(tmp_path_factory):
     """The project's files (what git does not ignore: not its venv, data, outputs or downloaded
@@ -164,8 +182,8 @@ def copy(tmp_path_factory):
 def test_the_guarding_tests_pass_in_the_copy_unmutated(copy):
     """Else a mutant would count as caught by a test that fails anyway."""
     tests = sorted({t for m in MUTANTS for t in m.tests})
-    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *tests],
-                       cwd=copy, capture_output=True, text=True, timeout=900)
+    r = run_alone([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *tests], copy,
+                  timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
     assert ' passed' in r.stdout and 'deselected' not in r.stdout, r.stdout[-1000:]
 
@@ -179,8 +197,8 @@ def test_the_mutant_is_caught(copy, mutant):
         f'mutant "{mutant.name}" in tests/test_mutants.py')
     path.write_text(source.replace(mutant.line, mutant.mutated))
     try:
-        r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-                            *mutant.tests], cwd=copy, capture_output=True, text=True, timeout=600)
+        r = run_alone([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+                       *mutant.tests], copy, timeout=600)
     finally:
         path.write_text(source)
     tail = r.stdout[-2000:] + r.stderr[-1000:]
