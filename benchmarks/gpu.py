@@ -351,7 +351,8 @@ def check_register(torch, device):
             return 'WRONG: the device copy of the slot holds other bytes'
         if device.type == 'cuda' and not feed.pinned:
             try:
-                name = torch.cuda.cudart().cudaGetErrorString(feed.error)
+                cudart = torch.cuda.cudart()  # the binding takes its cudaError enum, not an int
+                name = cudart.cudaGetErrorString(cudart.cudaError(feed.error))
             except Exception:  # noqa: BLE001
                 name = ''
             return REFUSED + f'cudaHostRegister gave cudaError {feed.error} {name} (the loader ' \
