@@ -825,8 +825,9 @@ def main(argv=None):
     p.add_argument('--parts', type=part_list, default=list(PARTS),
                    help=f'comma-separated, run in this order whatever the order given: {",".join(PARTS)} '
                         '(default: all)')
-    p.add_argument('--budget-s', type=float, default=480.0,
-                   help='stop starting rows after this many seconds (480)')
+    p.add_argument('--budget-s', type=float, default=420.0,
+                   help='stop starting rows after this many seconds (420: a row started late, '
+                        'at most a compiled one, still ends within 10 minutes)')
     p.add_argument('--work-dir', help='where the e2e batch files go (default: the temporary folder)')
     args = p.parse_args(argv)
     args.argv = argv
