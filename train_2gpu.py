@@ -164,21 +164,17 @@ def make_keys(folder):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ['--make-keys'] and len(argv) == 2:
-        make_keys(argv[1])
+    p = config.parser(__doc__, spec='spec_2gpu.yaml')
+    p.add_argument('--worker', type=int, choices=(0, 1),
+                   help='run only this worker, on this host (two hosts: see above)')
+    p.add_argument('--make-keys', metavar='DIR', help='write the CURVE keys of both workers to DIR')
+    args = p.parse_args(argv)
+    if args.make_keys:
+        make_keys(args.make_keys)
         return 0
-    rank = None
-    if '--worker' in argv:  # one worker of a two-host run
-        i = argv.index('--worker')
-        rank = argv[i + 1] if i + 1 < len(argv) else ''
-        del argv[i:i + 2]
-        if rank not in ('0', '1'):
-            print(f"error: --worker must be 0 or 1, got '{rank}'", file=sys.stderr)
-            return 2
-        rank = int(rank)
+    rank = args.worker  # None: both workers, on this host
     try:
-        cfg = config.command_line(__doc__, argv, SCHEMA, spec='spec_2gpu.yaml')
+        cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
         if cfg['lib_conv']:
             print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
         if rank is None:

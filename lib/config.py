@@ -259,13 +259,18 @@ def describe(cfg):
     return '\n'.join(f'  {k:<{width}} : {v}' for k, v in cfg.items())
 
 
-def command_line(doc, argv, schema, spec='spec_1gpu.yaml'):
-    """`[--config FILE] [--spec FILE] [key=value ...]` -> the merged config (ConfigError if bad).
-    The defaults are the repo's config.yaml and `spec`."""
+def parser(doc, spec='spec_1gpu.yaml'):
+    """The entry points' arguments: `[--config FILE] [--spec FILE] [key=value ...]`, the defaults
+    being the repo's config.yaml and `spec`; a script may add options of its own."""
     p = argparse.ArgumentParser(description=doc.split('\n')[0],
                                 epilog='key=value overrides any config key (values are YAML)')
     p.add_argument('--config', default=os.path.join(REPO_ROOT, 'config.yaml'))
     p.add_argument('--spec', default=os.path.join(REPO_ROOT, spec))
     p.add_argument('overrides', nargs='*', metavar='key=value')
-    args = p.parse_args(argv)
+    return p
+
+
+def command_line(doc, argv, schema, spec='spec_1gpu.yaml'):
+    """The merged config of a command line (ConfigError if bad); see parser()."""
+    args = parser(doc, spec).parse_args(argv)
     return load(args.config, args.spec, args.overrides, schema)
