@@ -34,7 +34,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from lib import UserError, model as models
 from lib.checkpoint import load_net, read as read_snapshot
-from lib.data import crop_mirror, make_plan
+from lib.data import crop_mirror, dataset_yaml, make_plan
 from lib.trainer import resolve_device
 from preprocessing.images import load_rgb
 
@@ -113,8 +113,7 @@ class Classifier:
             if not cfg.get('label_folder'):
                 raise SetupError(f"{checkpoint}: its config names no label_folder; "
                                  "give --classes DATASET_YAML")
-            classes_file = os.path.join(os.path.dirname(os.path.normpath(cfg['label_folder'])),
-                                        'dataset.yaml')
+            classes_file = dataset_yaml(cfg['label_folder'])
         self.mean = _mean_image(mean_file, self.crop_size)
         self.image_size = self.mean.shape[1]
         # validation's centre crop, no mirror (lib/data.make_plan with train=False)

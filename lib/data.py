@@ -114,6 +114,11 @@ def read_hkl_into(path, out, rows=None, file_batch=None):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
+def dataset_yaml(label_folder):
+    """The dataset.yaml that preprocessing wrote beside the labels folder (classes, names, sizes)."""
+    return os.path.join(os.path.dirname(os.path.normpath(label_folder)), 'dataset.yaml')
+
+
 def batch_files(folder, part=None):
     """Sorted NNNN.hkl files (or NNNN_<part>.hkl) of a folder, checked to be numbered 0..n-1."""
     pattern = re.compile(r'^(\d{4,})\.hkl$' if part is None else rf'^(\d{{4,}})_{part}\.hkl$')

@@ -18,7 +18,7 @@ def num_classes(cfg, sources):
     preprocessing), else from the largest label (data preprocessed by the original)."""
     if cfg['num_classes']:
         return cfg['num_classes']
-    meta = os.path.join(os.path.dirname(os.path.normpath(cfg['label_folder'])), 'dataset.yaml')
+    meta = data.dataset_yaml(cfg['label_folder'])
     if os.path.exists(meta):
         with open(meta) as f:
             return int(yaml.safe_load(f)['num_classes'])
