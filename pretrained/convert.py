@@ -23,8 +23,8 @@ transposed and flipped in both spatial axes; fc matrices are stored (in, out), P
 Both maps are exact (no arithmetic), so export and import are each other's inverse bit for bit.
 Dropout is non-inverted in both (test time multiplies by 0.5), so no weight is rescaled.
 
-This file needs only numpy and torch: it writes state_dict keys of lib.model.AlexNet by name, which
-is why `python pretrained/convert.py` works without putting the repo root on sys.path.
+It writes the state_dict keys of lib.model.AlexNet by name (numpy and torch, plus lib.atomic's
+writes, so that a file is complete or absent).
 tests/test_pretrained.py checks the keys against lib.model.AlexNet and the whole mapping against an
 independent numpy forward pass written the way the original computes.
 """
@@ -34,6 +34,10 @@ import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from lib import UserError  # noqa: E402
+from lib.atomic import atomic_write, save_npy  # noqa: E402
 
 # (original layer index, our module, groups, whole-layer shape in the original's layout:
 # (in, rows, cols, out) or (in, out)); None = the number of classes, read from W_7.
@@ -49,7 +53,7 @@ LAYERS = (
 )
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """Bad input; the message is one line naming the file, printed as `error: ...` (exit 2)."""
 
 
@@ -184,17 +188,6 @@ def original_arrays(tensors, path, what):
     return out
 
 
-def save_npy(path, arr):
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:  # a file object: np.save(name) would append .npy to tmp
-            np.save(f, arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def export_original(ckpt_path, dst_dir, epoch):
     """Write the checkpoint as the original's snapshot `epoch` in dst_dir; return the file names."""
     state = load_checkpoint(ckpt_path)
@@ -214,15 +207,8 @@ def export_original(ckpt_path, dst_dir, epoch):
 
 
 def save_checkpoint(state, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.tmp{os.getpid()}')
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def main(argv=None):
