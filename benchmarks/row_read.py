@@ -35,7 +35,7 @@ import time
 import h5py
 import numpy as np
 
-from lib.data import hkl_dataset, read_hkl, read_hkl_rows
+from lib.data import hkl_dataset, read_hkl
 from preprocessing.writer import save_hkl
 
 WAYS = ('whole', 'h5py', 'rows', 'part')
@@ -63,7 +63,7 @@ def read(way, path, r0, r1):
     if way == 'h5py':
         with h5py.File(path, 'r') as f:
             return hkl_dataset(f, path)[..., r0:r1]
-    return read_hkl_rows(path, (r0, r1), FILE_BATCH[0])
+    return read_hkl(path, FILE_BATCH[0], (r0, r1))
 
 
 def drop_cache(path):

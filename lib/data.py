@@ -34,58 +34,42 @@ def hkl_dataset(f, path):
     return found[0]
 
 
-def check_batch(path, dtype, shape, file_batch):
-    """DataError naming the file unless it holds uint8 (3, S, S, file_batch)."""
-    if dtype != np.uint8 or len(shape) != 4 or shape[0] != 3 or shape[1] != shape[2] \
-            or shape[3] != file_batch:
-        raise DataError(f'{path}: expected uint8 (3, S, S, {file_batch}), got {dtype} {shape}')
+def check_batch(path, dtype, shape, file_batch=None, size=None):
+    """DataError naming the file unless it holds uint8 (3, S, S, file_batch) (S = size and
+    file_batch where they are given)."""
+    S = size or (shape[1] if len(shape) == 4 else 0)
+    if dtype != np.uint8 or len(shape) != 4 or tuple(shape[:3]) != (3, S, S) or S < 1 \
+            or (file_batch is not None and shape[3] != file_batch):
+        want = (3, size or 'S', size or 'S', 'B' if file_batch is None else file_batch)
+        raise DataError(f"{path}: expected uint8 ({', '.join(map(str, want))}), got {dtype} {shape}")
 
 
-def read_hkl(path):
-    """The uint8 c01b array stored in a hickle batch file (any hickle version: we read the HDF5
-    directly and take its one 4-D dataset)."""
-    try:
-        with h5py.File(path, 'r') as f:
-            return hkl_dataset(f, path)[()]
-    except OSError as e:
-        raise DataError(f'{path}: cannot read batch file ({e})') from None
+def read_hkl(path, file_batch=None, rows=None, out=None):
+    """The uint8 c01b array (3, S, S, B) of a hickle batch file, read with h5py (its one 4-D
+    dataset, any hickle version; never unpickled) and checked first: uint8, square images, and
+    `file_batch` images where given.
 
-
-def hkl_shape(path):
-    """Shape of a batch file's uint8 array, from its header alone (no pixels read)."""
-    try:
-        with h5py.File(path, 'r') as f:
-            d = hkl_dataset(f, path)
-            if d.dtype != np.uint8:
-                raise DataError(f'{path}: expected a uint8 batch, got {d.dtype} {d.shape}')
-            return d.shape
-    except OSError as e:
-        raise DataError(f'{path}: cannot read batch file ({e})') from None
-
-
-def read_hkl_rows(path, rows, file_batch, out=None):
-    """Images rows[0]..rows[1]-1 (the last axis) of a batch file of uint8 (3, S, S, file_batch),
-    without copying the rest of the file: where the dataset is stored contiguously (hickle's are)
-    its bytes are mapped and only the rows copied, else an HDF5 hyperslab is read. From the page
-    cache this takes about 0.2-0.4x the time of read_hkl + slice (benchmarks/row_read.py).
-    Into `out` (a writable uint8 array of the rows' shape, e.g. a loader slot) when given, else a
-    new contiguous array. A file of another shape or type is a DataError naming it, and `out` is
-    then left untouched."""
-    lo, hi = rows
+    rows=(lo, hi): only images lo..hi-1 (a torchrun rank's or a train_2gpu.py worker's share),
+    without copying the rest: where the dataset is contiguous (hickle writes it so) its bytes are
+    mapped and only the rows copied, else HDF5 reads a hyperslab (0.2-0.4x the time of reading
+    the whole file and slicing). out: read straight into this writable uint8 array of the
+    result's shape (a loader slot: 3x the rate of a read and a copy), else into a new contiguous
+    array. A file that fails the check is a DataError naming it, and `out` is left untouched."""
+    size = None if out is None else out.shape[1]
     try:
         with h5py.File(path, 'r') as f:
             d = hkl_dataset(f, path)
-            want = None if out is None else out.shape[:3] + (file_batch,)  # named in full
-            if want and (d.dtype != np.uint8 or d.shape != want or out.shape[3] != hi - lo):
-                raise DataError(f'{path}: expected uint8 {want}, got {d.dtype} {d.shape}')
-            check_batch(path, d.dtype, d.shape, file_batch)
-            offset = d.id.get_offset()
-            if d.chunks is not None or d.external or offset is None:  # (no filters without chunks)
-                if out is None:
-                    return d[..., lo:hi]
-                d.read_direct(out, np.s_[:, :, :, lo:hi])
+            check_batch(path, d.dtype, d.shape, file_batch, size)
+            lo, hi = rows or (0, d.shape[3])
+            if not 0 <= lo < hi <= d.shape[3] or (out is not None and out.shape[3] != hi - lo):
+                raise DataError(f'{path}: holds {d.shape[3]} images, asked for images {lo}..{hi - 1}'
+                                + ('' if out is None else f' into a buffer of {out.shape[3]}'))
+            offset, shape = d.id.get_offset(), d.shape
+            if rows is None or d.chunks is not None or d.external or offset is None:
+                if out is None:  # (no HDF5 filters without chunks: a plain read or a hyperslab)
+                    return d[()] if rows is None else d[..., lo:hi]
+                d.read_direct(out, None if rows is None else np.s_[:, :, :, lo:hi])
                 return out
-            shape = d.shape
         mapped = np.memmap(path, np.uint8, 'r', offset=offset, shape=shape)
         if out is None:
             return np.ascontiguousarray(mapped[..., lo:hi])
@@ -95,21 +79,13 @@ def read_hkl_rows(path, rows, file_batch, out=None):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
-def read_hkl_into(path, out, rows=None, file_batch=None):
-    """Read a batch file's uint8 c01b array straight into `out` (a writable uint8 numpy array of
-    its shape, e.g. a loader's shared-memory slot): HDF5 copies the bytes from the file into `out`
-    with no intermediate array (3x the rate of read_hkl + a copy, benchmarks/host_feed.py).
-    rows=(lo, hi): only images lo..hi-1 of a file of `file_batch` images (read_hkl_rows). A file
-    of another shape or type is a DataError naming it, and `out` is then left untouched."""
-    if rows is not None:
-        read_hkl_rows(path, rows, file_batch, out)
-        return
+def hkl_shape(path):
+    """Shape of a batch file's uint8 array, from its header alone (no pixels read)."""
     try:
         with h5py.File(path, 'r') as f:
-            ds = hkl_dataset(f, path)
-            if ds.dtype != np.uint8 or ds.shape != out.shape:
-                raise DataError(f'{path}: expected uint8 {out.shape}, got {ds.dtype} {ds.shape}')
-            ds.read_direct(out)
+            d = hkl_dataset(f, path)
+            check_batch(path, d.dtype, d.shape)
+            return d.shape
     except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
@@ -167,19 +143,12 @@ class BatchFolder:
 
     def read(self, i):
         """uint8 array (3, S, S, B) of file i (its rows), checked against the batch size."""
-        if self.rows is not None:  # only the rows: cheaper than the whole file and a slice
-            return read_hkl_rows(self.files[i], self.rows, self.file_batch)
-        x = read_hkl(self.files[i])
-        check_batch(self.files[i], x.dtype, x.shape, self.file_batch)
-        return x
+        return read_hkl(self.files[i], self.file_batch, self.rows)
 
     def read_into(self, i, out):
         """File i (its rows) read straight into `out`, a uint8 (3, S, S, batch_size) array: the
         bytes of read(i), without the intermediate array (the loader process's raw slots)."""
-        if out.shape[3] != self.batch_size:
-            raise DataError(f'{self.files[i]}: a buffer of {out.shape[3]} images for batches of '
-                            f'{self.batch_size}')
-        read_hkl_into(self.files[i], out, self.rows, self.file_batch)
+        read_hkl(self.files[i], self.file_batch, self.rows, out)
 
     def image_size(self):
         """S of the (3, S, S, B) batches, from the first file's header (checked as read() does)."""

@@ -115,14 +115,14 @@ def to_c01b(images):
 
 def read_batch(job):
     """The (3, S, S, B) array of a written batch, from its whole file if written, else from the
-    parts of its first sub-batch folder; read with h5py (lib.data.read_hkl_into: never unpickles,
+    parts of its first sub-batch folder; read with h5py (lib.data.read_hkl: never unpickles,
     and checks the type and shape)."""
-    from lib.data import DataError, read_hkl_into  # here: lib.data imports torch (1.3 s, 190 MB),
+    from lib.data import DataError, read_hkl  # here: lib.data imports torch (1.3 s, 190 MB),
     n, paths = min(job.outputs)                     # which only a resumed run needs
     parts = [np.empty((3, job.size, job.size, len(job.images) // n), np.uint8) for _ in paths]
     for path, part in zip(paths, parts):
         try:
-            read_hkl_into(path, part)
+            read_hkl(path, part.shape[3], out=part)
         except DataError as e:
             raise PrepError(f'{e}; delete it and run again to rewrite it') from None
     return parts[0] if n == 1 else np.concatenate(parts, axis=3)

@@ -129,7 +129,7 @@ def test_loader_on_device_path_equals_host_path(tmp_path):
 
 
 def test_rows_of_a_batch_file_are_read_alone(tmp_path):
-    """read_hkl_rows (a torchrun rank's or a train_2gpu.py worker's share of a whole batch): the
+    """read_hkl of rows (a torchrun rank's or a train_2gpu.py worker's share of a whole batch): the
     same bytes as the whole file sliced, from hickle's contiguous dataset (mapped) and from a
     chunked, compressed one (HDF5 hyperslab); bad files are errors naming them."""
     import h5py
@@ -141,15 +141,15 @@ def test_rows_of_a_batch_file_are_read_alone(tmp_path):
         f.create_dataset('data', data=x, chunks=(3, 4, 4, 6), compression='gzip')
     for path in (plain, chunked):
         for lo, hi in ((0, 6), (6, 12), (3, 6), (9, 12), (0, 12)):
-            got = data.read_hkl_rows(path, (lo, hi), 12)
+            got = data.read_hkl(path, 12, (lo, hi))
             assert got.flags['C_CONTIGUOUS'] and got.dtype == np.uint8
             assert np.array_equal(got, x[..., lo:hi]), (path, lo, hi)
     with pytest.raises(data.DataError, match=r'plain.hkl: expected uint8 \(3, S, S, 8\), got uint8'):
-        data.read_hkl_rows(plain, (0, 4), 8)
+        data.read_hkl(plain, 8, (0, 4))
     with open(plain, 'r+b') as f:
         f.truncate(os.path.getsize(plain) - 700)          # the end of the dataset is missing
     with pytest.raises(data.DataError, match='plain.hkl: cannot read batch file'):
-        data.read_hkl_rows(plain, (0, 6), 12)
+        data.read_hkl(plain, 12, (0, 6))
     keys = make_batches(str(tmp_path / 'd'), n_train=2, n_val=1, batch=4, size=8)
     labels = os.path.join(keys['label_folder'], 'train_labels.npy')
     whole, rows = data.BatchFolder(keys['train_folder'], labels, 4), \
