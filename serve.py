@@ -24,7 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from urllib.parse import urlsplit
 
-import numpy as np
 import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +33,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from lib import UserError, model as models
 from lib.checkpoint import load_net, read as read_snapshot
-from lib.data import crop_mirror, dataset_yaml, make_plan
+from lib.data import crop_mirror, dataset_yaml, load_mean, make_plan
 from lib.trainer import resolve_device
 from preprocessing.images import load_rgb
 
@@ -80,20 +79,6 @@ def _dataset_info(path, n):
     return [str(c) for c in names], words and [str(w) for w in words], pad
 
 
-def _mean_image(path, crop_size):
-    if not os.path.isfile(path):
-        raise SetupError(f'mean file {path} not found (give --mean MEAN_FILE)')
-    try:
-        mean = np.load(path)
-    except (OSError, ValueError) as e:
-        raise SetupError(f'cannot read mean image {path}: {" ".join(str(e).split())}') from None
-    if mean.ndim != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2] \
-            or mean.shape[1] < crop_size:
-        raise SetupError(f'{path}: mean image has shape {mean.shape}, expected (3, S, S) with '
-                         f'S >= crop_size {crop_size}')
-    return torch.from_numpy(mean.astype(np.float32))
-
-
 class Classifier:
     """The network of a snapshot, with the preprocessing of its training data."""
 
@@ -114,7 +99,9 @@ class Classifier:
                 raise SetupError(f"{checkpoint}: its config names no label_folder; "
                                  "give --classes DATASET_YAML")
             classes_file = dataset_yaml(cfg['label_folder'])
-        self.mean = _mean_image(mean_file, self.crop_size)
+        if not os.path.isfile(mean_file):
+            raise SetupError(f'mean file {mean_file} not found (give --mean MEAN_FILE)')
+        self.mean = load_mean(mean_file, crop_size=self.crop_size)
         self.image_size = self.mean.shape[1]
         # validation's centre crop, no mirror (lib/data.make_plan with train=False)
         self.step = make_plan(None, 1, 1, self.image_size, self.crop_size, train=False)[0]

@@ -179,14 +179,20 @@ class SyntheticBatches:
         return self.size
 
 
-def load_mean(path, image_size):
+def load_mean(path, image_size=None, crop_size=1):
+    """The mean image, float32 (3, S, S): S = image_size where the batches fix it, else any
+    S >= crop_size (serve.py: the size its uploads are resized to)."""
     try:
         mean = np.load(path)
-    except OSError as e:
-        raise DataError(f'cannot read mean image {path}: {e}') from None
-    if mean.shape != (3, image_size, image_size):
+    except (OSError, ValueError) as e:
+        raise DataError(f'cannot read mean image {path}: {" ".join(str(e).split())}') from None
+    if image_size is not None and mean.shape != (3, image_size, image_size):
         raise DataError(f'{path}: mean image has shape {mean.shape}, the batches need '
                         f'(3, {image_size}, {image_size})')
+    if mean.ndim != 3 or mean.shape[0] != 3 or mean.shape[1] != mean.shape[2] \
+            or mean.shape[1] < crop_size:
+        raise DataError(f'{path}: mean image has shape {mean.shape}, expected (3, S, S) with '
+                        f'S >= crop_size {crop_size}')
     return torch.from_numpy(mean.astype(np.float32))
 
 
