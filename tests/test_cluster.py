@@ -209,21 +209,34 @@ def two_host_run(tmp_path, a, n_train, **over):
     return values, torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)
 
 
+# a client on a third host, without the keys: ZeroMQ messages, then a plain TCP connection
+STRANGER = """
+import os, socket, time, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.setsockopt(zmq.LINGER, 0)
+s.connect('tcp://{addr}:5002')
+for _ in range(20):
+    try:
+        s.send_multipart([b'ALXW', b'x' * 32], flags=zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    time.sleep(0.1)
+socket.create_connection(('{addr}', 5002), timeout=5).sendall(b'x' * 1000)
+print('sent', flush=True)
+os._exit(0)
+"""
+
+
 def test_train_2gpu_on_two_hosts_rides_out_a_short_cut_and_refuses_a_third(cluster, tmp_path):
     """Same weights as one worker although node B's link is down for 3 s in epoch 2 (well under
     the heartbeat timeout) and a client on a third host without the keys tries to connect."""
     a, b, c = cluster(3)
     values, ref = two_host_run(tmp_path, a, n_train=20)
     procs = [worker_on(h, r, values, tmp_path) for r, h in enumerate((a, b))]
-    stranger = c.popen([sys.executable, '-c', f"""
-import zmq, time
-s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0)
-s.connect('tcp://{a.addr}:5002')
-for _ in range(20):
-    s.send_multipart([b'ALXW', b'x' * 32]); time.sleep(0.1)
-print('sent')"""], stdout=subprocess.PIPE, text=True)
     try:
-        wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)
+        wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)  # worker 0 has bound its port
+        stranger = c.popen([sys.executable, '-c', STRANGER.format(addr=a.addr)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         b.link(False)
         time.sleep(3.0)
         b.link(True)
