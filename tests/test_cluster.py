@@ -109,7 +109,7 @@ def test_torchrun_link_down_past_peer_timeout_stops_both_ranks(cluster, tmp_path
     too; node B's agent, cut off from the rendezvous store on A, does not stop by itself
     (torch's: README) and is killed here by the fixture."""
     a, b = cluster(2)
-    keys = make_batches(str(tmp_path / 'data'), n_train=60, n_val=2, batch=8, size=36)
+    keys = make_batches(str(tmp_path / 'data'), n_train=20, n_val=2, batch=8, size=36)
     values = dict(keys, **dict(EXACT, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
                   peer_timeout=8.0)
     procs = [torchrun_node(h, a, values, tmp_path) for h in (a, b)]
@@ -137,7 +137,7 @@ def test_a_node_killed_and_started_again_resumes(cluster, tmp_path):
     """Node B's agent and rank killed in epoch 2, its torchrun started again: both rendezvous
     again, resume from epoch 1 and end with the weights of an uninterrupted run."""
     a, b = cluster(2)
-    values, ref = reference(tmp_path, n_train=40, n_epochs=3)
+    values, ref = reference(tmp_path, n_train=20, n_epochs=3)
     values = dict(values, weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
     procs = [torchrun_node(h, a, values, tmp_path, restarts=1, share=False) for h in (a, b)]
     try:
@@ -163,11 +163,11 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
     B's death, the rank naming the lost peer, and no snapshot of the unfinished epoch is written.
     With restarts but node B never back, node A stops when the rendezvous times out."""
     a, b = cluster(2)
-    keys = make_batches(str(tmp_path / 'data'), n_train=60, n_val=2, batch=8, size=36)
+    keys = make_batches(str(tmp_path / 'data'), n_train=20, n_val=2, batch=8, size=36)
     values = dict(keys, **dict(EXACT, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
                   peer_timeout=15.0)
-    for restarts, limit in ((0, 15.0 + 10.0), (1, 15.0 + 20.0 + 15.0)):
-        procs = [torchrun_node(h, a, values, tmp_path, restarts=restarts, join_timeout=20)
+    for restarts, limit in ((0, 15.0 + 10.0), (1, 15.0 + 10.0 + 15.0)):
+        procs = [torchrun_node(h, a, values, tmp_path, restarts=restarts, join_timeout=10)
                  for h in (a, b)]
         wait_for(tmp_path / 'w' / 'model_1.pt', procs, 120)
         kill_host(b)
