@@ -71,12 +71,11 @@ def run_pair(hosts, way, repeats, keys):
         procs.append(host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 env=dict(os.environ, GLOO_SOCKET_IFNAME='eth0', OMP_NUM_THREADS='1')))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=1800)
-        if p.returncode:
-            raise RuntimeError(f'{way} worker failed: {err[-2000:]}')
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    outs = [p.communicate(timeout=1800) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f'{way} workers failed:\n' + '\n'.join(
+            f'worker {r}: {err[-1500:]}' for r, (_, err) in enumerate(outs)))
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     return max(r['ms'] for r in results) / 1000, results[0]['bytes']
 
 
@@ -85,6 +84,8 @@ def main(argv=None):
     p.add_argument('--rates', nargs='+', default=['1gbit', '5gbit', '10gbit', 'none'],
                    help="tc rates of the link, or 'none' for no limit")
     p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--ways', nargs='+', default=['tcp', 'curve', 'gloo'],
+                   choices=['tcp', 'curve', 'gloo'])
     p.add_argument('--worker', choices=['tcp', 'curve', 'gloo'], help=argparse.SUPPRESS)
     p.add_argument('--rank', type=int, help=argparse.SUPPRESS)
     p.add_argument('--host', help=argparse.SUPPRESS)
@@ -111,7 +112,7 @@ def main(argv=None):
         hosts = cluster.build(2)
         for rate in args.rates:
             hosts[1].rate(None if rate == 'none' else rate)  # both directions of the path
-            for way in ('tcp', 'curve', 'gloo'):
+            for way in args.ways:
                 seconds, nbytes = run_pair(hosts, way, args.repeats, keys)
                 rows.append((rate, way, seconds, nbytes))
                 print(f'  {rate} {way}: {seconds:.2f} s', file=sys.stderr, flush=True)

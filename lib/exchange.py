@@ -23,7 +23,8 @@ bitwise identical and each reads and writes half the bytes:
     shm  CPU workers: both buffers are files in a private folder on /dev/shm, mapped by both
     ipc  GPU workers on one host: the peer's buffer is opened from its CUDA IPC handle, once
     tcp  the bytes travel over the ZeroMQ link (workers on two hosts, or a CPU and a GPU):
-         each sends the half the other averages, then gets its averaged half back
+         each sends the half the other averages, then gets its averaged half back, in
+         pipelined chunks
 
 The link (lib/link.py) carries barriers and metrics as typed messages and fails loudly.
 """
@@ -37,6 +38,7 @@ from lib.link import ExchangeError, PeerError  # noqa: F401  (re-exported for th
 
 TRANSPORTS = ('auto', 'ipc', 'shm', 'tcp')
 BLOCK = 1 << 18  # CPU averaging block (1 MiB of float32): average and copy back while in cache
+CHUNK = 1 << 22  # tcp message (16 MiB of float32): averaged and sent back while the next arrives
 
 
 class Local:
@@ -121,6 +123,11 @@ def ipc_open(info):
     typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, info['dtype']),
                                        _internal=True)
     return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
+
+
+def chunks(lo, hi, size=CHUNK):
+    """[lo, hi) in pieces of at most `size` (both workers cut a half alike)."""
+    return [(a, min(a + size, hi)) for a in range(lo, hi, size)]
 
 
 class Periodic(Local):
@@ -233,19 +240,27 @@ class Pair(Periodic):
         self.link.recv(link.DONE, seq)
 
     def _exchange_tcp(self, seq):
-        lo, hi = self.own
-        plo, phi = self.other
+        """In chunks, pipelined: both send every chunk of the half the other averages, then each
+        averages its chunks as they arrive and sends each back at once, so the link carries
+        the averaged half right behind the raw one instead of after it (benchmarks.links, AlexNet
+        on a 5 gbit link: 0.83 s per exchange, 0.94 of the link rate; 0.99-1.30 s in two halves)."""
         if self.host is not self.flat:
             self.host.copy_(self.flat)
         host = self.host.numpy()
-        sent = self.link.send(link.DATA, seq, memoryview(host[plo:phi]), track=True)
-        self.link.recv(link.DATA, seq, into=self.scratch.numpy())
-        mine = self.host[lo:hi]
-        mine.add_(self.scratch).mul_(0.5)
-        self._wait_sent(sent)                # before that half is overwritten
-        back = self.link.send(link.DATA, seq, memoryview(host[lo:hi]), track=True)
-        self.link.recv(link.DATA, seq, into=host[plo:phi])
-        self._wait_sent(back)                # before the next step writes the buffer
+        lo, _ = self.own
+        sent = [(a, b, self.link.send(link.DATA, seq, memoryview(host[a:b]), track=True))
+                for a, b in chunks(*self.other)]
+        back = []
+        for a, b in chunks(*self.own):
+            part = self.scratch[a - lo:b - lo]
+            self.link.recv(link.DATA, seq, into=part.numpy())
+            self.host[a:b].add_(part).mul_(0.5)
+            back.append(self.link.send(link.DATA, seq, memoryview(host[a:b]), track=True))
+        for a, b, tracker in sent:
+            self._wait_sent(tracker)         # before that chunk is overwritten
+            self.link.recv(link.DATA, seq, into=host[a:b])
+        for tracker in back:
+            self._wait_sent(tracker)         # before the next step writes the buffer
         if self.host is not self.flat:
             self.flat.copy_(self.host)
 

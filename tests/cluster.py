@@ -24,7 +24,13 @@ SUBNET = '10.77.0'
 
 
 def ip(*args, check=True):
-    r = subprocess.run(['ip', *args], capture_output=True, text=True, timeout=30)
+    """ip's output; with check=False, '' where it fails (or is missing: clean-up goes on)."""
+    try:
+        r = subprocess.run(['ip', *args], capture_output=True, text=True, timeout=30)
+    except OSError:
+        if check:
+            raise
+        return ''
     if check and r.returncode:
         raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
     return r.stdout

@@ -108,7 +108,7 @@ def test_torchrun_link_down_past_peer_timeout_stops_both_ranks(cluster, tmp_path
     too; node B's agent, cut off from the rendezvous store on A, does not stop by itself
     (torch's: README) and is killed here by the fixture."""
     a, b = cluster(2)
-    keys = make_batches(str(tmp_path / 'data'), n_train=60, n_val=2, batch=8, size=36)
+    keys = make_batches(str(tmp_path / 'data'), n_train=20, n_val=2, batch=8, size=36)
     values = dict(keys, **dict(EXACT, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
                   peer_timeout=8.0)
     procs = [torchrun_node(h, a, values, tmp_path) for h in (a, b)]
@@ -136,7 +136,7 @@ def test_a_node_killed_and_started_again_resumes(cluster, tmp_path):
     """Node B's agent and rank killed in epoch 2, its torchrun started again: both rendezvous
     again, resume from epoch 1 and end with the weights of an uninterrupted run."""
     a, b = cluster(2)
-    values, ref = reference(tmp_path, n_train=40, n_epochs=3)
+    values, ref = reference(tmp_path, n_train=20, n_epochs=3)
     values = dict(values, weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
     procs = [torchrun_node(h, a, values, tmp_path, restarts=1, share=False) for h in (a, b)]
     try:
@@ -162,11 +162,11 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
     B's death, the rank naming the lost peer, and no snapshot of the unfinished epoch is written.
     With restarts but node B never back, node A stops when the rendezvous times out."""
     a, b = cluster(2)
-    keys = make_batches(str(tmp_path / 'data'), n_train=60, n_val=2, batch=8, size=36)
+    keys = make_batches(str(tmp_path / 'data'), n_train=20, n_val=2, batch=8, size=36)
     values = dict(keys, **dict(EXACT, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
                   peer_timeout=15.0)
-    for restarts, limit in ((0, 15.0 + 10.0), (1, 15.0 + 20.0 + 15.0)):
-        procs = [torchrun_node(h, a, values, tmp_path, restarts=restarts, join_timeout=20)
+    for restarts, limit in ((0, 15.0 + 10.0), (1, 15.0 + 10.0 + 15.0)):
+        procs = [torchrun_node(h, a, values, tmp_path, restarts=restarts, join_timeout=10)
                  for h in (a, b)]
         wait_for(tmp_path / 'w' / 'model_1.pt', procs, 120)
         kill_host(b)
@@ -178,7 +178,7 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
         if restarts:
             assert 'RendezvousTimeoutError' in out, out[-3000:]
         else:
-            assert f'error: a peer rank died, stalled or failed (torch.distributed:' in out
+            assert 'error: a peer rank died, stalled or failed (torch.distributed:' in out
             assert b.addr in out, out[-3000:]  # names the peer
         assert sorted(os.listdir(tmp_path / 'w'))[:1] == ['config.yaml'] and not any(
             n.startswith('model_') and n != 'model_1.pt' or n.startswith('.')
@@ -208,21 +208,34 @@ def two_host_run(tmp_path, a, n_train, **over):
     return values, torch.load(tmp_path / 'w1' / 'model_2.pt', weights_only=True)
 
 
+# a client on a third host, without the keys: ZeroMQ messages, then a plain TCP connection
+STRANGER = """
+import os, socket, time, zmq
+s = zmq.Context().socket(zmq.DEALER)
+s.setsockopt(zmq.LINGER, 0)
+s.connect('tcp://{addr}:5002')
+for _ in range(20):
+    try:
+        s.send_multipart([b'ALXW', b'x' * 32], flags=zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    time.sleep(0.1)
+socket.create_connection(('{addr}', 5002), timeout=5).sendall(b'x' * 1000)
+print('sent', flush=True)
+os._exit(0)
+"""
+
+
 def test_train_2gpu_on_two_hosts_rides_out_a_short_cut_and_refuses_a_third(cluster, tmp_path):
     """Same weights as one worker although node B's link is down for 3 s in epoch 2 (well under
     the heartbeat timeout) and a client on a third host without the keys tries to connect."""
     a, b, c = cluster(3)
     values, ref = two_host_run(tmp_path, a, n_train=20)
     procs = [worker_on(h, r, values, tmp_path) for r, h in enumerate((a, b))]
-    stranger = c.popen([sys.executable, '-c', f"""
-import zmq, time
-s = zmq.Context().socket(zmq.DEALER); s.setsockopt(zmq.LINGER, 0)
-s.connect('tcp://{a.addr}:5002')
-for _ in range(20):
-    s.send_multipart([b'ALXW', b'x' * 32]); time.sleep(0.1)
-print('sent')"""], stdout=subprocess.PIPE, text=True)
     try:
-        wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)
+        wait_for(tmp_path / 'w2' / 'model_1.pt', procs, 120)  # worker 0 has bound its port
+        stranger = c.popen([sys.executable, '-c', STRANGER.format(addr=a.addr)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         b.link(False)
         time.sleep(3.0)
         b.link(True)

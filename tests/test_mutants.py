@@ -55,8 +55,8 @@ MUTANTS = [
            '                p.copy_(m)\n', '                pass\n',
            (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
     Mutant('tcp exchange: the averaged half is not sent back', 'lib/exchange.py',
-           'self.link.recv(link.DATA, seq, into=host[plo:phi])',
-           'self.link.recv(link.DATA, seq, into=self.scratch.numpy())',
+           'self.link.recv(link.DATA, seq, into=host[a:b])',
+           'self.link.recv(link.DATA, seq, into=host[a:b].copy())',
            (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
     # --- the training loop (lib/trainer.py)
     Mutant('worker 1 ignores the snapshot on resume', 'lib/trainer.py',
