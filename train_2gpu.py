@@ -59,7 +59,9 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
     device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # two workers share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
+    pair = exchange.Pair(rank, token, transport, cfg['sock_gpu'], freq=cfg['exchange_freq'],
+                         timeout=cfg['peer_timeout'], host=cfg['exchange_host'],
+                         curve_dir=cfg['curve_dir'], shm_dir=shm_dir)
     try:
         history = training.run(cfg, training.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
                                               port=cfg[f'sock_data{rank}']))

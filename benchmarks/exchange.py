@@ -60,9 +60,8 @@ def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out,
     net = model.build(net, NETS[net][0], 0.5, NETS[net][1], seed=23455).to(device)
     params = list(net.parameters())
     momentum = [torch.zeros_like(p) for p in params]
-    cfg = dict(exchange_freq=1, peer_timeout=600.0, exchange_host=host, sock_gpu=port,
-               curve_dir=curve_dir)
-    pair = exchange.Pair(rank, cfg, token, transport, shm_dir)
+    pair = exchange.Pair(rank, token, transport, port, timeout=600.0, host=host,
+                         curve_dir=curve_dir, shm_dir=shm_dir)
     try:
         pair.attach(params, momentum, device)  # includes one (warm-up) exchange
         times = []

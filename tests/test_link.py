@@ -49,8 +49,7 @@ def test_worker1_refuses_a_server_that_cannot_prove_the_secret(forge, monkeypatc
     opened = []
     monkeypatch.setattr(exchange, 'ipc_share', lambda flat: {'handle': 'ff'})
     monkeypatch.setattr(exchange, 'ipc_open', lambda info: opened.append(info))
-    cfg = dict(exchange_freq=1, peer_timeout=10.0, exchange_host='', sock_gpu=port, curve_dir='')
-    pair = exchange.Pair(1, cfg, TOKEN, 'ipc')
+    pair = exchange.Pair(1, TOKEN, 'ipc', port, timeout=10.0)
     p = torch.nn.Parameter(torch.zeros(5))
     try:
         with pytest.raises(exchange.ExchangeError, match=rf'exchange server at 127.0.0.1:{port} is '

@@ -59,14 +59,12 @@ def test_fp16_overflow_decision_is_shared_by_the_workers():
     import threading
     from lib import exchange
     from tests.test_train_2gpu import free_port
-    cfg = dict(exchange_freq=1, peer_timeout=20.0, exchange_host='', sock_gpu=free_port(),
-               curve_dir='')
-    token, results = bytes(32), {}
+    port, token, results = free_port(), bytes(32), {}
 
     def worker(rank):
         w = torch.nn.Parameter(torch.ones(2, 2))
         opt = optim.MomentumSGD([('w', w)], lr=0.1, weight_decay=0.0)
-        pair = exchange.Pair(rank, cfg, token, 'tcp')
+        pair = exchange.Pair(rank, token, 'tcp', port, timeout=20.0)
         scaler = optim.LossScaler('cpu', init=8.0, interval=100)
         try:
             pair.attach(opt.params, opt.momentum, torch.device('cpu'))

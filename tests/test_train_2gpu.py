@@ -366,12 +366,11 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
     and momentum after every step. Against a hand computation: they are averaged after steps 3
     and 6 only, and flush() averages the step left over at the end of the epoch (step 7)."""
     import threading
-    cfg = dict(exchange_freq=3, peer_timeout=20.0, exchange_host='', sock_gpu=free_port(),
-               curve_dir='')
-    results = {}
+    port, results = free_port(), {}
 
     def worker(rank):
-        pair = exchange.Pair(rank, cfg, bytes(32), transport, str(tmp_path))
+        pair = exchange.Pair(rank, bytes(32), transport, port, freq=3, timeout=20.0,
+                             shm_dir=str(tmp_path))
         w, m = torch.nn.Parameter(torch.zeros(4)), [torch.zeros(4)]
         seen = []
         try:
