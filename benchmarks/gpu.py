@@ -52,8 +52,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
-# demo data, ImageNet devkit, serve.py's browser test: not used by this command
-NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright'}
+# not imported by this command: demo data, ImageNet devkit, serve.py's browser test, and
+# pytest_timeout (used where installed, else a fallback stops a hung test)
+NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'pytest_timeout'}
 MIN_TORCH = (2, 11)
 PARTS = ('preflight', 'tests', 'steps', 'exchange', 'e2e', 'profile', 'cifar', 'compile')
 TEST_TIMEOUT = 120.0     # s per CUDA test: one hang must not take the others' time
