@@ -41,6 +41,31 @@ class Clock:
             self.torch.cuda.synchronize()
 
 
+def step_marks(torch, forward, opt, x, y, dtype, steps, warmup, device):
+    """(clock, marks, last loss) of `steps` back-to-back training steps after `warmup`, as the
+    train loop runs them: autocast forward in dtype (None or float32: off), cross-entropy,
+    backward, the optimiser's step. Marks: (start, forward done, backward done, update done)."""
+    import torch.nn.functional as F
+    clock, marks = Clock(torch, device), []
+    for i in range(warmup + steps):
+        if i == warmup:
+            clock.sync()
+        m0 = clock.mark()
+        with torch.autocast(device.type, dtype=dtype or torch.float32,
+                            enabled=dtype not in (None, torch.float32)):
+            loss = F.cross_entropy(forward(x).float(), y)
+        m1 = clock.mark()
+        opt.zero_grad()
+        loss.backward()
+        m2 = clock.mark()
+        opt.step()
+        m3 = clock.mark()
+        if i >= warmup:
+            marks.append((m0, m1, m2, m3))
+    clock.sync()
+    return clock, marks, loss
+
+
 def header(device, module=None, argv=(), threads=None):
     """The lines that head a table: machine, cores (or torch threads), device, versions, and the
     command `python -m benchmarks.<module> <argv>` when module is given."""

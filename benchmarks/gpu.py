@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 
-from benchmarks.common import ROOT, Clock, epoch_img_s, iter_lines, train_log, write_batches
+from benchmarks.common import ROOT, epoch_img_s, iter_lines, step_marks, train_log, write_batches
 
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
@@ -467,7 +467,6 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     """Median forward / backward / update ms and the mean step ms over `steps` back-to-back steps
     (the train loop's operations: autocast forward, cross-entropy, backward, MomentumSGD), with
     cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
-    import torch.nn.functional as F
     from lib import model, optim
     device = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -479,22 +478,7 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     x = (torch.randn(batch, 3, size, size, device=device) * 50).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=device)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
-    clock, marks = Clock(torch, device), []
-    for i in range(warmup + steps):
-        if i == warmup:
-            clock.sync()
-        m0 = clock.mark()
-        with torch.autocast(device.type, dtype=dtype, enabled=precision != 'fp32'):
-            loss = F.cross_entropy(forward(x).float(), y)
-        m1 = clock.mark()
-        opt.zero_grad()
-        loss.backward()
-        m2 = clock.mark()
-        opt.step()
-        m3 = clock.mark()
-        if i >= warmup:
-            marks.append((m0, m1, m2, m3))
-    clock.sync()
+    clock, marks, loss = step_marks(torch, forward, opt, x, y, dtype, steps, warmup, device)
     if not torch.isfinite(loss):
         raise RuntimeError(f'{name} {precision} {layout}: the loss is not finite')
     fwd, bwd, upd = (statistics.median(clock.ms(m[j], m[j + 1]) for m in marks) for j in range(3))

@@ -17,9 +17,8 @@ import argparse
 import statistics
 
 import torch
-import torch.nn.functional as F
 
-from benchmarks.common import Clock, header
+from benchmarks.common import header, step_marks
 from lib import model, optim, trainer
 
 SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
@@ -37,22 +36,8 @@ def use_torch_lrn(net):
 
 
 def time_steps(net, opt, x, y, steps, warmup, device, dtype=None):
-    """Median ms of forward, backward, update, and of the whole step."""
-    clock, marks = Clock(torch, device), []
-    for i in range(warmup + steps):
-        clock.sync()
-        m0 = clock.mark()
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x).float(), y)
-        m1 = clock.mark()
-        opt.zero_grad()
-        loss.backward()
-        m2 = clock.mark()
-        opt.step()
-        m3 = clock.mark()
-        if i >= warmup:
-            marks.append((m0, m1, m2, m3))
-    clock.sync()
+    """Median ms of forward, backward, update, and of the whole step, over back-to-back steps."""
+    clock, marks, _ = step_marks(torch, net, opt, x, y, dtype, steps, warmup, device)
     return [statistics.median(clock.ms(m[a], m[b]) for m in marks)
             for a, b in ((0, 1), (1, 2), (2, 3), (0, 3))]
 
