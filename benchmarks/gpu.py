@@ -49,7 +49,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import ROOT, epoch_img_s, iter_lines, step_marks, train_log, write_batches
+
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
 # not imported by this command: demo data, ImageNet devkit, serve.py's browser test, and
@@ -462,33 +463,11 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
 
 
 # --- step times on synthetic input -----------------------------------------------------------------
-class Clock:
-    """CUDA events on a GPU (no host sync between the marks), perf_counter on the CPU."""
-
-    def __init__(self, torch, device):
-        self.torch, self.cuda = torch, device.type == 'cuda'
-
-    def mark(self):
-        if self.cuda:
-            e = self.torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b):
-        return a.elapsed_time(b) if self.cuda else 1000 * (b - a)
-
-    def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-
 def time_steps(torch, name, size, classes, batch, precision, layout, compiled, steps, warmup,
                device, backend, cudnn_benchmark=True):
     """Median forward / backward / update ms and the mean step ms over `steps` back-to-back steps
     (the train loop's operations: autocast forward, cross-entropy, backward, MomentumSGD), with
     cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
-    import torch.nn.functional as F
     from lib import model, optim
     device = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -500,22 +479,7 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     x = (torch.randn(batch, 3, size, size, device=device) * 50).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=device)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
-    clock, marks = Clock(torch, device), []
-    for i in range(warmup + steps):
-        if i == warmup:
-            clock.sync()
-        m0 = clock.mark()
-        with torch.autocast(device.type, dtype=dtype, enabled=precision != 'fp32'):
-            loss = F.cross_entropy(forward(x).float(), y)
-        m1 = clock.mark()
-        opt.zero_grad()
-        loss.backward()
-        m2 = clock.mark()
-        opt.step()
-        m3 = clock.mark()
-        if i >= warmup:
-            marks.append((m0, m1, m2, m3))
-    clock.sync()
+    clock, marks, loss = step_marks(torch, forward, opt, x, y, dtype, steps, warmup, device)
     if not torch.isfinite(loss):
         raise RuntimeError(f'{name} {precision} {layout}: the loss is not finite')
     fwd, bwd, upd = (statistics.median(clock.ms(m[j], m[j + 1]) for m in marks) for j in range(3))
@@ -680,7 +644,6 @@ def write_dataset(root, n_train, n_val, batch, size, classes, seed=0):
     """Synthetic batch files as preprocessing writes them (4 distinct ones, repeated), labels, a
     mean image and dataset.yaml. Returns the config keys pointing at them."""
     import numpy as np
-    from benchmarks.host_feed import write_batches
     keys = {}
     for split, n in (('train', n_train), ('val', n_val)):
         folder = os.path.join(root, f'{split}_hkl')
@@ -700,16 +663,10 @@ def write_dataset(root, n_train, n_val, batch, size, classes, seed=0):
 def run_train(values, timeout):
     """(img/s of the last epoch, mean data wait ms, mean copy wait ms per step in it) of a
     train.py run."""
-    cmd = [sys.executable, 'train.py'] + [f'{k}={v}' for k, v in values.items()]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f'train.py exited {r.returncode}: '
-                           f'{(r.stderr.strip() or r.stdout.strip()).splitlines()[-1][:300]}')
-    last = values['n_epochs']
-    img_s = float(re.findall(rf'^epoch {last} \|.* ([\d.]+) img/s$', r.stdout, re.M)[-1])
-    waits = re.findall(rf'^epoch {last} iter .*\| data wait ([\d.]+) ms \| copy wait ([\d.]+) ms',
-                       r.stdout, re.M)
-    return img_s, statistics.mean(float(w) for w, _ in waits), statistics.mean(float(c) for _, c in waits)
+    log = train_log([sys.executable, 'train.py'] + [f'{k}={v}' for k, v in values.items()], timeout)
+    waits = iter_lines(log, values['n_epochs'])
+    return (epoch_img_s(log, values['n_epochs']), statistics.mean(w[1] for w in waits),
+            statistics.mean(w[2] for w in waits))
 
 
 def e2e_table(args, sizes, budget, report, device, best, which, synthetic_img_s):

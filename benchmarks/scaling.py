@@ -13,26 +13,14 @@ img/s, and the exchange ms per step that the trainer measures around exchanger.a
 """
 import argparse
 import os
-import platform
-import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LINE = re.compile(r'^epoch 2 iter \d+/\d+ .*\| ([\d.]+) img/s \| data wait [\d.]+ ms'
-                  r' \| copy wait [\d.]+ ms(?: \| exchange ([\d.]+) ms)?$', re.M)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+from benchmarks.common import free_port, header, iter_lines, train_log
 
 
 def runs(args, work):
@@ -60,12 +48,8 @@ def runs(args, work):
 
 
 def measure(cmd, env):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
-    m = LINE.findall(r.stdout)
-    if r.returncode != 0 or not m:
-        raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stdout[-1000:]}\n{r.stderr[-2000:]}')
-    img_s, exch = m[-1]
-    return float(img_s), float(exch) if exch else 0.0
+    img_s, _, _, exch = iter_lines(train_log(cmd, 3600, env), 2)[-1]
+    return img_s, exch or 0.0
 
 
 def main(argv=None):
@@ -87,10 +71,9 @@ def main(argv=None):
                 results[i].append(measure(cmd(), env))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f'machine: {platform.machine()}, {os.cpu_count()} cores, '
-          f'{torch.cuda.get_device_name() if args.gpu == "cuda" else "CPU only (1 torch thread per worker)"}; '
-          f'torch {torch.__version__}, python {platform.python_version()}')
-    print(f'command: python -m benchmarks.scaling {" ".join(argv if argv is not None else sys.argv[1:])}\n')
+    print(header(torch.cuda.get_device_name() if args.gpu == 'cuda' else
+                 'CPU only (1 torch thread per worker)', 'scaling',
+                 argv if argv is not None else sys.argv[1:]) + '\n')
     print(f'{args.model}, {args.batch} images per step in all, synthetic batches, median of {args.trials}\n')
     print('| run | exchange | img/s | × train.py alone | exchange ms per step |')
     print('|---|---|---:|---:|---:|')

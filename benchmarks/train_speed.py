@@ -14,21 +14,14 @@ img/s over the first baseline's. Synthetic input: the ceiling that a real run (t
 and data wait) can be compared with.
 """
 import argparse
-import platform
 import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
+from benchmarks.common import header, step_marks
 from lib import model, optim, trainer
 
 SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def use_torch_lrn(net):
@@ -43,25 +36,10 @@ def use_torch_lrn(net):
 
 
 def time_steps(net, opt, x, y, steps, warmup, device, dtype=None):
-    """Median ms of forward, backward, update, and of the whole step."""
-    rows = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x).float(), y)
-        sync(device)
-        t1 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        sync(device)
-        t2 = time.perf_counter()
-        opt.step()
-        sync(device)
-        t3 = time.perf_counter()
-        if i >= warmup:
-            rows.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
-    return [1000 * statistics.median(col) for col in zip(*rows)]
+    """Median ms of forward, backward, update, and of the whole step, over back-to-back steps."""
+    clock, marks, _ = step_marks(torch, net, opt, x, y, dtype, steps, warmup, device)
+    return [statistics.median(clock.ms(m[a], m[b]) for m in marks)
+            for a, b in ((0, 1), (1, 2), (2, 3), (0, 3))]
 
 
 def main():
@@ -76,9 +54,9 @@ def main():
                    choices=['nchw', 'channels_last'])
     args = p.parse_args()
     device = trainer.resolve_device(args.device)
-    print(f'machine: {platform.machine()}, {torch.get_num_threads()} threads, device {device}'
-          f'{" (" + torch.cuda.get_device_name(device) + ")" if device.type == "cuda" else ""}; '
-          f'torch {torch.__version__}, python {platform.python_version()}\n')
+    print(header(f'device {device}' + (f' ({torch.cuda.get_device_name(device)})'
+                                        if device.type == 'cuda' else ''),
+                 threads=torch.get_num_threads()) + '\n')
     print('| model | batch | precision | layout | LRN | optimiser | forward ms | backward ms | '
           'update ms | step ms | img/s | vs torch LRN |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')

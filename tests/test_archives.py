@@ -447,20 +447,6 @@ def test_cifar_pickle_versions_and_bad_files_are_refused(tmp_path):
                    'batches.meta.txt', 'label')
 
 
-def test_archives_benchmark_prints_its_table():
-    """benchmarks/archives.py runs and prints a row per source and worker count (tiny: not a timing)."""
-    r = subprocess.run([sys.executable, '-m', 'benchmarks.archives', '--classes', '2', '--per-class', '4',
-                        '--val', '4', '--batch', '4', '--size', '64', '--repeats', '1'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and '---' not in line]
-    cells = [row.split(' | ') for row in rows]                      # two tables: passes, then reads
-    assert [c[0] for c in cells] == ['| source', '| folders', '| archive', '| folders', '| archive',
-                                     '| source', '| folders', '| archive']
-    assert [c[1] for c in cells[1:5]] == ['1', '1', '2', '2']
-    assert 'outputs identical: True' in r.stdout and rows[1].endswith('| 1.000 |') and rows[6].endswith('| 1.000 |')
-
-
 @pytest.mark.parametrize('name', ['cifar10_bin_paths.yaml', 'cifar100_bin_paths.yaml'])
 def test_shipped_cifar_paths_files(name):
     path = REPO / 'preprocessing' / name

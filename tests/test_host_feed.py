@@ -1,16 +1,12 @@
 """The host feed of use_data_layer: batch files read straight into a slot give the bytes of
-read_hkl (whole files and torchrun rows), bad files are errors naming them; the benchmark runs."""
+read_hkl (whole files and torchrun rows), bad files are errors naming them."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lib import data
 from tests.helpers import make_batches, write_hkl
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -49,14 +45,3 @@ def test_read_into_rejects_a_bad_file_naming_it_and_keeps_the_buffer(folder):
     with pytest.raises(data.DataError, match=r'0000\.hkl: cannot read batch file'):
         source.read_into(0, out)
     assert (out == 7).all()
-
-
-def test_host_feed_benchmark_prints_its_table():
-    r = subprocess.run([sys.executable, '-m', 'benchmarks.host_feed', '--files', '3', '--batch', '4',
-                        '--size', '16', '--repeats', '1'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith('| ') and '---' not in line][1:]
-    assert [row.split('|')[1].strip().split(' ')[0] for row in rows] == \
-        ['read_hkl', 'read_hkl', 'read_into', 'loader']
-    assert rows[1].endswith('| 1.00 |')
