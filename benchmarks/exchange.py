@@ -18,34 +18,22 @@ Prints markdown tables with the machine and versions.
 import argparse
 import multiprocessing
 import os
-import platform
 import queue
-import re
 import secrets
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
+from benchmarks.common import Clock, epoch_img_s, free_port, header, train_log
 from lib import exchange, model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    Clock(torch, device).sync()
 
 
 NETS = {'alexnet': (1000, 227), 'alexnet_cifar': (10, 32)}  # classes, crop
@@ -146,11 +134,7 @@ def part_exchange(args):
 
 
 def train_img_s(cmd, env):
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
-    if r.returncode != 0:
-        raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr[-2000:]}')
-    rates = re.findall(r'^epoch 2 \|.* ([\d.]+) img/s$', r.stdout, re.M)
-    return float(rates[-1])
+    return epoch_img_s(train_log(cmd, 1800, env), 2)
 
 
 def part_training(args):
@@ -190,10 +174,8 @@ def main(argv=None):
     p.add_argument('--batches', type=int, default=20, help='synthetic batches per epoch (training)')
     p.add_argument('--trials', type=int, default=3)
     args = p.parse_args(argv)
-    print(f'machine: {platform.machine()}, {os.cpu_count()} cores, '
-          f'{torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"}; '
-          f'torch {torch.__version__}, python {platform.python_version()}')
-    print(f'command: python -m benchmarks.exchange {" ".join(argv if argv is not None else sys.argv[1:])}')
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'
+    print(header(device, 'exchange', argv if argv is not None else sys.argv[1:]))
     if args.part in ('exchange', 'both'):
         part_exchange(args)
     if args.part in ('training', 'both'):

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from benchmarks.common import header
 from benchmarks.exchange import exchange_worker
 from lib import exchange, model
 from tests.cluster import Cluster, _bits
@@ -98,10 +99,8 @@ def main(argv=None):
         return exchange_worker(args.rank, 'tcp', 'cpu', PORT, bytes.fromhex(args.token), '',
                                args.repeats, PrintResult(), host=args.host,
                                curve_dir=args.curve_dir)
-    print(f'machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; '
-          f'torch {torch.__version__}, python {platform.python_version()}; '
-          f'{datetime.date.today().isoformat()}')
-    print(f'command: python -m benchmarks.links {" ".join(argv if argv is not None else sys.argv[1:])}')
+    print(header('cpu', 'links', argv if argv is not None else sys.argv[1:]))
+    print(f'kernel {platform.release()}, {datetime.date.today().isoformat()}')
     import zmq.auth
     keys = tempfile.mkdtemp(prefix='bench-links-keys-')
     for r in (0, 1):
