@@ -53,3 +53,23 @@ def make_batches(root, n_train=4, n_val=2, batch=8, size=36, classes=3, seed=0):
             'label_folder': os.path.join(root, 'labels'),
             'mean_file': os.path.join(root, 'misc', 'img_mean.npy'),
             'batch_size': batch}
+
+
+def both_workers(work, timeout=60):
+    """{rank: work(rank)} for ranks 0 and 1 run at once in threads (two exchangers talking to
+    each other); an exception in either fails the test with both outcomes."""
+    import threading
+    out = {}
+
+    def run(rank):
+        try:
+            out[rank] = work(rank)
+        except Exception as e:  # noqa: BLE001  (handed to the test)
+            out[rank] = e
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert sorted(out) == [0, 1] and not any(isinstance(r, Exception) for r in out.values()), out
+    return out

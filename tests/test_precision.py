@@ -56,10 +56,10 @@ def test_compiled_network_trains_and_snapshots_plain_keys(tmp_path):
 def test_fp16_overflow_decision_is_shared_by_the_workers():
     """Two real Pair exchangers (tcp link, in threads): worker 1 alone overflows; both skip the
     step, both back off, and their scales stay equal; then both step."""
-    import threading
     from lib import exchange
+    from tests.helpers import both_workers
     from tests.test_train_2gpu import free_port
-    port, token, results = free_port(), bytes(32), {}
+    port, token = free_port(), bytes(32)
 
     def worker(rank):
         w = torch.nn.Parameter(torch.ones(2, 2))
@@ -76,17 +76,10 @@ def test_fp16_overflow_decision_is_shared_by_the_workers():
                 opt.params[0].grad = g
                 took.append(scaler.step(opt, pair.average))
                 pair.after_step()
-            results[rank] = took, scaler.scale.item(), opt.params[0].detach().clone()
-        except Exception as e:  # noqa: BLE001
-            results[rank] = e
+            return took, scaler.scale.item(), opt.params[0].detach().clone()
         finally:
             pair.close()
-    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(isinstance(r, Exception) for r in results.values()), results
+    results = both_workers(worker)
     (took0, scale0, w0), (took1, scale1, w1) = results[0], results[1]
     assert took0 == took1 == [False, True]     # worker 0 skipped too: one decision
     assert scale0 == scale1 == 4.0             # backed off once, alike

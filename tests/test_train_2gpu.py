@@ -17,7 +17,7 @@ import zmq
 from lib import config, exchange, link, training
 from lib.data import DataError
 from lib.halves import half_source, whole_sibling
-from tests.helpers import make_batches
+from tests.helpers import both_workers, make_batches
 from tests.test_loader import children, gone_within
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,8 +365,7 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
     """Two real Pair exchangers (in threads), exchange_freq 3: worker r adds r + 1 to its weight
     and momentum after every step. Against a hand computation: they are averaged after steps 3
     and 6 only, and flush() averages the step left over at the end of the epoch (step 7)."""
-    import threading
-    port, results = free_port(), {}
+    port = free_port()
 
     def worker(rank):
         pair = exchange.Pair(rank, bytes(32), transport, port, freq=3, timeout=20.0,
@@ -384,17 +383,10 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
             pair.flush()
             seen.append((w[0].item(), m[0][0].item()))
             pair.flush()  # nothing pending: no exchange (a second would wait for a peer that sent none)
-            results[rank] = seen
-        except Exception as e:  # noqa: BLE001  (handed to the test)
-            results[rank] = e
+            return seen
         finally:
             pair.close()
-    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(isinstance(r, Exception) for r in results.values()), results
+    results = both_workers(worker)
 
     def expected(rank):  # by hand: the mean of 1 and 2 is 1.5 per step
         v, out = 0.0, []
