@@ -138,6 +138,11 @@ class BatchFolder:
             self.labels = np.ascontiguousarray(self.labels[:, lo:hi])
             self.batch_size = hi - lo
 
+    def spec(self):
+        """The arguments that make this BatchFolder again (in another process)."""
+        return dict(folder=self.folder, labels_file=self.labels_file, batch_size=self.file_batch,
+                    part=self.part, rows=self.rows)
+
     def __len__(self):
         return len(self.files)
 

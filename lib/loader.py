@@ -205,8 +205,7 @@ def loader_main(job):
     """Entry point of the loader process. `job` holds only plain values (paths, sizes)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: just stop, no traceback
     torch.set_num_threads(1)                      # leave the cores to the trainer
-    sources = [data.BatchFolder(folder, labels, file_batch, part, rows)
-               for folder, labels, file_batch, part, rows in job['sources']]
+    sources = [data.BatchFolder(**spec) for spec in job['sources']]
     mean = data.load_mean(job['mean_file'], job['image_size'])
     slots = map_slots(job['dir'], slot_spec(job['batch_size'], job['image_size'], job['crop_size'],
                                             job['raw']), job['n_slots'], create=False)
@@ -291,7 +290,7 @@ class LoaderProcess:
                 raise LoaderError(f'cannot bind the loader socket 127.0.0.1:{port} '
                                   f'(sock_data): {e}') from None
             endpoint = f'tcp://127.0.0.1:{port}'
-        job = dict(sources=[(s.folder, s.labels_file, s.file_batch, s.part, s.rows) for s in sources],
+        job = dict(sources=[s.spec() for s in sources],
                    batch_size=sources[0].batch_size, image_size=self.image_size,
                    crop_size=crop_size, raw=on_device, mean_file=mean_file, dir=self.dir,
                    n_slots=N_SLOTS, endpoint=endpoint, parent=os.getpid())
