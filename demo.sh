@@ -2,7 +2,8 @@
 # The whole pipeline on the embedded demo dataset (scikit-learn's handwritten digits, shipped inside
 # the package: no download), in a few minutes on a laptop CPU:
 #   .venv  ->  PNG class folders  ->  hickle batches  ->  train alexnet_cifar  ->  val_record.npy
-# Extra key=value arguments go to train.py (e.g. sh demo.sh n_epochs=3 gpu=cpu).
+# Extra key=value arguments go to train.py (e.g. sh demo.sh n_epochs=3 gpu=cpu). Run again, it
+# first moves the previous demo run into weights/demo/previous_<N>/ (overwrite=True).
 set -eu
 cd "$(dirname "$0")"
 sh tools/venv.sh requirements.txt
@@ -13,4 +14,4 @@ exec .venv/bin/python train.py \
     learning_rate=0.003 lr_step=[10] n_epochs=12 print_freq=23 \
     train_folder=data/demo/train_hkl_b32_b_32 val_folder=data/demo/val_hkl_b32_b_32 \
     label_folder=data/demo/labels mean_file=data/demo/misc/img_mean.npy \
-    weights_dir=weights/demo "$@"
+    weights_dir=weights/demo overwrite=True "$@"

@@ -142,7 +142,7 @@ def part_training(args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     common = ['model=alexnet_cifar', 'crop_size=32', 'synthetic=True', 'n_epochs=2',
               f'synthetic_batches={args.batches}', 'print_freq=1000', 'snapshot_freq=1000',
-              'lr_step=[]', 'num_classes=10']
+              'lr_step=[]', 'num_classes=10', 'overwrite=True']  # every trial into one weights_dir
     one = [sys.executable, 'train.py', 'gpu=cpu', f'batch_size={args.batch}',
            f'weights_dir={work}/one'] + common
     two = [sys.executable, 'train_2gpu.py', 'gpu0=cpu', 'gpu1=cpu', f'batch_size={args.batch // 2}',

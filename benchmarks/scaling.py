@@ -27,7 +27,8 @@ def runs(args, work):
     B = args.batch
     common = [f'model={args.model}', f'crop_size={227 if args.model == "alexnet" else 32}',
               'synthetic=True', 'n_epochs=2', f'synthetic_batches={args.batches}',
-              f'print_freq={args.batches}', 'snapshot_freq=1000', 'lr_step=[]', 'num_classes=10']
+              f'print_freq={args.batches}', 'snapshot_freq=1000', 'lr_step=[]', 'num_classes=10',
+              'overwrite=True']  # every trial into the same throwaway weights_dir
     gpu = 'cpu' if args.gpu == 'cpu' else 'cuda:0'
     py = sys.executable
     out = [('train.py, 1 worker', '-', lambda: [py, 'train.py', f'gpu={gpu}', f'batch_size={B}',
