@@ -76,17 +76,16 @@ def load(weights_dir, epoch):
     return read(path)
 
 
-def load_net(state, path, device='cpu', **over):
+def load_net(state, path, device='cpu'):
     """The network of a snapshot dict (read from `path`), in eval mode on `device`: its model,
-    crop_size and dropout from the snapshot's own config (`over` replaces them), the classes
-    from its weights. (net, the settings used)."""
+    crop_size and dropout from the snapshot's own config, the classes from its weights.
+    (net, the settings used)."""
     from lib import model
     saved = state.get('config', {})
-    name = over.get('model', saved.get('model', 'alexnet'))
+    name = saved.get('model', 'alexnet')
     settings = {'model': name,
-                'crop_size': int(over.get('crop_size', saved.get('crop_size',
-                                                                 227 if name == 'alexnet' else 32))),
-                'dropout': float(over.get('dropout', saved.get('dropout', 0.5)))}
+                'crop_size': int(saved.get('crop_size', 227 if name == 'alexnet' else 32)),
+                'dropout': float(saved.get('dropout', 0.5))}
     try:
         net = model.from_state(state['model'], name, settings['dropout'], settings['crop_size'])
     except (ValueError, RuntimeError) as e:  # no fc layer; weights of another shape

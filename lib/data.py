@@ -79,12 +79,13 @@ def read_hkl(path, file_batch=None, rows=None, out=None):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
-def hkl_shape(path):
-    """Shape of a batch file's uint8 array, from its header alone (no pixels read)."""
+def hkl_shape(path, file_batch=None):
+    """Shape of a batch file's uint8 array, from its header alone (no pixels read), checked as
+    read_hkl checks it."""
     try:
         with h5py.File(path, 'r') as f:
             d = hkl_dataset(f, path)
-            check_batch(path, d.dtype, d.shape)
+            check_batch(path, d.dtype, d.shape, file_batch)
             return d.shape
     except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
@@ -157,9 +158,7 @@ class BatchFolder:
 
     def image_size(self):
         """S of the (3, S, S, B) batches, from the first file's header (checked as read() does)."""
-        shape = hkl_shape(self.files[0])
-        check_batch(self.files[0], np.dtype(np.uint8), shape, self.file_batch)
-        return shape[1]
+        return hkl_shape(self.files[0], self.file_batch)[1]
 
 
 class SyntheticBatches:

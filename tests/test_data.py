@@ -156,3 +156,14 @@ def test_rows_of_a_batch_file_are_read_alone(tmp_path):
         data.BatchFolder(keys['train_folder'], labels, 4, rows=(1, 3))
     assert rows.batch_size == 2 and np.array_equal(rows.labels, whole.labels[:, 1:3])
     assert np.array_equal(rows.read(1), whole.read(1)[..., 1:3])
+
+
+def test_image_size_checks_the_batch_from_the_header_at_start_up(tmp_path):
+    """A folder of batches of another size is named before any pixel is read (not at step N)."""
+    keys = make_batches(str(tmp_path), n_train=2, n_val=1, batch=4, size=8)
+    labels = os.path.join(keys['label_folder'], 'train_labels.npy')
+    assert data.BatchFolder(keys['train_folder'], labels, 4).image_size() == 8
+    write_hkl(os.path.join(keys['train_folder'], '0000.hkl'), np.zeros((3, 8, 8, 2), np.uint8))
+    with pytest.raises(data.DataError, match=r'0000.hkl: expected uint8 \(3, S, S, 4\), got uint8 '
+                                             r'\(3, 8, 8, 2\)'):
+        data.BatchFolder(keys['train_folder'], labels, 4).image_size()
