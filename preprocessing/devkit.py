@@ -1,10 +1,10 @@
 """The ImageNet devkit: the WNID of each val image (through its ILSVRC id) and the words of each class.
 
-Either `devkit` names the devkit archive (ILSVRC2012_devkit_t12.tar.gz, ILSVRC2014_devkit.tgz) or its
-extracted folder, and the two files are found in it:
-    ILSVRC2014 (the original's): data/meta_clsloc.mat, data/ILSVRC2014_clsloc_validation_ground_truth.txt
-    ILSVRC2012:                  data/meta.mat,        data/ILSVRC2012_validation_ground_truth.txt
-or meta_clsloc_mat and val_label_file name them (either version). The two versions number the classes
+Either `devkit` names the devkit archive (ILSVRC2012_devkit_t12.tar.gz, ILSVRC2014_devkit.tgz) or a
+folder, and the two files are found in it: at its top, in data/, or in <top folder>/data/:
+    ILSVRC2014 (the original's): meta_clsloc.mat, ILSVRC2014_clsloc_validation_ground_truth.txt
+    ILSVRC2012:                  meta.mat,        ILSVRC2012_validation_ground_truth.txt
+or meta_clsloc_mat and val_label_file name them (either version, any file names). The two versions number the classes
 differently; each ground truth goes with its own synsets and both give the same WNID to every image.
 meta*.mat: struct array `synsets`, field 0 = ILSVRC id (1-based), field 1 = WNID, `words` = the names
 ('tench, Tinca tinca'); the ground truth: the ILSVRC id of val image N on line N.
@@ -61,13 +61,14 @@ def read_file(path):
 
 def find_in_devkit(path):
     """(name, bytes) of the synsets and of the ground truth of the first version found in a devkit
-    archive or folder (the files in data/, or in <top folder>/data/)."""
+    archive or folder (the files at its top, in data/, or in <top folder>/data/)."""
     wanted = {f for pair in VERSIONS for f in pair}
     found = {}
     if os.path.isdir(path):
-        for sub in ['.'] + sorted(os.listdir(path)):
+        places = ['', 'data'] + [os.path.join(sub, 'data') for sub in sorted(os.listdir(path))]
+        for place in places:
             for f in wanted - found.keys():
-                candidate = os.path.join(path, sub, 'data', f)
+                candidate = os.path.join(path, place, f)
                 if os.path.isfile(candidate):
                     found[f] = (os.path.normpath(candidate), None)
     elif os.path.isfile(path):
@@ -75,25 +76,30 @@ def find_in_devkit(path):
             with tarfile.open(path, 'r:*') as tar:
                 for m in tar:
                     parts = m.name.lstrip('./').split('/')
-                    if m.isreg() and len(parts) in (2, 3) and parts[-2] == 'data' and parts[-1] in wanted \
-                            and parts[-1] not in found:
+                    if m.isreg() and (len(parts) == 1 or parts[-2] == 'data' and len(parts) in (2, 3)) \
+                            and parts[-1] in wanted and parts[-1] not in found:
                         found[parts[-1]] = (f'{path} member {m.name}', tar.extractfile(m).read())
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise PrepError(f'cannot read devkit archive {path} ({type(e).__name__}: {e})') from None
     else:
-        raise PrepError(f'devkit {path} does not exist')
+        raise PrepError(f'devkit {path} does not exist (or set meta_clsloc_mat and val_label_file to the '
+                        f'synsets and ground-truth files instead)')
     for mat, gt in VERSIONS:
         if mat in found and gt in found:
             (mat_name, mat_bytes), (gt_name, gt_bytes) = found[mat], found[gt]
             # None: a file of the folder, read now (b'' is an empty archive member, kept)
             return (mat_name, read_file(mat_name) if mat_bytes is None else mat_bytes,
                     gt_name, read_file(gt_name) if gt_bytes is None else gt_bytes)
+    instead = ('; or, instead of devkit, set meta_clsloc_mat and val_label_file to the synsets and '
+               'ground-truth files')
     for mat, gt in VERSIONS:
         if (mat in found) != (gt in found):
             have, lack = (mat, gt) if mat in found else (gt, mat)
-            raise PrepError(f'devkit {path} holds data/{have} but not data/{lack}')
-    raise PrepError(f'devkit {path} holds neither data/{VERSIONS[0][0]} + data/{VERSIONS[0][1]} (ILSVRC2014) '
-                    f'nor data/{VERSIONS[1][0]} + data/{VERSIONS[1][1]} (ILSVRC2012)')
+            raise PrepError(f'devkit {path} holds {have} but not {lack} (at its top, in data/ or in '
+                            f'<folder>/data/){instead}')
+    raise PrepError(f'devkit {path} holds neither {VERSIONS[0][0]} + {VERSIONS[0][1]} (ILSVRC2014) nor '
+                    f'{VERSIONS[1][0]} + {VERSIONS[1][1]} (ILSVRC2012), at its top, in data/ or in '
+                    f'<folder>/data/{instead}')
 
 
 def read_ground_truth(data, name):

@@ -47,6 +47,7 @@ def list_dataset(cfg, workers=1):
     layout = resolve_layout(cfg)
     if layout in cifar.LAYOUTS:
         return Listing(layout, *cifar.list_cifar(cfg, layout))
+    kit = read_devkit(cfg) if layout != 'folders' else None  # seconds, before the archives' minutes
     if layout == 'imagenet_tar':
         for key in ('train_img_dir', 'val_img_dir'):
             if not os.path.exists(cfg[key]):
@@ -69,7 +70,7 @@ def list_dataset(cfg, workers=1):
     else:
         val_source = FolderSource(cfg['val_img_dir'])
         names = None  # listed once the devkit is read, as before
-    val, val_labels, words = list_val_imagenet(cfg, classes, names)
+    val, val_labels, words = list_val_imagenet(cfg, kit, classes, names)
     return Listing(layout, classes, train, val, val_labels, {'train': train_source, 'val': val_source}, words)
 
 
@@ -117,11 +118,11 @@ def list_val_folders(cfg, classes):
     return files, [index[f.split('/', 1)[0]] for f in files]
 
 
-def list_val_imagenet(cfg, classes, names=None):
+def list_val_imagenet(cfg, kit, classes, names=None):
     """Flat val files (`names`, or those of val_img_dir), their labels through ground-truth ids ->
-    devkit WNIDs -> train folders, and the devkit's words of each class (None if it has none)."""
+    devkit WNIDs (`kit`: a Devkit) -> train folders, and the devkit's words of each class (None if it
+    has none)."""
     val_dir = cfg['val_img_dir']
-    kit = read_devkit(cfg)
     gt_file, mat, ids = kit.gt, kit.mat, kit.ground_truth
     if names is None:
         names = image_files(val_dir)

@@ -174,6 +174,38 @@ def test_devkit_folder_of_either_version(imagenet_pair, tmp_path):
             (root / 'ref' / 'labels' / f'{split}_labels.npy').read_bytes()
 
 
+def test_the_devkit_is_read_before_the_archives_and_may_hold_its_files_at_the_top(imagenet_pair, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A wrong devkit is named, with the keys that replace it, before the archives are indexed (on
+    ImageNet: minutes of reading tar headers); a folder or an archive holding the two files at its top
+    is a devkit too."""
+    root = imagenet_pair[0]
+
+    def no_scan(archive, workers=1):
+        raise AssertionError(f'{archive} indexed before the devkit was read')
+    with monkeypatch.context() as m:
+        m.setattr(archives, 'scan_train', no_scan)
+        m.setattr(archives, 'scan_val', no_scan)
+        for typo in (tmp_path / 'ILSVRC2014_devkt', root / 'raw' / 'devkit'):   # missing; other names
+            assert make_data.main([str(archive_paths(root, 'typo', devkit=str(typo)))]) == 2
+            err = capsys.readouterr().err
+            assert err.count('\n') == 1 and err.startswith('error: ') and str(typo) in err, err
+            assert 'meta_clsloc_mat' in err and 'val_label_file' in err, err
+    mat, gt = devkit_files(root / 'raw')
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    (flat / 'meta_clsloc.mat').write_bytes(mat)
+    (flat / 'ILSVRC2014_clsloc_validation_ground_truth.txt').write_bytes(gt)
+    with tarfile.open(tmp_path / 'flat.tgz', 'w:gz') as tar:
+        add_bytes(tar, 'meta_clsloc.mat', mat)
+        add_bytes(tar, 'ILSVRC2014_clsloc_validation_ground_truth.txt', gt)
+    for kit in (flat, tmp_path / 'flat.tgz'):
+        run(archive_paths(root, kit.name, devkit=str(kit), sub_batches=[1]))
+        for split in ('train', 'val'):
+            assert (root / kit.name / 'labels' / f'{split}_labels.npy').read_bytes() == \
+                (root / 'ref' / 'labels' / f'{split}_labels.npy').read_bytes()
+
+
 def test_an_empty_devkit_member_is_read_as_empty_not_looked_up_as_a_file(tmp_path):
     kit = tmp_path / 'kit.tgz'
     with tarfile.open(kit, 'w:gz') as tar:
@@ -226,13 +258,24 @@ def test_archive_errors_are_one_line_and_lose_nothing(imagenet_pair, tmp_path):
 
     def paths(name, **kw):
         return str(archive_paths(root, name, **kw))
-    # a devkit archive without the ground truth; then fixed, the rerun completes
+    index = root / 'err1' / 'misc' / 'ILSVRC2012_img_train.tar.index.npz'
+    # a devkit archive without the ground truth: refused before the archives are indexed
     kit = tmp_path / 'ILSVRC2014_devkit.tgz'
     with tarfile.open(kit, 'w:gz') as tar:
         add_bytes(tar, 'ILSVRC2014_devkit/data/meta_clsloc.mat', synsets_mat(ORDER_2014))
     one_line_error(run_sh('generate_data.sh', paths('err1', devkit=str(kit)), cwd=cwd), str(kit),
-                   'ILSVRC2014_clsloc_validation_ground_truth.txt')
-    assert (root / 'err1' / 'misc' / 'ILSVRC2012_img_train.tar.index.npz').exists()   # kept
+                   'ILSVRC2014_clsloc_validation_ground_truth.txt', 'meta_clsloc_mat', 'val_label_file')
+    assert not index.exists()
+    # a ground truth one line short: found once the val archive is listed; then fixed, the rerun
+    # completes
+    mat, gt = devkit_files(root / 'raw')
+    with tarfile.open(kit, 'w:gz') as tar:
+        add_bytes(tar, 'ILSVRC2014_devkit/data/meta_clsloc.mat', mat)
+        add_bytes(tar, 'ILSVRC2014_devkit/data/ILSVRC2014_clsloc_validation_ground_truth.txt',
+                  b''.join(gt.splitlines(keepends=True)[:-1]))
+    one_line_error(run_sh('generate_data.sh', paths('err1', devkit=str(kit)), cwd=cwd), str(kit),
+                   'needs line 14')
+    assert index.exists()                                               # kept
     assert run_sh('generate_data.sh', paths('err1'), cwd=cwd).returncode == 0
     same_outputs(root / 'ref', root / 'err1')
     # not a tar; a class member that is not a tar; a truncated archive; a missing one
@@ -261,7 +304,7 @@ def test_class_tar_error_in_a_worker_is_one_line(tmp_path, monkeypatch, capsys):
     fake.parent.mkdir()
     with tarfile.open(fake, 'w') as tar:
         add_bytes(tar, 'n01000001.tar', b'not a tar' * 300)
-    (tmp_path / 'raw' / 'val').mkdir()
+    make_val_imagenet(tmp_path / 'raw')
     paths = write_paths(tmp_path / 'paths.yaml', train_img_dir='raw/fake.tar', layout='auto', workers=2)
     assert make_data.main([str(paths)]) == 2
     err = capsys.readouterr().err
