@@ -44,6 +44,9 @@ from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, 
 
 TOY_BATCHES = 10
 DEFAULT_PATHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paths.yaml')
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+OUTPUT_KEYS = ('tar_root_dir', 'tar_train_dir', 'tar_val_dir', 'misc_dir', 'traintxt_filename',
+               'valtxt_filename')
 
 
 def make_data(paths_file, toy=False, workers=None):
@@ -51,10 +54,14 @@ def make_data(paths_file, toy=False, workers=None):
     start = time.perf_counter()
     cfg = load_paths(paths_file)
     workers = workers or cfg['workers'] or available_cores()
-    listing = list_dataset(cfg, workers)
     folders = [batch_dir(d, cfg['batch_size'], n) for d in (cfg['tar_train_dir'], cfg['tar_val_dir'])
                for n in cfg['sub_batches']]
     labels_dir = os.path.join(cfg['tar_root_dir'], 'labels')
+    note = outside_note(paths_file, cfg)
+    if note:
+        print(note, flush=True)
+    check_outputs(cfg, folders + [labels_dir, cfg['misc_dir']])
+    listing = list_dataset(cfg, workers)
     for folder in folders + [labels_dir, cfg['misc_dir']]:
         os.makedirs(folder, exist_ok=True)
     remove_stale_temps(folders + [labels_dir, cfg['misc_dir'], cfg['tar_root_dir'],
@@ -86,6 +93,60 @@ def make_data(paths_file, toy=False, workers=None):
               'phase_1_s': phase_1_s, 'written': written, 'total_s': time.perf_counter() - start}
     print_summary(summary, cfg, folders, labels_dir, timing)
     return summary
+
+
+def outside_note(paths_file, cfg):
+    """One line naming the output folders that lie outside the paths file's project (this clone if
+    the file lies in it, else the file's folder), or None: a copied paths file keeps its relative
+    paths, so it may write elsewhere than its user expects."""
+    paths_file = os.path.realpath(paths_file)
+    home = REPO if within(paths_file, REPO) else os.path.dirname(paths_file)
+    # (tar_train_dir and tar_val_dir begin the names of the batch folders: those lie in their parent)
+    places = [cfg[k] if k in ('tar_root_dir', 'misc_dir') else os.path.dirname(cfg[k]) for k in OUTPUT_KEYS]
+    outside = sorted({p for p in places if not within(p, home)})
+    outside = [d for d in outside if not any(within(d, o) for o in outside if o != d)]
+    if outside:
+        return (f'note: the outputs go to {", ".join(outside)}, outside {home} (relative paths in '
+                f'{paths_file} are relative to its folder)')
+    return None
+
+
+def within(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_outputs(cfg, folders):
+    """Refuses, before any input is read, outputs that cannot be written or that clash: train and
+    val batches in one folder, both lists in one file, an output folder (`folders`: the batch, label
+    and misc folders) inside an input folder."""
+    if cfg['tar_train_dir'] == cfg['tar_val_dir']:
+        raise PrepError(f'tar_train_dir and tar_val_dir are both {cfg["tar_val_dir"]}: the val batches '
+                        f'would overwrite the train batches; give them different paths')
+    if cfg['traintxt_filename'] == cfg['valtxt_filename']:
+        raise PrepError(f'traintxt_filename and valtxt_filename are both {cfg["valtxt_filename"]}; give them '
+                        f'different paths')
+    for folder in folders:
+        for source in ('train_img_dir', 'val_img_dir'):
+            if os.path.isdir(cfg[source]) and within(folder, cfg[source]):
+                raise PrepError(f'the output folder {folder} is inside {source} {cfg[source]}: it would be '
+                                f'listed with the images; put the outputs elsewhere')
+    for path in folders + [os.path.dirname(cfg[k]) for k in ('traintxt_filename', 'valtxt_filename')]:
+        check_writable(path)
+    for key in ('traintxt_filename', 'valtxt_filename'):
+        if os.path.isdir(cfg[key]):
+            raise PrepError(f'{key} {cfg[key]} is a folder; name a file')
+
+
+def check_writable(folder):
+    """Raises PrepError unless `folder` is, or can be made as, a writable folder."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise PrepError(f'cannot make the output folder {folder}: {existing} is a file')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PrepError(f'cannot write to the output folder {folder}: {existing} is not writable')
 
 
 def phase_1(cfg, listing, toy, workers, record):

@@ -564,6 +564,56 @@ def test_in_process_errors_are_one_line(tmp_path, capsys):
     fails(paths, 'shuffled_train_filenames.npy', 'delete')
 
 
+def test_outputs_are_checked_before_any_input_is_read(tmp_path, monkeypatch, capsys):
+    """Outputs that cannot be written or that clash are refused at once (on ImageNet listing or
+    indexing the inputs takes minutes), each in one line naming the path."""
+    def not_yet(cfg, workers=1):
+        raise AssertionError('inputs listed before the outputs were checked')
+    monkeypatch.setattr(make_data, 'list_dataset', not_yet)
+    (tmp_path / 'a_file').write_text('')
+    for settings, names in [
+            (dict(misc_dir='a_file/misc'), [str(tmp_path / 'a_file' / 'misc'), 'is a file']),
+            (dict(tar_val_dir='out/train_hkl'), ['tar_train_dir', 'tar_val_dir']),
+            (dict(valtxt_filename='out/list.txt', traintxt_filename='out/list.txt'), ['valtxt_filename']),
+            (dict(tar_root_dir='raw/train/out'), [str(tmp_path / 'raw' / 'train' / 'out'), 'train_img_dir']),
+            (dict(misc_dir='raw/val/misc'), ['val_img_dir']),
+            (dict(traintxt_filename='raw'), [str(tmp_path / 'raw'), 'traintxt_filename'])]:
+        (tmp_path / 'raw' / 'train').mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'raw' / 'val').mkdir(exist_ok=True)
+        assert make_data.main([str(write_paths(tmp_path / 'paths.yaml', **settings))]) == 2, settings
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('error: ') and all(n in err for n in names), err
+
+
+def test_a_note_names_outputs_that_leave_the_paths_files_project(tmp_path, capsys):
+    """Relative paths follow the paths file: a copy of preprocessing/paths.yaml in the repo root
+    writes to ../data, outside the clone. One line at start says where, once; a paths file whose
+    outputs stay in its project (the clone, or the file's own folder) gets none."""
+    from preprocessing.paths import load_paths
+    shipped = REPO / 'preprocessing' / 'paths.yaml'
+    cfg = load_paths(shipped)
+    assert make_data.outside_note(shipped, cfg) is None                      # ../data: in the clone
+    copied = {k: os.path.normpath(v.replace(str(REPO / 'data'), str(REPO.parent / 'data')))
+              for k, v in cfg.items() if k in make_data.OUTPUT_KEYS}          # as a copy in the root gives
+    note = make_data.outside_note(REPO / 'paths.yaml', copied)
+    assert note.startswith('note: ') and str(REPO.parent / 'data' / 'imagenet') in note
+    assert note.count(str(REPO.parent / 'data')) == 1 and str(REPO) in note
+    # a run: the note once, first, and the run goes on
+    classes = ['cat', 'dog']
+    make_train(tmp_path / 'raw', classes, hostile=False, bad=False)
+    make_val_folders(tmp_path / 'raw', classes)
+    out = dict(tar_root_dir='../out', tar_train_dir='../out/train_hkl', tar_val_dir='../out/val_hkl',
+               misc_dir='../out/misc', train_img_dir='../raw/train', val_img_dir='../raw/val')
+    run(write_paths(tmp_path / 'cfg' / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
+                    val_label_file=None, sub_batches=[1], **out))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('note: ') and str(tmp_path / 'out') in lines[0] and str(tmp_path / 'cfg') in lines[0]
+    assert sum(line.startswith('note: ') for line in lines) == 1
+    run(write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None, val_label_file=None,
+                    sub_batches=[1]))
+    assert 'note: ' not in capsys.readouterr().out
+
+
 def test_ground_truth_shorter_than_val_set(tmp_path, capsys):
     make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
     make_val_imagenet(tmp_path / 'raw')
