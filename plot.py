@@ -9,6 +9,8 @@ matplotlib is installed.
 import argparse
 import sys
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 from lib.plot import write
 
 

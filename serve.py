@@ -24,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import chain
 from urllib.parse import urlsplit
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import torch
 import yaml
 from PIL import Image, UnidentifiedImageError

@@ -20,6 +20,8 @@ import sys
 import time
 from datetime import timedelta
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import torch
 import torch.distributed as dist
 

@@ -29,6 +29,8 @@ import tempfile
 import threading
 import time
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import torch
 
 from lib import UserError, config, exchange, trainer, training

@@ -13,6 +13,8 @@ corners and the centre of the crop range, each also mirrored.
 import os
 import sys
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import torch
 
 from lib import UserError, checkpoint, config, data, model, trainer, training

@@ -30,6 +30,8 @@ import sys
 import time
 from functools import partial
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import numpy as np
 import yaml
 

@@ -10,6 +10,8 @@ OUT_DIR/train/<digit>/NNNN.png and OUT_DIR/val/<digit>/NNNN.png, NNNN = index in
 import argparse
 import os
 
+from lib import env
+env.require()  # before any package: a python without them gets one line, not a traceback
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits

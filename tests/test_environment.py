@@ -1,0 +1,68 @@
+"""Every entry point runs in the project's environment (.venv): the shell scripts set it up with
+tools/venv.sh, and a python entry point run by a python without the packages says which python to use
+in one line instead of a ModuleNotFoundError traceback."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_PYTHON3 = '''#!/bin/sh
+# a system python3 without the packages; `-m venv DIR` makes a venv whose python echoes its arguments
+if [ "$1 $2" = "-m venv" ]; then
+    mkdir -p "$3/bin"
+    printf '#!/bin/sh\\necho "venv python $*"\\n' > "$3/bin/python"
+    chmod +x "$3/bin/python"
+    exit 0
+fi
+echo "system python3 $*"
+exit 1
+'''
+
+
+@pytest.mark.parametrize('args', [['train.py'], ['train_2gpu.py'], ['validate_performance.py'],
+                                  ['serve.py'], ['plot.py', 'w'], ['-m', 'preprocessing.make_data'],
+                                  ['-m', 'preprocessing.make_demo_data']])
+def test_a_python_without_the_packages_is_told_which_python_to_use(args):
+    # -S: no site-packages at all (as a system python3 without them); -E: nor PYTHONPATH
+    proc = subprocess.run([sys.executable, '-S', '-E', *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f'error: {sys.executable} lacks torch') and 'requirements.txt' in lines[0]
+    assert str(REPO / '.venv' / 'bin' / 'python') in lines[0] and 'sh tools/venv.sh' in lines[0]
+
+
+def test_generate_data_runs_in_the_venv_it_sets_up(tmp_path):
+    """Without .venv, generate_data.sh (and generate_toy_data.sh through it) makes it as demo.sh does,
+    rather than running the system python3 that lacks the packages."""
+    repo = tmp_path / 'repo'
+    for name in ('preprocessing/generate_data.sh', 'preprocessing/generate_toy_data.sh', 'tools/venv.sh',
+                 'requirements.txt'):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python3').write_text(FAKE_PYTHON3)
+    (tmp_path / 'bin' / 'python3').chmod(0o755)
+    env = dict(os.environ, PATH=f'{tmp_path / "bin"}:/usr/bin:/bin')
+    proc = subprocess.run(['sh', str(repo / 'preprocessing' / 'generate_toy_data.sh'), 'my.yaml'], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and 'system python3' not in proc.stdout, proc.stdout + proc.stderr
+    assert f'venv python -m preprocessing.make_data {tmp_path / "my.yaml"} --toy' in proc.stdout, proc.stdout
+    assert (repo / '.venv' / '.installed-requirements.txt').exists()
+
+
+def test_every_shell_entry_point_uses_the_venv():
+    """No shell script runs a bare python3 except tools/venv.sh, which makes .venv with it."""
+    scripts = [p for d in ('', 'preprocessing', 'tools', 'benchmarks', 'recipes') for p in (REPO / d).glob('*.sh')
+               if p != REPO / 'tools' / 'venv.sh']
+    assert len(scripts) >= 4
+    for script in scripts:
+        code = [line for line in script.read_text().splitlines() if not line.lstrip().startswith('#')]
+        assert not any(re.search(r'(?<![/\w.-])python3?\b', line) for line in code), script
+        if any('python' in line for line in code):
+            assert any('tools/venv.sh' in line for line in code), script
