@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 from lib.plot import write
 
 

@@ -25,7 +25,7 @@ from itertools import chain
 from urllib.parse import urlsplit
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import torch
 import yaml
 from PIL import Image, UnidentifiedImageError

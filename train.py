@@ -21,7 +21,7 @@ import time
 from datetime import timedelta
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import torch
 import torch.distributed as dist
 

@@ -30,7 +30,7 @@ import threading
 import time
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import torch
 
 from lib import UserError, config, exchange, trainer, training

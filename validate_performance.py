@@ -14,7 +14,7 @@ import os
 import sys
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import torch
 
 from lib import UserError, checkpoint, config, data, model, trainer, training

@@ -31,7 +31,7 @@ import time
 from functools import partial
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import numpy as np
 import yaml
 

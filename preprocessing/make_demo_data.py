@@ -11,7 +11,7 @@ import argparse
 import os
 
 from lib import env
-env.require()  # before any package: a python without them gets one line, not a traceback
+env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits

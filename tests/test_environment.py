@@ -1,6 +1,7 @@
 """Every entry point runs in the project's environment (.venv): the shell scripts set it up with
 tools/venv.sh, and a python entry point run by a python without the packages says which python to use
-in one line instead of a ModuleNotFoundError traceback."""
+in one line instead of a ModuleNotFoundError traceback; a missing module of the project keeps
+its traceback."""
 import os
 import re
 import shutil
@@ -32,9 +33,19 @@ def test_a_python_without_the_packages_is_told_which_python_to_use(args):
     proc = subprocess.run([sys.executable, '-S', '-E', *args], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f'error: {sys.executable} lacks torch') and 'requirements.txt' in lines[0]
+    assert proc.returncode == 1 and len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f'error: {sys.executable} has no module ') and 'requirements.txt' in lines[0]
     assert str(REPO / '.venv' / 'bin' / 'python') in lines[0] and 'sh tools/venv.sh' in lines[0]
+
+
+def test_a_missing_module_of_the_project_keeps_its_traceback(tmp_path):
+    """Only packages from outside the project get the one line: a bug (a module of lib/ that is not
+    there) is reported as usual."""
+    script = tmp_path / 'entry.py'
+    script.write_text(f'import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom lib import env\n'
+                      'env.explain_missing_packages()\nimport lib.no_such_module\n')
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and 'Traceback' in proc.stderr and 'lib.no_such_module' in proc.stderr
 
 
 def test_generate_data_runs_in_the_venv_it_sets_up(tmp_path):
