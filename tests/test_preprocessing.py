@@ -672,4 +672,4 @@ def test_pad_frames_every_image_in_black(tmp_path, capsys):
         capsys.readouterr()
         assert make_data.main([str(p)]) == 2
         err = capsys.readouterr().err
-        assert err.count('\n') == 1 and err.startswith('error: ') and 'pad must be' in err, err
+        assert err.count('\n') == 1 and err.startswith('error: ') and f"config key 'pad' in {p} must be" in err, err
