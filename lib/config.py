@@ -208,7 +208,8 @@ def check_value(key, value, schema, where, error=ConfigError):
     if not ok:
         like = '' if entry.default is None or entry.default is REQUIRED else f' like {entry.default!r}'
         null = ' or null' if entry.default is None else ''
-        raise error(f"config key '{key}' in {where} must be {t.__name__}{null}{like}, got {value!r}")
+        name = 'a path' if entry.path else t.__name__
+        raise error(f"config key '{key}' in {where} must be {name}{null}{like}, got {value!r}")
     if entry.choices and value not in entry.choices:
         raise error(f"config key '{key}' in {where} must be one of {', '.join(entry.choices)}, "
                     f"got {value!r}")
