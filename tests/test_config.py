@@ -82,6 +82,9 @@ def test_unknown_key_names_the_closest(tmp_path):
     g = write(tmp_path / 'g.yaml', '')
     with pytest.raises(config.ConfigError, match="did you mean 'n_epochs'"):
         config.load(g, g, ['n_epoch=3'], SCHEMA)
+    with pytest.raises(config.ConfigError, match="^unknown config key 'zzz' in command-line overrides; "
+                                                 "docs/configuration.md lists the keys$"):
+        config.load(g, g, ['zzz=3'], SCHEMA)
 
 
 def test_bad_override_syntax_and_bad_yaml(tmp_path):
