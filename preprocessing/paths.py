@@ -1,98 +1,79 @@
 """Loading and checking a paths file (preprocessing/paths.yaml, demo_paths.yaml, or the user's own).
 
-Every key is declared in KEYS; an unknown key is an error naming the closest valid one. Relative paths
-are relative to the directory of the paths file, so the file works from any working directory.
+Every key is declared in KEYS (lib.config.Key: default, meaning, allowed values) and checked by
+lib.config: an unknown key is an error naming the closest valid one, and relative paths are relative
+to the directory of the paths file, so the file works from any working directory.
 """
-import difflib
 import os
 
-import yaml
-
+from lib import config
+from lib.config import REQUIRED, Key, at_least
 from preprocessing import PrepError
 
-REQUIRED = object()  # marks keys without a default
-
-# key: default. The meaning of each key is commented in preprocessing/paths.yaml.
 KEYS = {
-    'train_img_dir': REQUIRED,
-    'val_img_dir': REQUIRED,
-    'tar_root_dir': REQUIRED,
-    'tar_train_dir': REQUIRED,
-    'tar_val_dir': REQUIRED,
-    'misc_dir': REQUIRED,
-    'devkit': None,              # imagenet layouts: the devkit archive or folder, or else the two files:
-    'meta_clsloc_mat': None,     # the devkit's synsets (meta_clsloc.mat or meta.mat)
-    'val_label_file': None,      # the devkit's val ground truth
-    'valtxt_filename': None,     # None: misc_dir/val.txt
-    'traintxt_filename': None,   # None: misc_dir/train.txt
-    'img_size': 256,
-    'pad': 0,                    # black border: images resized to img_size - 2 * pad, then framed
-    'batch_size': 256,
-    'sub_batches': [1],          # train_2gpu.py takes halves of the whole batches
-    'workers': None,             # None: all cores
-    'layout': 'auto',
-    'cifar100_labels': 'fine',   # cifar100_bin: fine (100 classes) or coarse (20)
+    # --- inputs -----------------------------------------------------------------------------
+    'train_img_dir': Key(REQUIRED, 'training images: `ILSVRC2012_img_train.tar` (a tar of one tar per '
+                         'class), the extracted folders, one per class (`train/<class>/*`), or a CIFAR '
+                         'binary archive or folder (see `layout`)', path=True),
+    'val_img_dir': Key(REQUIRED, 'validation images: `ILSVRC2012_img_val.tar`, or extracted flat '
+                       '(`imagenet`), or class folders (`folders`), or the CIFAR archive', path=True),
+    'devkit': Key(None, 'imagenet layouts: the devkit archive or its extracted folder: '
+                  '`ILSVRC2012_devkit_t12.tar.gz` (`data/meta.mat` + '
+                  '`data/ILSVRC2012_validation_ground_truth.txt`) or `ILSVRC2014_devkit.tgz` '
+                  "(`data/meta_clsloc.mat` + `data/ILSVRC2014_clsloc_validation_ground_truth.txt`, the "
+                  "original's)", path=True),
+    'meta_clsloc_mat': Key(None, "instead of `devkit`, its synsets: struct array `synsets` (field 0 "
+                           'ILSVRC id, 1-based, field 1 WNID, `words`)', path=True),
+    'val_label_file': Key(None, 'instead of `devkit`, its val ground truth: the ILSVRC id of val image '
+                          'N on line N (NOT in WNID order)', path=True),
+    'layout': Key('auto', '`imagenet_tar`: the archives above, read in place, + devkit; `imagenet`: the '
+                  'same extracted (`train/<wnid>/*`, flat `val/`) + devkit; `folders`: `train/<class>/*`, '
+                  '`val/<class>/*`, no devkit; `cifar10_bin` / `cifar100_bin`: '
+                  '`cifar-10-binary.tar.gz` / `cifar-100-binary.tar.gz` or their folders. `auto`: '
+                  '`imagenet_tar` if `train_img_dir` is a `.tar` file, a CIFAR layout for a CIFAR binary '
+                  'archive or folder, `imagenet` if the devkit exists and val is flat, else `folders`',
+                  choices=('imagenet', 'imagenet_tar', 'folders', 'cifar10_bin', 'cifar100_bin', 'auto')),
+    'cifar100_labels': Key('fine', '`cifar100_bin`: `fine` (100 classes) or `coarse` (the 20 '
+                           'superclasses)', choices=('fine', 'coarse')),
+    # --- outputs ----------------------------------------------------------------------------
+    'tar_root_dir': Key(REQUIRED, 'gets `labels/` (`{train,val}_labels*.npy`) and `dataset.yaml` '
+                        '(classes, sizes, counts)', path=True),
+    'tar_train_dir': Key(REQUIRED, 'training batches go to `<tar_train_dir>_b<B>_b_<B/n>` for each n '
+                         'in `sub_batches`', path=True),
+    'tar_val_dir': Key(REQUIRED, 'validation batches, named the same way', path=True),
+    'misc_dir': Key(REQUIRED, '`shuffled_train_filenames.npy`, `img_mean.npy`, `bad_images.txt`, '
+                    '`fingerprint.json`, `mean_total.npz`, `<archive>.index.npz`', path=True),
+    'traintxt_filename': Key(None, 'caffe-style list `<wnid>/<file> <label>` of the training images, '
+                             'in shuffled order (null: `misc_dir/train.txt`)', path=True),
+    'valtxt_filename': Key(None, 'caffe-style list `<file> <label>` of the validation images (null: '
+                           '`misc_dir/val.txt`)', path=True),
+    # --- batches ----------------------------------------------------------------------------
+    'img_size': Key(256, 'side S of the square every image is resized to (aspect not kept), pixels',
+                    at_least(1)),
+    'pad': Key(0, 'black border: images are resized to S − 2·pad and framed by `pad` black pixels; with '
+               '`crop_size` = S − 2·pad, random crops shift the image by up to ±pad (below S / 2)',
+               at_least(0)),
+    'batch_size': Key(256, 'images per batch file; the last incomplete batch is dropped', at_least(1)),
+    'sub_batches': Key([1], 'write every batch split in n equal parts, for each n: 1: whole batches '
+                       '`NNNN.hkl`, all that train.py, torchrun and train_2gpu.py need; 2: also the '
+                       "halves `NNNN_0.hkl` / `NNNN_1.hkl` (a second copy, as the original did)",
+                       (lambda v: v and min(v) >= 1 and len(set(v)) == len(v),
+                        'a list of distinct positive integers')),
+    'workers': Key(None, 'processes decoding images (null: all cores); the output is the same for any '
+                   'number', at_least(1), kind=int),
 }
-PATH_KEYS = [k for k in KEYS if k.endswith(('_dir', '_mat', '_file', '_filename')) or k == 'devkit']
-LAYOUTS = ('imagenet', 'imagenet_tar', 'folders', 'cifar10_bin', 'cifar100_bin', 'auto')
 
 
 def load_paths(path):
     """The settings of a paths file as a dict holding every key of KEYS, paths made absolute."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise PrepError(f'cannot read paths file {path}: {e.strerror}') from None
-    except yaml.YAMLError as e:
-        where = getattr(e, 'problem_mark', None)
-        line = f' at line {where.line + 1}' if where else ''
-        raise PrepError(f'{path}: not valid YAML{line}') from None
-    if not isinstance(raw, dict):
-        raise PrepError(f'{path}: expected a mapping of key: value')
-    for key in raw:
-        if key not in KEYS:
-            close = difflib.get_close_matches(str(key), KEYS, n=1)
-            hint = f"did you mean '{close[0]}'?" if close else 'valid keys: ' + ', '.join(KEYS)
-            raise PrepError(f"{path}: unknown key '{key}' ({hint})")
-    cfg = {k: raw.get(k, default) for k, default in KEYS.items()}
-    missing = [k for k, v in cfg.items() if v is REQUIRED]
-    if missing:
-        raise PrepError(f'{path}: missing key(s): {", ".join(missing)}')
-    base = os.path.dirname(os.path.abspath(path))
-    for key in PATH_KEYS:
-        if cfg[key] is not None:
-            if not isinstance(cfg[key], str):
-                raise PrepError(f'{path}: {key} must be a path, got {cfg[key]!r}')
-            cfg[key] = os.path.normpath(os.path.join(base, os.path.expanduser(cfg[key])))
+    cfg = config.merge(KEYS, [config.yaml_source(path, PrepError)], PrepError)
     cfg['traintxt_filename'] = cfg['traintxt_filename'] or os.path.join(cfg['misc_dir'], 'train.txt')
     cfg['valtxt_filename'] = cfg['valtxt_filename'] or os.path.join(cfg['misc_dir'], 'val.txt')
-    check_values(cfg, path)
-    return cfg
-
-
-def check_values(cfg, path):
-    """Types and ranges of the non-path keys; raises PrepError naming the key."""
-    def positive_int(x):
-        return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-    for key in ('img_size', 'batch_size'):
-        if not positive_int(cfg[key]):
-            raise PrepError(f'{path}: {key} must be a positive integer, got {cfg[key]!r}')
-    pad = cfg['pad']
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0 or 2 * pad >= cfg['img_size']:
-        raise PrepError(f'{path}: pad must be an integer from 0 to (img_size - 1) // 2, got {pad!r}')
-    if cfg['workers'] is not None and not positive_int(cfg['workers']):
-        raise PrepError(f'{path}: workers must be a positive integer or null, got {cfg["workers"]!r}')
-    if cfg['layout'] not in LAYOUTS:
-        raise PrepError(f'{path}: layout must be one of {", ".join(LAYOUTS)}, got {cfg["layout"]!r}')
-    if cfg['cifar100_labels'] not in ('fine', 'coarse'):
-        raise PrepError(f'{path}: cifar100_labels must be fine or coarse, got {cfg["cifar100_labels"]!r}')
-    subs = cfg['sub_batches']
-    if not isinstance(subs, list) or not subs or not all(positive_int(n) for n in subs) \
-            or len(set(subs)) != len(subs):
-        raise PrepError(f'{path}: sub_batches must be a list of distinct positive integers, got {subs!r}')
-    for n in subs:
+    if 2 * cfg['pad'] >= cfg['img_size']:
+        raise PrepError(f"config key 'pad' in {path} must be below img_size / 2 = {cfg['img_size'] / 2:g}, "
+                        f"got {cfg['pad']}")
+    for n in cfg['sub_batches']:
         if cfg['batch_size'] % n:
             raise PrepError(f'{path}: batch_size {cfg["batch_size"]} cannot be split in {n} equal parts '
                             f'(sub_batches)')
+    return cfg

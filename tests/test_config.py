@@ -7,6 +7,8 @@ import pytest
 import yaml
 
 from lib import config
+from preprocessing import paths
+from tools import config_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
@@ -21,8 +23,31 @@ def test_shipped_files_hold_exactly_the_schema_defaults():
     for name, schema in (('config.yaml', config.CONFIG), ('spec_1gpu.yaml', config.SPEC_1GPU),
                          ('spec_2gpu.yaml', config.SPEC_2GPU)):
         values = config.load_yaml(os.path.join(ROOT, name))
-        expected = {k: v for k, (v, _) in schema.items() if k != 'lib_conv'}
-        assert values == expected, name
+        assert list(values) == list(schema), f'{name}: not the keys of the schema, in its order'
+        assert values == config.defaults(schema), f'{name}: not the defaults of the schema'
+
+
+def test_shipped_paths_yaml_holds_every_key_and_the_defaults_of_the_settings():
+    """paths.yaml holds the user's paths (required or not), and every other key at its default."""
+    values = config.load_yaml(os.path.join(ROOT, 'preprocessing', 'paths.yaml'))
+    assert list(values) == list(paths.KEYS)
+    settings = {k: e.default for k, e in paths.KEYS.items() if not e.path}
+    assert {k: values[k] for k in settings} == settings
+    assert all(values[k] for k, e in paths.KEYS.items() if e.default is config.REQUIRED)
+
+
+def test_every_default_passes_its_own_check():
+    for schema in (config.CONFIG, config.SPEC_1GPU, config.SPEC_2GPU, config.EVALUATE, paths.KEYS):
+        for key, entry in schema.items():
+            if entry.default is not None and entry.default is not config.REQUIRED:
+                assert config.check_value(key, entry.default, schema, 'the schema') == entry.default
+
+
+def test_docs_configuration_md_is_generated_from_the_schema():
+    with open(os.path.join(ROOT, 'docs', 'configuration.md')) as f:
+        shipped = f.read()
+    assert shipped == config_docs.markdown(), \
+        'docs/configuration.md is stale: .venv/bin/python -m tools.config_docs > docs/configuration.md'
 
 
 def test_merge_order_and_overrides(tmp_path):
@@ -57,6 +82,9 @@ def test_unknown_key_names_the_closest(tmp_path):
     g = write(tmp_path / 'g.yaml', '')
     with pytest.raises(config.ConfigError, match="did you mean 'n_epochs'"):
         config.load(g, g, ['n_epoch=3'], SCHEMA)
+    with pytest.raises(config.ConfigError, match="^unknown config key 'zzz' in command-line overrides; "
+                                                 "docs/configuration.md lists the keys$"):
+        config.load(g, g, ['zzz=3'], SCHEMA)
 
 
 def test_bad_override_syntax_and_bad_yaml(tmp_path):
@@ -125,7 +153,7 @@ EVERY_KEY = {**config.CONFIG, **config.SPEC_1GPU, **config.SPEC_2GPU}
 
 
 def test_every_range_of_the_schema_is_tested_here():
-    assert set(OUT_OF_RANGE) == set(config.RANGES)
+    assert set(OUT_OF_RANGE) == {k for k, e in EVERY_KEY.items() if e.check}
 
 
 @pytest.mark.parametrize('key', sorted(OUT_OF_RANGE))
@@ -133,18 +161,24 @@ def test_values_out_of_range_are_named_at_start_up(key):
     bad, msg, edge = OUT_OF_RANGE[key]
     with pytest.raises(config.ConfigError) as e:
         config.merge(EVERY_KEY, [('command-line overrides', {key: bad}, None)])
-    assert str(e.value) == f'{key} must be {msg}'
+    assert str(e.value) == f"config key '{key}' in command-line overrides must be {msg}"
     assert config.merge(EVERY_KEY, [('command-line overrides', {key: edge}, None)])[key] == edge
 
 
-def test_an_override_out_of_range_is_named_when_the_files_are_merged(tmp_path):
+def test_a_value_out_of_range_is_named_with_the_file_or_override_that_set_it(tmp_path):
     g = write(tmp_path / 'g.yaml', '')
-    with pytest.raises(config.ConfigError, match=r'^momentum must be in \[0, 1\), got 1.0$'):
+    with pytest.raises(config.ConfigError, match=r"^config key 'momentum' in command-line overrides "
+                                                 r"must be in \[0, 1\), got 1.0$"):
         config.load(g, g, ['momentum=1'], SCHEMA)
+    f = write(tmp_path / 'f.yaml', 'print_freq: 0\n')
+    with pytest.raises(config.ConfigError) as e:
+        config.load(g, f, [], SCHEMA)
+    assert str(e.value) == f"config key 'print_freq' in {f} must be at least 1, got 0"
 
 
 def test_out_of_range_value_is_a_one_line_error_before_training(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), 'snapshot_freq=0'],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ['error: snapshot_freq must be at least 1, got 0']
+    assert r.stderr.strip().splitlines() == [
+        "error: config key 'snapshot_freq' in command-line overrides must be at least 1, got 0"]

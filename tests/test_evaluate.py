@@ -29,7 +29,7 @@ def test_validate_reproduces_the_val_record_row(trained):
     record = np.load(os.path.join(root, 'w', 'val_record.npy'))
     for epoch in (1, 2):
         top1, top5, loss, n, _ = validate_performance.validate(
-            dict(cfg, load_epoch=epoch, **{k: v for k, (v, _) in config.EVALUATE.items()}))
+            dict(cfg, load_epoch=epoch, **config.defaults(config.EVALUATE)))
         assert n == 2 * 8
         assert (top1, loss) == (record[epoch - 1, 0], record[epoch - 1, 1])  # bit for bit
         history = torch.load(os.path.join(root, 'w', f'model_{epoch}.pt'), weights_only=True)['history']

@@ -140,7 +140,8 @@ MUTANTS = [
            ('tests/test_train.py::test_a_damaged_snapshot_is_a_one_line_error_on_resume',)),
     # --- config (lib/config.py)
     Mutant('a config range dropped', 'lib/config.py',
-           "'peer_timeout': (lambda v: v > 0, 'above 0'),", '',
+           "before it stops with an error',\n                        ABOVE_0),",
+           "before it stops with an error'),",
            ('tests/test_config.py::test_every_range_of_the_schema_is_tested_here',)),
 ]
 

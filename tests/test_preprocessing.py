@@ -673,6 +673,39 @@ def test_shipped_paths_files(name):
         assert all(lines[i - 1].startswith('#') for i, line in enumerate(lines) if line and line[0] != '#')
 
 
+@pytest.mark.parametrize('settings, message', [
+    (dict(misc_dir=None), "config key 'misc_dir' in {p} must be a path, got None"),
+    (dict(batchsize=4), "unknown config key 'batchsize' in {p}; did you mean 'batch_size'?"),
+    (dict(workers='all'), "config key 'workers' in {p} must be int or null, got 'all'"),
+    (dict(workers=0), "config key 'workers' in {p} must be at least 1, got 0"),
+    (dict(img_size=0), "config key 'img_size' in {p} must be at least 1, got 0"),
+    (dict(layout='flat'), "config key 'layout' in {p} must be one of imagenet, imagenet_tar, folders, "
+                          "cifar10_bin, cifar100_bin, auto, got 'flat'"),
+    (dict(cifar100_labels='both'), "config key 'cifar100_labels' in {p} must be one of fine, coarse, "
+                                   "got 'both'"),
+    (dict(sub_batches=[2, 2]), "config key 'sub_batches' in {p} must be a list of distinct positive "
+                               "integers, got [2, 2]"),
+    (dict(train_img_dir=3), "config key 'train_img_dir' in {p} must be a path, got 3"),
+])
+def test_a_bad_paths_file_is_a_prep_error_naming_the_file_and_key(tmp_path, settings, message):
+    from preprocessing import PrepError
+    from preprocessing.paths import load_paths
+    p = write_paths(tmp_path / 'paths.yaml', **settings)
+    with pytest.raises(PrepError) as e:
+        load_paths(p)
+    assert str(e.value) == message.format(p=p)
+
+
+def test_a_paths_file_without_a_required_key_names_them(tmp_path):
+    from preprocessing import PrepError
+    from preprocessing.paths import load_paths
+    p = tmp_path / 'paths.yaml'
+    p.write_text('train_img_dir: raw/train\nval_img_dir: raw/val\ntar_root_dir: out\n')
+    with pytest.raises(PrepError, match=f'^{p}: missing config key[(]s[)] tar_train_dir, tar_val_dir, '
+                                        'misc_dir$'):
+        load_paths(p)
+
+
 @pytest.mark.parametrize('layout', ['imagenet', 'folders'])
 def test_train_py_trains_on_what_preprocessing_wrote(tmp_path, layout):
     """The whole path: raw tree -> generate_data.sh -> train.py (CPU), for both layouts."""
@@ -722,4 +755,4 @@ def test_pad_frames_every_image_in_black(tmp_path, capsys):
         capsys.readouterr()
         assert make_data.main([str(p)]) == 2
         err = capsys.readouterr().err
-        assert err.count('\n') == 1 and err.startswith('error: ') and 'pad must be' in err, err
+        assert err.count('\n') == 1 and err.startswith(f"error: config key 'pad' in {p} must be"), err

@@ -273,7 +273,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     _, halves = dataset(tmp_path)
     for over, msg in (({'exchange_transport': 'ipc'}, 'exchange_transport ipc needs two CUDA workers'),
                       ({'exchange_transport': 'udp'}, "must be one of auto, ipc, shm, tcp, got 'udp'"),
-                      ({'exchange_freq': 0}, 'exchange_freq must be at least 1'),
+                      ({'exchange_freq': 0}, "'exchange_freq' in command-line overrides must be at least 1"),
                       ({'gpu1': 'tpu'}, "gpu1: 'tpu' is not a device")):
         r = run_2gpu(tmp_path, halves, **over)
         assert r.returncode == 2, (over, r.stderr)
