@@ -81,7 +81,7 @@ SPEC_1GPU = {
 SPEC_2GPU = {
     'gpu0': ('gpu0', 'device of worker 0'),
     'gpu1': ('gpu1', 'device of worker 1'),
-    'sock_gpu': (5002, 'port of the weight-exchange socket'),
+    'sock_gpu': (5002, 'two hosts: port of the exchange link on exchange_host'),
     'sock_data0': (5000, 'loader socket of worker 0'),
     'sock_data1': (5001, 'loader socket of worker 1'),
     'batch_size': (128, 'images per step per worker'),
@@ -90,7 +90,7 @@ SPEC_2GPU = {
     'val_folder': ('data/imagenet/val_hkl_b256_b_256', 'validation batches, as train_folder'),
     'exchange_transport': ('auto', 'auto | ipc (CUDA IPC) | shm (CPU shared memory) | tcp (bytes '
                                    'over ZeroMQ); auto: ipc for 2 GPUs, shm for 2 CPUs, else tcp'),
-    'exchange_host': ('', "address worker 0 binds sock_gpu on ('': 127.0.0.1, this host only)"),
+    'exchange_host': ('', "two hosts: the address worker 0 binds sock_gpu on ('': one host)"),
     'curve_dir': ('', 'folder of worker0/worker1 CURVE keys: encrypt and authenticate the link'),
 }
 
