@@ -7,8 +7,9 @@
 Each worker runs train.py's loop on its half of every batch (worker r: images [r*b, (r+1)*b) of
 every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/halves.py) from the same initial
 weights; every exchange_freq steps they average parameters and momentum over the
-exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link bound to
-127.0.0.1:sock_gpu (lib/link.py). Worker 0 logs and writes weights_dir (as train.py does).
+exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link (lib/link.py):
+a unix socket in the launcher's private folder (mode 0700, on /dev/shm), which no other user can
+reach. Worker 0 logs and writes weights_dir (as train.py does).
 
 If a worker dies or stalls, the other stops within peer_timeout naming it and the step, and
 this launcher stops what is left and exits non-zero; Ctrl-C stops everything.
@@ -17,11 +18,9 @@ On two hosts: set exchange_host (the address worker 0 binds) and curve_dir (keys
 `python train_2gpu.py --make-keys DIR`, copied to both hosts), then run
 `python train_2gpu.py --worker 0 ...` on the first host and `--worker 1 ...` on the second.
 """
-import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -33,7 +32,7 @@ from lib import env
 env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
 import torch
 
-from lib import UserError, config, exchange, trainer, training
+from lib import UserError, config, exchange, link, trainer, training
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 
@@ -53,17 +52,19 @@ def watch_parent(parent):
     threading.Thread(target=watch, daemon=True, name='watch-launcher').start()
 
 
-def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
-    """One worker: training.run on its half with the Pair exchanger. Returns the exit code."""
+def worker_main(rank, cfg, transport, run_dir, parent=None):
+    """One worker: training.run on its half with the Pair exchanger. Returns the exit code.
+    The link: tcp to exchange_host (two hosts, CURVE), else a socket in run_dir (one host)."""
     if parent is not None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         watch_parent(parent)
     device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # two workers share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    pair = exchange.Pair(rank, token, transport, cfg['sock_gpu'], freq=cfg['exchange_freq'],
-                         timeout=cfg['peer_timeout'], host=cfg['exchange_host'],
-                         curve_dir=cfg['curve_dir'], shm_dir=shm_dir)
+    endpoint = (f"tcp://{cfg['exchange_host']}:{cfg['sock_gpu']}" if cfg['exchange_host']
+                else f'ipc://{run_dir}/link')
+    pair = exchange.Pair(rank, transport, endpoint, freq=cfg['exchange_freq'],
+                         timeout=cfg['peer_timeout'], curve_dir=cfg['curve_dir'], shm_dir=run_dir)
     try:
         history = training.run(cfg, training.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
                                               port=cfg[f'sock_data{rank}']))
@@ -83,8 +84,8 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
     return 0
 
 
-def _child(rank, cfg, token, transport, shm_dir, parent):
-    sys.exit(worker_main(rank, cfg, token, transport, shm_dir, parent))
+def _child(rank, cfg, transport, run_dir, parent):
+    sys.exit(worker_main(rank, cfg, transport, run_dir, parent))
 
 
 def stop(procs, grace):
@@ -103,14 +104,13 @@ def stop(procs, grace):
 def launch(cfg):
     """Start both workers on this host and wait for them; the exit code of the run."""
     transport = exchange.transport_for(cfg['exchange_transport'], devices(cfg))
-    token = secrets.token_bytes(32)
     shm_root = '/dev/shm' if os.path.isdir('/dev/shm') else None
-    shm_dir = tempfile.mkdtemp(prefix='alexnet-2gpu-', dir=shm_root)  # mode 0700
+    run_dir = tempfile.mkdtemp(prefix='alexnet-2gpu-', dir=shm_root)  # mode 0700
     ctx = multiprocessing.get_context('spawn')
     procs = [ctx.Process(target=_child, name=f'alexnet-worker{r}',
-                         args=(r, cfg, token, transport, shm_dir, os.getpid())) for r in (0, 1)]
+                         args=(r, cfg, transport, run_dir, os.getpid())) for r in (0, 1)]
     print(f'train_2gpu: 2 workers on {cfg["gpu0"]} and {cfg["gpu1"]}, exchange over {transport} '
-          f'every {cfg["exchange_freq"]} step(s), link 127.0.0.1:{cfg["sock_gpu"]}', flush=True)
+          f'every {cfg["exchange_freq"]} step(s), link ipc://{run_dir}/link', flush=True)
     try:
         for p in procs:
             p.start()
@@ -122,7 +122,7 @@ def launch(cfg):
         return 130
     finally:
         stop(procs, 5.0)
-        shutil.rmtree(shm_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def wait(procs, peer_timeout):
@@ -148,14 +148,6 @@ def wait(procs, peer_timeout):
         print(f'train_2gpu: error: a worker failed ({codes})', file=sys.stderr, flush=True)
         return 1
     return 0
-
-
-def read_key(path):
-    try:
-        with open(path, 'rb') as f:
-            return f.read()
-    except OSError as e:
-        raise config.ConfigError(f'curve_dir: cannot read {path}: {e.strerror}') from None
 
 
 def make_keys(folder):
@@ -184,21 +176,21 @@ def main(argv=None):
         if rank is None:
             if cfg['exchange_host']:
                 raise config.ConfigError('exchange_host is for two hosts: start each worker with '
-                                         '--worker 0 / --worker 1 (see train_2gpu.py --help)')
+                                         '--worker 0 / --worker 1, with curve_dir (see '
+                                         'train_2gpu.py --help)')
             devices(cfg)  # a bad device is a one-line error before anything starts
             print('config:\n' + config.describe(cfg), flush=True)
             return launch(cfg)
         if not (cfg['exchange_host'] and cfg['curve_dir']):
             raise config.ConfigError('--worker needs exchange_host and curve_dir (the link '
                                      'between hosts is always authenticated and encrypted)')
-        keys = [read_key(os.path.join(cfg['curve_dir'], f'worker{r}.key')) for r in (0, 1)]
-        token = hashlib.sha256(b''.join(keys)).digest()
+        link.curve_keys(cfg['curve_dir'], rank)  # unreadable keys: an error now
         device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
         transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
                                            same_host=False)
         if rank == 0:
             print('config:\n' + config.describe(cfg), flush=True)
-        return worker_main(rank, cfg, token, transport, '')
+        return worker_main(rank, cfg, transport, '')
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

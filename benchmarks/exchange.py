@@ -19,7 +19,6 @@ import argparse
 import multiprocessing
 import os
 import queue
-import secrets
 import shutil
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 
 import torch
 
-from benchmarks.common import Clock, epoch_img_s, free_port, header, train_log
+from benchmarks.common import Clock, epoch_img_s, header, train_log
 from lib import exchange, model
 
 
@@ -39,17 +38,17 @@ def sync(device):
 NETS = {'alexnet': (1000, 227), 'alexnet_cifar': (10, 32)}  # classes, crop
 
 
-def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out, net='alexnet',
-                    host='', curve_dir=''):
+def exchange_worker(rank, transport, device, endpoint, shm_dir, repeats, out, net='alexnet',
+                    curve_dir=''):
     """One of the two Pair workers; puts (rank, median ms, bytes of its buffer) into `out`.
-    host / curve_dir: worker 0's address and the CURVE keys (two hosts; benchmarks.links)."""
+    endpoint / curve_dir: the link and the CURVE keys (two hosts: benchmarks.links)."""
     torch.set_num_threads(1)
     device = torch.device(device)
     net = model.build(net, NETS[net][0], 0.5, NETS[net][1], seed=23455).to(device)
     params = list(net.parameters())
     momentum = [torch.zeros_like(p) for p in params]
-    pair = exchange.Pair(rank, token, transport, port, timeout=600.0, host=host,
-                         curve_dir=curve_dir, shm_dir=shm_dir)
+    pair = exchange.Pair(rank, transport, endpoint, timeout=600.0, curve_dir=curve_dir,
+                         shm_dir=shm_dir)
     try:
         pair.attach(params, momentum, device)  # includes one (warm-up) exchange
         times = []
@@ -68,12 +67,11 @@ def exchange_worker(rank, transport, device, port, token, shm_dir, repeats, out,
 def time_exchange(transport, device, repeats, net='alexnet', timeout=600.0):
     """(ms per exchange: the slower worker's median, bytes per worker) of two processes averaging
     `net`'s [params | momentum] with lib/exchange.Pair over `transport`, within `timeout` s."""
-    token, port = secrets.token_bytes(32), free_port()
     shm_dir = tempfile.mkdtemp(prefix='bench-exchange-', dir='/dev/shm' if os.path.isdir('/dev/shm') else None)
     ctx = multiprocessing.get_context('spawn')
     out = ctx.Queue()
     procs = [ctx.Process(target=exchange_worker,
-                         args=(r, transport, device, port, token, shm_dir, repeats, out, net))
+                         args=(r, transport, device, f'ipc://{shm_dir}/link', shm_dir, repeats, out, net))
              for r in (0, 1)]
     try:
         for p in procs:
@@ -146,12 +144,11 @@ def part_training(args):
     one = [sys.executable, 'train.py', 'gpu=cpu', f'batch_size={args.batch}',
            f'weights_dir={work}/one'] + common
     two = [sys.executable, 'train_2gpu.py', 'gpu0=cpu', 'gpu1=cpu', f'batch_size={args.batch // 2}',
-           f'weights_dir={work}/two', f'sock_gpu={free_port()}'] + common
+           f'weights_dir={work}/two'] + common
     res = {'one': [], 'two': []}
     try:
         for _ in range(args.trials):  # interleaved, so a load change hits both
             res['one'].append(train_img_s(one, env))
-            two[6] = f'sock_gpu={free_port()}'
             res['two'].append(train_img_s(two, env))
     finally:
         shutil.rmtree(work, ignore_errors=True)

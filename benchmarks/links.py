@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import secrets
 import statistics
 import subprocess
 import sys
@@ -63,11 +62,10 @@ def allreduce_worker(rank, host, repeats):
 def run_pair(hosts, way, repeats, keys):
     """(seconds per exchange: the slower worker's median, bytes per worker) of `way` between
     the two hosts."""
-    token = secrets.token_hex(32)
     procs = []
     for rank, host in enumerate(hosts):
         cmd = [sys.executable, '-m', 'benchmarks.links', '--worker', way, '--rank', str(rank),
-               '--host', hosts[0].addr, '--repeats', str(repeats), '--token', token,
+               '--host', hosts[0].addr, '--repeats', str(repeats),
                '--curve-dir', keys if way == 'curve' else '']
         procs.append(host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -90,15 +88,13 @@ def main(argv=None):
     p.add_argument('--worker', choices=['tcp', 'curve', 'gloo'], help=argparse.SUPPRESS)
     p.add_argument('--rank', type=int, help=argparse.SUPPRESS)
     p.add_argument('--host', help=argparse.SUPPRESS)
-    p.add_argument('--token', help=argparse.SUPPRESS)
     p.add_argument('--curve-dir', default='', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker == 'gloo':
         return allreduce_worker(args.rank, args.host, args.repeats)
     if args.worker:  # one Pair worker, in its namespace
-        return exchange_worker(args.rank, 'tcp', 'cpu', PORT, bytes.fromhex(args.token), '',
-                               args.repeats, PrintResult(), host=args.host,
-                               curve_dir=args.curve_dir)
+        return exchange_worker(args.rank, 'tcp', 'cpu', f'tcp://{args.host}:{PORT}', '',
+                               args.repeats, PrintResult(), curve_dir=args.curve_dir)
     print(header('cpu', 'links', argv if argv is not None else sys.argv[1:]))
     print(f'kernel {platform.release()}, {datetime.date.today().isoformat()}')
     import zmq.auth

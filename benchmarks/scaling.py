@@ -44,7 +44,7 @@ def runs(args, work):
     g1 = 'cpu' if args.gpu == 'cpu' else ('cuda:1' if torch.cuda.device_count() > 1 else 'cuda:0')
     out.append(('train_2gpu.py, 2 workers', 'ZeroMQ + shm' if gpu == 'cpu' else 'ZeroMQ + ipc',
                 lambda: [py, 'train_2gpu.py', f'gpu0={gpu}', f'gpu1={g1}', f'batch_size={B // 2}',
-                         f'sock_gpu={free_port()}', f'weights_dir={work}/two'] + common))
+                         f'weights_dir={work}/two'] + common))
     return out
 
 

@@ -136,7 +136,8 @@ SPEC_1GPU = {
 SPEC_2GPU = {
     'gpu0': Key('gpu0', "device of worker 0: as train.py's `gpu` (`cpu`, `cuda:N`, ...)"),
     'gpu1': Key('gpu1', 'device of worker 1'),
-    'sock_gpu': Key(5002, 'port of the weight-exchange link; worker 0 binds it', PORT),
+    'sock_gpu': Key(5002, 'two hosts: port of the exchange link on `exchange_host` (one host: a unix '
+                     'socket in the launcher\'s private folder)', PORT),
     'sock_data0': Key(5000, 'loader socket of worker 0 (used only where ZeroMQ has no `ipc://`)', PORT),
     'sock_data1': Key(5001, 'loader socket of worker 1', PORT),
     'batch_size': Key(128, 'images per step per worker (2 × 128 = the original\'s 256)', at_least(1)),
@@ -148,8 +149,8 @@ SPEC_2GPU = {
     'exchange_transport': Key('auto', '`ipc` (CUDA IPC), `shm` (CPU shared memory) or `tcp` (bytes over '
                               'ZeroMQ); `auto`: `ipc` for two GPUs, `shm` for two CPUs, else `tcp`',
                               choices=('auto', 'ipc', 'shm', 'tcp')),
-    'exchange_host': Key('', "two hosts: the address worker 0 binds `sock_gpu` on ('': 127.0.0.1, one "
-                         'host)'),
+    'exchange_host': Key('', "two hosts: the address worker 0 binds `sock_gpu` on ('': one host; "
+                         'then each worker starts with `--worker 0` / `--worker 1`)'),
     'curve_dir': Key('', 'two hosts: the folder of `worker0`/`worker1` CURVE keys that encrypt and '
                      'authenticate the link', path=True),
 }

@@ -151,13 +151,13 @@ class Pair(Periodic):
     """One of the two workers of train_2gpu.py (see the module docstring)."""
     same_gradients = False
 
-    def __init__(self, rank, token, transport, port, *, freq=1, timeout=120.0, host='',
-                 curve_dir='', shm_dir=''):
-        """Worker `rank` of two; the link on host:port (host '': 127.0.0.1), CURVE with the keys
-        in curve_dir; exchange every `freq` steps; wait for the peer at most `timeout` s."""
+    def __init__(self, rank, transport, endpoint, *, freq=1, timeout=120.0, curve_dir='',
+                 shm_dir=''):
+        """Worker `rank` of two; the link on `endpoint` (lib/link.py), CURVE with the keys in
+        curve_dir; exchange every `freq` steps; wait for the peer at most `timeout` s."""
         self.rank, self.is_main, self.size = rank, rank == 0, 2
-        self.token, self.transport, self.shm_dir = token, transport, shm_dir
-        self.address, self.curve_dir = (host or '127.0.0.1', port), curve_dir
+        self.transport, self.shm_dir = transport, shm_dir
+        self.endpoint, self.curve_dir = endpoint, curve_dir
         self.freq, self.timeout = freq, timeout
         self.link = None
         self.seq = 0        # collective operations so far: both workers must agree on it
@@ -177,7 +177,7 @@ class Pair(Periodic):
         info = {'rank': self.rank, 'numel': n, 'transport': self.transport, 'dtype': str(dtype)}
         if self.transport == 'ipc':
             info['ipc'] = ipc_share(self.flat)
-        self.link = link.Link(self.rank, *self.address, self.token, self.timeout, self.curve_dir,
+        self.link = link.Link(self.rank, self.endpoint, self.timeout, self.curve_dir,
                               max_frame=self.flat.element_size() * (n - n // 2))
         peer = self.link.handshake(info)
         if (peer.get('numel'), peer.get('transport'), peer.get('dtype')) != (n, self.transport,

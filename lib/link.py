@@ -1,19 +1,18 @@
 """The control link between the two workers of train_2gpu.py: typed ZeroMQ messages, never pickle.
 
-Worker 0 binds a ROUTER socket on host:sock_gpu (127.0.0.1 unless a host is configured) and
-worker 1 connects a DEALER to it. Every message is a 16-byte header
+Worker 0 binds a ROUTER socket on the endpoint and worker 1 connects a DEALER to it. Every
+message is a 16-byte header
 
     magic b'ALXW', version, kind, 2 pad bytes, sequence number (u64)
 
-followed by raw frames (bytes of a buffer, UTF-8 text, or a JSON object for the hello). The
-handshake is a mutual challenge-response on a 32-byte secret that the launcher gave both workers
-(HMAC-SHA256 over both sides' nonces and the sender's role; the secret never travels): worker 1
-trusts nothing from a server that cannot prove it (a process that bound the port first), and
-worker 0 reads nothing from a client past its proof. After the handshake worker 0 drops every
-message that does not come from worker 1's connection (with a warning), so a stray or hostile
-client can neither hijack the link nor make a worker act on anything. ZeroMQ drops any frame
-larger than the largest legitimate one (max_frame: half the exchange buffer). Between hosts,
-CURVE encryption and key authentication can be switched on (curve_dir).
+followed by raw frames (bytes of a buffer, UTF-8 text, or a JSON object for the hello).
+
+Who can connect at all is the endpoint's business: on one host a unix socket in the launcher's
+private folder (mode 0700: no other user can enter it), between hosts tcp with CURVE (curve_dir:
+encrypted, and each side accepts only the other's key; train_2gpu.py never runs plain tcp). Worker 0 takes the first client with a
+well-formed hello as worker 1 and drops every later message from any other connection (with a
+warning). ZeroMQ drops any frame larger than the largest legitimate one (max_frame: half the
+exchange buffer).
 
 Failures: every receive waits at most `timeout` seconds; ZeroMQ heartbeats run on the link (a
 peer whose process is frozen or whose host vanished is disconnected after a few seconds); a
@@ -21,8 +20,6 @@ disconnection of the peer's connection, or its BYE (sent when it stops with an e
 PeerError at once, naming the peer and the training step it happened at (`step`, set by the
 exchanger; the message's sequence number where none is set).
 """
-import hashlib
-import hmac
 import json
 import os
 import struct
@@ -39,7 +36,6 @@ HELLO, ARRIVE, DONE, DATA, METRIC, BYE = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {HELLO: 'hello', ARRIVE: 'arrive', DONE: 'done', DATA: 'data', METRIC: 'metric',
               BYE: 'bye'}
 HEADER = struct.Struct('<4sBBxxQ')
-TOKEN_BYTES = 32
 HEARTBEAT_MS = 1000
 MIN_FRAME = 1 << 16  # frame size cap when there is no exchange data (hello, bye, metrics)
 
@@ -85,11 +81,10 @@ def curve_keys(curve_dir, rank):
 class Link:
     """One end of the two-worker link. rank 0 binds, rank 1 connects."""
 
-    def __init__(self, rank, host, port, token, timeout, curve_dir='', max_frame=None):
-        if len(token) != TOKEN_BYTES:
-            raise ExchangeError('the exchange secret must be 32 bytes')
-        self.rank, self.peer, self.token, self.timeout = rank, 1 - rank, token, timeout
-        self.address = f'{host}:{port}'
+    def __init__(self, rank, endpoint, timeout, curve_dir='', max_frame=None):
+        """`endpoint`: 'ipc://<folder>/link' (one host) or 'tcp://<host>:<port>' (two hosts)."""
+        self.rank, self.peer, self.timeout = rank, 1 - rank, timeout
+        self.address = endpoint
         self.ctx = zmq.Context()
         self.auth = None
         self.sock = self.ctx.socket(zmq.ROUTER if rank == 0 else zmq.DEALER)
@@ -106,14 +101,14 @@ class Link:
         self.peer_id = self.peer_fd = None
         self.rejected = 0
         self.step = None  # the owner's training step, for error messages
-        endpoint = f'tcp://{self.address}'
         if rank == 0:
             try:
                 self.sock.bind(endpoint)
             except zmq.ZMQError as e:
                 self.close()
-                raise ExchangeError(f'cannot bind the exchange socket {self.address} (sock_gpu): '
-                                    f'{e.strerror}') from None
+                where = ' (exchange_host, sock_gpu)' if endpoint.startswith('tcp://') else ''
+                raise ExchangeError(f'cannot bind the exchange socket {endpoint}{where}: '
+                                    f'{zmq.strerror(e.errno)}') from None
         else:
             self.sock.setsockopt(zmq.IDENTITY, b'worker1-' + os.urandom(8).hex().encode())
             self.sock.connect(endpoint)
@@ -174,9 +169,9 @@ class Link:
             self._poll(deadline, seq, what)
             if self.rank == 0:
                 ident = self.sock.recv()
-                if ident != self.peer_id:  # set by the handshake: the authenticated worker 1
+                if ident != self.peer_id:  # set by the handshake: worker 1's connection
                     self._drain()
-                    self._reject('an unknown client', 'not the authenticated worker 1')
+                    self._reject('an unknown client', 'not worker 1')
                     continue
                 if not self.sock.getsockopt(zmq.RCVMORE):
                     raise ExchangeError(f'worker {self.peer} sent an empty message at {self.at(seq)}')
@@ -209,106 +204,40 @@ class Link:
             return []
 
     # --- handshake --------------------------------------------------------------------------
-    def _mac(self, role, *parts):
-        return hmac.new(self.token, role + b''.join(parts), hashlib.sha256).digest()
-
     def handshake(self, info):
-        """Exchange `info` (a JSON-able dict) with the peer once both proved the secret; returns
-        the peer's info. Mutual challenge-response, the secret never on the wire:
-
-            1 -> 0   HELLO 0: nonce1
-            0 -> 1   HELLO 1: nonce0, HMAC(token, 'worker0' nonce1 nonce0)
-            1 -> 0   HELLO 2: HMAC(token, 'worker1' nonce0 nonce1 info1), info1
-            0 -> 1   HELLO 3: HMAC(token, 'worker0-info' nonce1 nonce0 info0), info0
-
-        Worker 1 checks worker 0's proof before it sends anything about itself, and stops with
-        an error if the server cannot prove the secret (a process that bound the port first);
-        worker 0 rejects clients that fail and waits past them."""
+        """Send `info` (a JSON-able dict) to the peer and return the peer's. Worker 1 sends
+        HELLO 1 (its rank) with its info; worker 0 answers HELLO 0 to the first client whose
+        hello is well-formed, which is its peer from then on, and drops the others."""
         mine = json.dumps(info).encode()
         deadline = time.monotonic() + self.timeout
-        return (self._handshake_server if self.rank == 0 else self._handshake_client)(mine, deadline)
-
-    def _hello_parts(self, deadline):
-        try:
-            self._poll(deadline, 0, 'hello')
-        except PeerError:
-            raise PeerError(f'worker {self.peer} did not connect to {self.address} within '
-                            f'{self.timeout:g} s (peer_timeout)') from None
-        parts = self.sock.recv_multipart(copy=False)
-        ident = parts.pop(0) if self.rank == 0 else None
-        stage = None
-        try:
-            kind, stage = parse_header(parts[0].bytes if parts else b'')
-            if kind != HELLO:
-                raise ValueError(f'{KIND_NAMES[kind]} before the handshake')
-        except ValueError as e:
-            return ident, None, parts, e
-        return ident, stage, parts, None
-
-    @staticmethod
-    def _info(frame):
-        peer_info = json.loads(frame.decode())
-        if not isinstance(peer_info, dict):
-            raise ValueError('hello is not a JSON object')
-        return peer_info
-
-    def _handshake_client(self, mine, deadline):
-        nonce1 = os.urandom(TOKEN_BYTES)
-        self.sock.send_multipart([header(HELLO, 0), nonce1])
-        stage_frames = {1: 3, 3: 3}
-        for want in (1, 3):
-            _, stage, parts, error = self._hello_parts(deadline)
-            try:
-                if error:
-                    raise error
-                if stage != want or len(parts) != stage_frames[want]:
-                    raise ValueError(f'unexpected hello {stage} of {len(parts)} frames')
-                if want == 1:
-                    nonce0 = parts[1].bytes
-                    if len(nonce0) != TOKEN_BYTES or not hmac.compare_digest(
-                            parts[2].bytes, self._mac(b'worker0', nonce1, nonce0)):
-                        raise ValueError('it cannot prove the exchange secret')
-                    self.sock.send_multipart([header(HELLO, 2),
-                                              self._mac(b'worker1', nonce0, nonce1, mine), mine])
-                else:
-                    if not hmac.compare_digest(parts[1].bytes, self._mac(
-                            b'worker0-info', nonce1, nonce0, parts[2].bytes)):
-                        raise ValueError('its hello is not signed with the exchange secret')
-                    peer_info = self._info(parts[2].bytes)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ExchangeError(f'the exchange server at {self.address} is not worker 0: {e} '
-                                    f'(another process bound the port first?)') from None
-        self.peer_id = b'worker0'
-        return peer_info
-
-    def _handshake_server(self, mine, deadline):
-        pending = {}  # client identity -> (nonce1, nonce0) of the challenges answered
+        if self.rank == 1:
+            self.send(HELLO, 1, mine)
         while True:
-            ident, stage, parts, error = self._hello_parts(deadline)
-            who = ident.bytes
             try:
-                if error:
-                    raise error
-                if stage == 0 and len(parts) == 2 and len(parts[1].bytes) == TOKEN_BYTES:
-                    nonce1, nonce0 = parts[1].bytes, os.urandom(TOKEN_BYTES)
-                    if len(pending) >= 64:  # a flood of clients: forget the oldest
-                        pending.pop(next(iter(pending)))
-                    pending[who] = nonce1, nonce0
-                    self.sock.send_multipart([who, header(HELLO, 1), nonce0,
-                                              self._mac(b'worker0', nonce1, nonce0)])
-                    continue
-                if stage != 2 or len(parts) != 3 or who not in pending:
-                    raise ValueError(f'unexpected hello {stage} of {len(parts)} frames')
-                nonce1, nonce0 = pending.pop(who)
-                if not hmac.compare_digest(parts[1].bytes, self._mac(
-                        b'worker1', nonce0, nonce1, parts[2].bytes)):
-                    raise ValueError('wrong secret')
-                peer_info = self._info(parts[2].bytes)
+                self._poll(deadline, 0, 'hello')
+            except PeerError:
+                raise PeerError(f'worker {self.peer} did not connect to {self.address} within '
+                                f'{self.timeout:g} s (peer_timeout)') from None
+            parts = self.sock.recv_multipart(copy=False)
+            ident = parts.pop(0).bytes if self.rank == 0 else b'worker0'
+            try:
+                kind, rank = parse_header(parts[0].bytes if parts else b'')
+                if (kind, rank, len(parts)) != (HELLO, self.peer, 2):
+                    raise ValueError(f'expected the hello of worker {self.peer}, got '
+                                     f'{KIND_NAMES[kind]} {rank} in {len(parts)} frames')
+                peer_info = json.loads(parts[1].bytes.decode())
+                if not isinstance(peer_info, dict):
+                    raise ValueError('hello is not a JSON object')
             except (ValueError, UnicodeDecodeError) as e:
+                if self.rank == 1:
+                    raise ExchangeError(f'worker 0 sent a malformed hello on {self.address}: '
+                                        f'{e}') from None
                 self._reject('a client', e)
                 continue
-            self.peer_id, self.peer_fd = who, parts[0].get(zmq.SRCFD)
-            self.send(HELLO, 3, self._mac(b'worker0-info', nonce1, nonce0, mine), mine)
+            self.peer_id = ident
+            if self.rank == 0:
+                self.peer_fd = parts[0].get(zmq.SRCFD)
+                self.send(HELLO, 0, mine)
             return peer_info
 
     def close(self, reason=None):

@@ -53,18 +53,16 @@ def test_compiled_network_trains_and_snapshots_plain_keys(tmp_path):
     assert b[-1]['train_loss'] < b[0]['train_loss']
 
 
-def test_fp16_overflow_decision_is_shared_by_the_workers():
-    """Two real Pair exchangers (tcp link, in threads): worker 1 alone overflows; both skip the
-    step, both back off, and their scales stay equal; then both step."""
+def test_fp16_overflow_decision_is_shared_by_the_workers(tmp_path):
+    """Two real Pair exchangers (tcp transport, in threads): worker 1 alone overflows; both skip
+    the step, both back off, and their scales stay equal; then both step."""
     from lib import exchange
     from tests.helpers import both_workers
-    from tests.test_train_2gpu import free_port
-    port, token = free_port(), bytes(32)
 
     def worker(rank):
         w = torch.nn.Parameter(torch.ones(2, 2))
         opt = optim.MomentumSGD([('w', w)], lr=0.1, weight_decay=0.0)
-        pair = exchange.Pair(rank, token, 'tcp', port, timeout=20.0)
+        pair = exchange.Pair(rank, 'tcp', f'ipc://{tmp_path}/link', timeout=20.0)
         scaler = optim.LossScaler('cpu', init=8.0, interval=100)
         try:
             pair.attach(opt.params, opt.momentum, torch.device('cpu'))

@@ -5,6 +5,7 @@ import pickle
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -217,7 +218,36 @@ def test_a_stalled_worker_is_named_within_peer_timeout(tmp_path):
         assert gone_within(pid, 5)
 
 
+def as_nobody(path):
+    """What user nobody (65534) meets when it looks up `path` and connects to it: [error name or
+    'reached'] twice, from a forked child."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            seen = []
+            for reach in (lambda: os.stat(path), lambda: socket.socket(socket.AF_UNIX).connect(path)):
+                try:
+                    reach()
+                    seen.append('reached')
+                except OSError as e:
+                    seen.append(type(e).__name__)
+            os.write(w, ' '.join(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        return f.read().split()
+
+
 def test_hostile_clients_are_rejected_and_training_goes_on(tmp_path):
+    """On one host the link is a unix socket in the launcher's private folder (mode 0700, a
+    random name on /dev/shm), not a port: another user can neither see nor reach it; clients of
+    this user that connect anyway (pickles, garbage, hellos, not even ZeroMQ) are dropped and
+    training goes on."""
     _, halves = dataset(tmp_path, n_train=60)
     port = free_port()
     values = settings(tmp_path, halves, sock_gpu=port, peer_timeout=30.0, n_epochs=3)
@@ -231,18 +261,28 @@ def test_hostile_clients_are_rejected_and_training_goes_on(tmp_path):
 
     ctx = zmq.Context()
     try:
+        endpoint = next(line for line in proc.stdout if ' link ' in line).split(' link ')[1].strip()
         started(proc)
+        path = endpoint.removeprefix('ipc://')
+        folder = os.stat(os.path.dirname(path))
+        assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid(), endpoint
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        with pytest.raises(ConnectionRefusedError):  # sock_gpu is not used on one host
+            socket.create_connection(('127.0.0.1', port), timeout=5).close()
+        if os.getuid() == 0:
+            assert as_nobody(path) == ['PermissionError', 'PermissionError']
         for sock_type in (zmq.DEALER, zmq.PAIR, zmq.REQ):
             s = ctx.socket(sock_type)
             s.setsockopt(zmq.LINGER, 0)
-            s.connect(f'tcp://127.0.0.1:{port}')
+            s.connect(endpoint)
             s.send_multipart([pickle.dumps(Evil())]) if sock_type != zmq.REQ else s.send(b'garbage')
-            s.send_multipart([link.header(link.HELLO, 0), b'x' * 32, b'{}']) \
+            s.send_multipart([link.header(link.HELLO, 1), b'{}']) \
                 if sock_type == zmq.DEALER else None
             s.send_multipart([link.header(link.ARRIVE, 1)]) if sock_type == zmq.DEALER else None
             time.sleep(0.3)
             s.close()
-        raw = socket.create_connection(('127.0.0.1', port))  # not even ZeroMQ
+        raw = socket.socket(socket.AF_UNIX)  # not even ZeroMQ
+        raw.connect(path)
         raw.sendall(pickle.dumps(Evil()))
         raw.close()
         out, err = proc.communicate(timeout=240)
@@ -254,18 +294,27 @@ def test_hostile_clients_are_rejected_and_training_goes_on(tmp_path):
     assert 'done: epoch 3' in out
     assert 'exchange: rejected a message from' in err
     assert not marker.exists()
+    assert not os.path.exists(os.path.dirname(path))  # removed at the end
 
 
 def test_port_in_use_is_a_one_line_error(tmp_path):
+    """Two hosts: worker 0 binds exchange_host:sock_gpu."""
+    from zmq.auth import create_certificates
     _, halves = dataset(tmp_path)
+    os.mkdir(tmp_path / 'keys')
+    for r in (0, 1):
+        create_certificates(str(tmp_path / 'keys'), f'worker{r}')
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         s.listen()
         port = s.getsockname()[1]
-        r = run_2gpu(tmp_path, halves, sock_gpu=port, peer_timeout=10.0)
-    assert r.returncode == 1
-    assert f'cannot bind the exchange socket 127.0.0.1:{port} (sock_gpu): Address already in use' \
-        in r.stderr, r.stderr
+        values = settings(tmp_path, halves, sock_gpu=port, peer_timeout=10.0,
+                          exchange_host='127.0.0.1', curve_dir=str(tmp_path / 'keys'))
+        r = subprocess.run([sys.executable, SCRIPT, '--worker', '0'] + args(values),
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f'worker 0: error: cannot bind the exchange socket tcp://127.0.0.1:'
+                                f'{port} (exchange_host, sock_gpu): Address already in use'), r.stderr
     assert not os.path.exists(tmp_path / 'w2' / 'model_1.pt')
 
 
@@ -274,7 +323,9 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     for over, msg in (({'exchange_transport': 'ipc'}, 'exchange_transport ipc needs two CUDA workers'),
                       ({'exchange_transport': 'udp'}, "must be one of auto, ipc, shm, tcp, got 'udp'"),
                       ({'exchange_freq': 0}, "'exchange_freq' in command-line overrides must be at least 1"),
-                      ({'gpu1': 'tpu'}, "gpu1: 'tpu' is not a device")):
+                      ({'gpu1': 'tpu'}, "gpu1: 'tpu' is not a device"),
+                      ({'exchange_host': '127.0.0.1'}, 'exchange_host is for two hosts: start each '
+                       'worker with --worker 0 / --worker 1, with curve_dir')):
         r = run_2gpu(tmp_path, halves, **over)
         assert r.returncode == 2, (over, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
@@ -365,10 +416,9 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
     """Two real Pair exchangers (in threads), exchange_freq 3: worker r adds r + 1 to its weight
     and momentum after every step. Against a hand computation: they are averaged after steps 3
     and 6 only, and flush() averages the step left over at the end of the epoch (step 7)."""
-    port = free_port()
 
     def worker(rank):
-        pair = exchange.Pair(rank, bytes(32), transport, port, freq=3, timeout=20.0,
+        pair = exchange.Pair(rank, transport, f'ipc://{tmp_path}/link', freq=3, timeout=20.0,
                              shm_dir=str(tmp_path))
         w, m = torch.nn.Parameter(torch.zeros(4)), [torch.zeros(4)]
         seen = []
