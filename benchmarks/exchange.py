@@ -87,7 +87,7 @@ def time_exchange(transport, device, repeats, net='alexnet', timeout=600.0):
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f'exchange worker failed (exit codes '
                                        f'{[p.exitcode for p in procs]}) or gave no result in '
-                                       f'{timeout:.0f} s')
+                                       f'{timeout:.0f} s') from None
         for p in procs:
             p.join(60)
     finally:

@@ -504,8 +504,8 @@ def steps_in_fresh_process(timeout, **kwargs):
 
 
 def configs(batches, compiled, keep=lambda precision, layout: True):
-    return [(b, p, l, compiled) for b in batches for p in ('fp32', 'bf16')
-            for l in ('nchw', 'channels_last') if keep(p, l)]
+    return [(b, p, layout, compiled) for b in batches for p in ('fp32', 'bf16')
+            for layout in ('nchw', 'channels_last') if keep(p, layout)]
 
 
 def step_table(torch, args, sizes, budget, report, device, name, size, classes, title, runs,
