@@ -1,4 +1,5 @@
-"""Cost of the 2-worker weight exchange, and what two workers gain over one.
+"""What does the 2-worker weight exchange cost, and what do two workers gain over one?
+Latest answer: docs/benchmarks.md#the-2-worker-exchange
 
     .venv/bin/python -m benchmarks.exchange                     # both parts, CPU
     .venv/bin/python -m benchmarks.exchange --part exchange --repeats 10
