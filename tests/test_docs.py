@@ -138,7 +138,7 @@ def test_links_and_anchors_resolve(page):
 def test_commands_name_scripts_and_modules_that_exist():
     found, retired = all_invocations(), retired_benchmarks()
     assert len(found) > 30
-    for page, line, prog, target, _ in found:
+    for page, line, _, target, _ in found:
         if target[0] == '-m':
             module = target[1]
             if module.split('.')[0] in OWN_PACKAGES:
@@ -151,19 +151,20 @@ def test_commands_name_scripts_and_modules_that_exist():
             else:
                 assert importlib.util.find_spec(module.split('.')[0]), f'{page}: `{line}`: no module {module}'
         else:
-            assert os.path.exists(os.path.join(ROOT, target)), f'{page}: `{line}` runs {target}, which does not exist'
+            assert os.path.exists(os.path.join(ROOT, target)), (
+                f'{page}: `{line}` runs {target}, which does not exist')
 
 
 def test_commands_run_through_the_venv():
     """One way to run everything: .venv/bin/python and .venv/bin/torchrun (README says so)."""
-    for page, line, prog, target, _ in all_invocations():
+    for page, line, prog, _, _ in all_invocations():
         if prog != 'sh':
             assert prog.startswith('.venv/bin/'), f'{page}: `{line}` runs {prog}, not .venv/bin/{prog}'
 
 
 def test_key_value_arguments_are_keys_of_the_schema():
     checked = 0
-    for page, line, prog, target, args in all_invocations():
+    for page, line, _, target, args in all_invocations():
         script = os.path.basename(target) if isinstance(target, str) else None
         if script not in SCHEMAS:
             continue
@@ -172,7 +173,8 @@ def test_key_value_arguments_are_keys_of_the_schema():
                 path = os.path.join(ROOT, args[i + 1])
                 assert os.path.exists(path), f'{page}: `{line}`: no {args[i + 1]}'
                 unknown = set(config.load_yaml(path)) - set(SCHEMAS[script])
-                assert not unknown, f'{page}: `{line}`: {script} does not accept {sorted(unknown)} of {args[i + 1]}'
+                assert not unknown, (
+                    f'{page}: `{line}`: {script} does not accept {sorted(unknown)} of {args[i + 1]}')
             m = re.match(r'([a-z_][a-z0-9_]*)=', arg)
             if m:
                 checked += 1
@@ -181,11 +183,10 @@ def test_key_value_arguments_are_keys_of_the_schema():
     assert checked > 30
 
 
-@pytest.mark.parametrize('script', sorted(set(glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')))
-                                          - {os.path.join(ROOT, 'benchmarks', n) for n in ('__init__.py',
-                                                                                            'common.py')}))
+@pytest.mark.parametrize('script', sorted(set(os.listdir(os.path.join(ROOT, 'benchmarks')))
+                                          - {'__init__.py', 'common.py', '__pycache__'}))
 def test_each_benchmark_says_its_question_and_where_its_answer_is(script):
-    with open(script) as f:
+    with open(os.path.join(ROOT, 'benchmarks', script)) as f:
         doc = f.read().split('"""')[1]
     first = doc.split('\n')[0]
     assert first.endswith('?'), f'{script}: the docstring opens with its question, not {first!r}'
