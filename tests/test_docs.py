@@ -24,7 +24,7 @@ SCHEMAS = {
     'train_2gpu.py': {**config.CONFIG, **config.SPEC_2GPU},
     'validate_performance.py': {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE},
 }
-OWN_PACKAGES = ('lib', 'benchmarks', 'preprocessing', 'pretrained', 'tests')
+OWN_PACKAGES = ('lib', 'benchmarks', 'preprocessing', 'pretrained', 'tests', 'tools')
 
 
 def read(page):
@@ -156,9 +156,10 @@ def test_commands_name_scripts_and_modules_that_exist():
 
 
 def test_commands_run_through_the_venv():
-    """One way to run everything: .venv/bin/python and .venv/bin/torchrun (README says so)."""
+    """One way to run everything: .venv/bin/python and .venv/bin/torchrun (README says so). The
+    generated configuration.md quotes the schema's one-line meanings, which name scripts only."""
     for page, line, prog, _, _ in all_invocations():
-        if prog != 'sh':
+        if prog != 'sh' and page != os.path.join('docs', 'configuration.md'):
             assert prog.startswith('.venv/bin/'), f'{page}: `{line}` runs {prog}, not .venv/bin/{prog}'
 
 
