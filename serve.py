@@ -1,4 +1,4 @@
-"""Classify uploaded images with a trained snapshot over HTTP (see README, "Serving a model").
+"""Classify uploaded images with a trained snapshot over HTTP (docs/serving.md).
 
     python serve.py weights/model_60.pt                     # http://127.0.0.1:9999/
     python serve.py model.pt --port 8080 --device cpu --mean img_mean.npy --classes dataset.yaml

@@ -1,4 +1,5 @@
-"""Cost of the 2-worker weight exchange, and what two workers gain over one.
+"""What does the 2-worker weight exchange cost, and what do two workers gain over one?
+Latest answer: docs/benchmarks.md#the-2-worker-exchange
 
     .venv/bin/python -m benchmarks.exchange                     # both parts, CPU
     .venv/bin/python -m benchmarks.exchange --part exchange --repeats 10
@@ -85,7 +86,7 @@ def time_exchange(transport, device, repeats, net='alexnet', timeout=600.0):
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f'exchange worker failed (exit codes '
                                        f'{[p.exitcode for p in procs]}) or gave no result in '
-                                       f'{timeout:.0f} s')
+                                       f'{timeout:.0f} s') from None
         for p in procs:
             p.join(60)
     finally:

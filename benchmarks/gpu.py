@@ -1,4 +1,5 @@
-"""One command that proves and measures every GPU path on a CUDA machine (about 8 min on one H200).
+"""Does every GPU path work on this CUDA machine, and how fast is each (about 8 min on one H200)?
+Latest answer: none yet (no GPU run); how to run it and what it reports: docs/gpu.md#the-parts
 
     python -m benchmarks.gpu OUT_DIR                       # every part, on a CUDA machine
     python -m benchmarks.gpu OUT_DIR --parts tests,steps   # some parts (each about 2 min or less)
@@ -504,8 +505,8 @@ def steps_in_fresh_process(timeout, **kwargs):
 
 
 def configs(batches, compiled, keep=lambda precision, layout: True):
-    return [(b, p, l, compiled) for b in batches for p in ('fp32', 'bf16')
-            for l in ('nchw', 'channels_last') if keep(p, l)]
+    return [(b, p, layout, compiled) for b in batches for p in ('fp32', 'bf16')
+            for layout in ('nchw', 'channels_last') if keep(p, layout)]
 
 
 def step_table(torch, args, sizes, budget, report, device, name, size, classes, title, runs,

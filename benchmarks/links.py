@@ -1,5 +1,8 @@
-"""The weight exchange on links of real speed: two hosts made of network namespaces
-(tests/cluster.py; needs root), the link between them limited with tc tbf.
+"""How long does the weight exchange between two hosts take on links of real speed?
+Latest answer: docs/benchmarks.md#the-exchange-on-links-of-real-speed
+
+Two hosts made of network namespaces (tests/cluster.py; needs root), the link between them
+limited with tc tbf.
 
     .venv/bin/python -m benchmarks.links                         # 1, 5, 10 gbit and no limit
     .venv/bin/python -m benchmarks.links --rates 1gbit none --repeats 3

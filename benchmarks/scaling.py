@@ -1,4 +1,5 @@
-"""Throughput and per-step exchange cost of every multi-worker path, in one table.
+"""What throughput and exchange cost per step does each multi-worker path give at one total batch?
+Latest answer: docs/benchmarks.md#every-multi-worker-path
 
     .venv/bin/python -m benchmarks.scaling                       # CPU: 1, 2, 4 ranks
     .venv/bin/python -m benchmarks.scaling --gpu cuda --ranks 1 2 --model alexnet --batch 256

@@ -1,4 +1,7 @@
-"""Training speed of one device on synthetic in-memory input (the ceiling: no data loading).
+"""How fast does one device train when no data loading holds it back (the ceiling)?
+Latest answer: docs/benchmarks.md#one-training-step
+
+Training speed of one device on synthetic in-memory input.
 
     .venv/bin/python -m benchmarks.train_speed                       # both models, cpu
     .venv/bin/python -m benchmarks.train_speed --models alexnet --batch 64 --steps 5

@@ -180,7 +180,8 @@ class Link:
                 got_kind, got_seq = parse_header(frame)
             except ValueError as e:
                 self._drain()
-                raise ExchangeError(f'worker {self.peer} sent a malformed message at {self.at(seq)}: {e}')
+                raise ExchangeError(f'worker {self.peer} sent a malformed message at '
+                                    f'{self.at(seq)}: {e}') from None
             if got_kind == BYE:
                 text = self.sock.recv().decode('utf-8', 'replace') if self.sock.getsockopt(zmq.RCVMORE) else ''
                 self._drain()

@@ -63,7 +63,7 @@ def check_snapshot(cfg, state, net, images_per_step):
                                      f'{tuple(p.shape)} (num_classes or model differ)')
 
 
-@dataclass
+@dataclass(frozen=True)
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
     exchanger: object = None    # lib/exchange.py: Local, Pair (train_2gpu.py), Distributed (torchrun)

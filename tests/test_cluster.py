@@ -24,7 +24,7 @@ RDZV_PORT = 29500
 
 
 def torchrun_node(host, store_host, values, tmp_path, restarts=0, join_timeout=60, share=True):
-    """README's two-machine command, as tested: --local-addr on every node (the address the
+    """docs/distributed.md's two-machine command, as tested: --local-addr on every node (the address the
     other nodes reach it at: MASTER_ADDR when it is the first node), is_host on the node of the
     rendezvous endpoint (its hostname need not resolve to that address), GLOO_SOCKET_IFNAME
     (gloo otherwise takes the address of the hostname: here a loopback one)."""
@@ -35,7 +35,7 @@ def torchrun_node(host, store_host, values, tmp_path, restarts=0, join_timeout=6
            f'--max-restarts={restarts}', os.path.join(ROOT, 'train.py')] + args(values)
     env = dict(os.environ, OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME='eth0', TMPDIR=str(tmp_path),
                PYTHONFAULTHANDLER='1')
-    if not share:  # torch's shared store cannot take a node started again (README)
+    if not share:  # torch's shared store cannot take a node started again (docs/distributed.md)
         env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE'] = '1'
     return host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                       cwd=tmp_path)
@@ -106,7 +106,7 @@ def test_torchrun_on_two_hosts_equals_one_worker(cluster, tmp_path, mode):
 def test_torchrun_link_down_past_peer_timeout_stops_both_ranks(cluster, tmp_path):
     """Node B's link down for good: both ranks stop within peer_timeout + 10 s, node A's agent
     too; node B's agent, cut off from the rendezvous store on A, does not stop by itself
-    (torch's: README) and is killed here by the fixture."""
+    (torch's: docs/distributed.md) and is killed here by the fixture."""
     a, b = cluster(2)
     keys = make_batches(str(tmp_path / 'data'), n_train=20, n_val=2, batch=8, size=36)
     values = dict(keys, **dict(EXACT, n_epochs=50), gpu='cpu', weights_dir=str(tmp_path / 'w'),
@@ -187,7 +187,7 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
 
 
 def worker_on(host, rank, values, tmp_path):
-    """README's two-host command: train_2gpu.py --worker <rank> on `host`."""
+    """docs/distributed.md's two-host command: train_2gpu.py --worker <rank> on `host`."""
     return host.popen([sys.executable, SCRIPT, '--worker', str(rank)] + args(values),
                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
                       env=dict(os.environ, OMP_NUM_THREADS='1'))

@@ -89,7 +89,7 @@ def test_para_load_and_data_layer_train_bitwise_identically(tmp_path):
             finals.append((layer, torch.load(os.path.join(root, 'w', 'model_2.pt'),
                                              weights_only=True)['model']))
     for layer in (False, True):  # per-image and per-batch draws: each pair equal bit for bit
-        a, b = [m for l, m in finals if l == layer]
+        a, b = [m for used, m in finals if used == layer]
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -100,7 +100,7 @@ def test_waiting_for_the_device_copy_is_logged_apart_from_waiting_for_the_loader
     release = loader.SlotFeed.release
     monkeypatch.setattr(loader.SlotFeed, 'release', lambda self, k: (time.sleep(0.05), release(self, k)))
     training.run(tiny_config(str(tmp_path), n_epochs=1, para_load=True, use_data_layer=True))
-    line = [l for l in capsys.readouterr().out.splitlines() if 'copy wait' in l][-1]
+    line = [s for s in capsys.readouterr().out.splitlines() if 'copy wait' in s][-1]
     data_ms, copy_ms = (float(line.split(f'{w} wait ')[1].split()[0]) for w in ('data', 'copy'))
     assert copy_ms >= 45 and data_ms < 45, line
 

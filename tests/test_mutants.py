@@ -1,9 +1,9 @@
-"""The mutation check: each guarantee README calls tested is broken on purpose, one line at a time,
+"""The mutation check: each guarantee docs/testing.md calls tested is broken on purpose, one line at a time,
 in a copy of the project, and the tests that guard it must then fail.
 
 A mutant that survives (its tests still pass) fails here: the guarantee has no test that bites.
 A mutation whose line is no longer in the source fails too, so the list follows the code: when a
-guarded line changes, update its mutant. A new guarantee in README comes with its mutant here.
+guarded line changes, update its mutant. A new guarantee in docs/testing.md comes with its mutant here.
 Run alone:  sh test.sh tests/test_mutants.py -v
 """
 import os
@@ -212,11 +212,11 @@ def test_the_mutant_is_caught(copy, mutant):
     assert r.returncode == 1 and ' failed' in r.stdout, f'the tests did not run as expected:\n{tail}'
 
 
-def test_readme_names_tests_that_exist():
-    """README's table of guarantees names the tests that guard them: each must exist."""
+def test_docs_name_tests_that_exist():
+    """docs/testing.md's table of guarantees names the tests that guard them: each must exist."""
     import re
-    readme = open(os.path.join(ROOT, 'README.md')).read()
-    table = readme[readme.index('| guarantee | test | mutant caught |'):]
+    page = open(os.path.join(ROOT, 'docs', 'testing.md')).read()
+    table = page[page.index('| guarantee | test | mutant caught |'):]
     named, current = [], None
     for file, name in re.findall(r'`(test_\w+\.py)?::(\w+)`', table.split('\n\n')[0]):
         current = file or current
@@ -224,4 +224,4 @@ def test_readme_names_tests_that_exist():
     assert len(named) > 20
     for file, name in named:
         source = open(os.path.join(ROOT, 'tests', file)).read()
-        assert f'def {name}(' in source, f'README names tests/{file}::{name}, which does not exist'
+        assert f'def {name}(' in source, f'docs/testing.md names tests/{file}::{name}, which does not exist'
