@@ -9,8 +9,7 @@ matplotlib is installed.
 import argparse
 import sys
 
-from lib import env
-env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
+import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 from lib.plot import write
 
 

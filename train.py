@@ -20,8 +20,7 @@ import sys
 import time
 from datetime import timedelta
 
-from lib import env
-env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
+import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 import torch.distributed as dist
 

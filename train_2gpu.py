@@ -28,8 +28,7 @@ import tempfile
 import threading
 import time
 
-from lib import env
-env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
+import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
 from lib import UserError, config, exchange, link, trainer, training

@@ -13,8 +13,7 @@ corners and the centre of the crop range, each also mirrored.
 import os
 import sys
 
-from lib import env
-env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
+import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
 from lib import UserError, checkpoint, config, data, model, trainer, training

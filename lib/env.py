@@ -1,6 +1,6 @@
-"""Entry points call explain_missing_packages() before importing any package: a python without the
-project's packages (requirements.txt; not .venv's python) then ends in one line saying which python
-to use, instead of a ModuleNotFoundError traceback."""
+"""Entry points import this module before any package; importing it calls explain_missing_packages():
+a python without the project's packages (requirements.txt; not .venv's python) then ends in one
+line saying which python to use, instead of a ModuleNotFoundError traceback."""
 import os
 import sys
 
@@ -30,3 +30,6 @@ def explain_missing_packages():
 def ours(module):
     """Whether a top-level module name is one of the project's own (a bug there keeps its traceback)."""
     return os.path.isdir(os.path.join(ROOT, module)) or os.path.isfile(os.path.join(ROOT, module + '.py'))
+
+
+explain_missing_packages()

@@ -9,10 +9,10 @@ followed by raw frames (bytes of a buffer, UTF-8 text, or a JSON object for the 
 
 Who can connect at all is the endpoint's business: on one host a unix socket in the launcher's
 private folder (mode 0700: no other user can enter it), between hosts tcp with CURVE (curve_dir:
-encrypted, and each side accepts only the other's key; train_2gpu.py never runs plain tcp). Worker 0 takes the first client with a
-well-formed hello as worker 1 and drops every later message from any other connection (with a
-warning). ZeroMQ drops any frame larger than the largest legitimate one (max_frame: half the
-exchange buffer).
+encrypted, and each side accepts only the other's key; train_2gpu.py never runs plain tcp).
+Worker 0 takes the first client with a well-formed hello as worker 1 and drops every later
+message from any other connection (with a warning). ZeroMQ drops any frame larger than the
+largest legitimate one (max_frame: half the exchange buffer).
 
 Failures: every receive waits at most `timeout` seconds; ZeroMQ heartbeats run on the link (a
 peer whose process is frozen or whose host vanished is disconnected after a few seconds); a

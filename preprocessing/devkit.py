@@ -4,8 +4,9 @@ Either `devkit` names the devkit archive (ILSVRC2012_devkit_t12.tar.gz, ILSVRC20
 folder, and the two files are found in it: at its top, in data/, or in <top folder>/data/:
     ILSVRC2014 (the original's): meta_clsloc.mat, ILSVRC2014_clsloc_validation_ground_truth.txt
     ILSVRC2012:                  meta.mat,        ILSVRC2012_validation_ground_truth.txt
-or meta_clsloc_mat and val_label_file name them (either version, any file names). The two versions number the classes
-differently; each ground truth goes with its own synsets and both give the same WNID to every image.
+or meta_clsloc_mat and val_label_file name them (either version, any file names). The two
+versions number the classes differently; each ground truth goes with its own synsets and both
+give the same WNID to every image.
 meta*.mat: struct array `synsets`, field 0 = ILSVRC id (1-based), field 1 = WNID, `words` = the names
 ('tench, Tinca tinca'); the ground truth: the ILSVRC id of val image N on line N.
 """

@@ -10,8 +10,7 @@ OUT_DIR/train/<digit>/NNNN.png and OUT_DIR/val/<digit>/NNNN.png, NNNN = index in
 import argparse
 import os
 
-from lib import env
-env.explain_missing_packages()  # before any package: without them, one line instead of a traceback
+import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits

@@ -42,8 +42,8 @@ def test_a_missing_module_of_the_project_keeps_its_traceback(tmp_path):
     """Only packages from outside the project get the one line: a bug (a module of lib/ that is not
     there) is reported as usual."""
     script = tmp_path / 'entry.py'
-    script.write_text(f'import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom lib import env\n'
-                      'env.explain_missing_packages()\nimport lib.no_such_module\n')
+    script.write_text(f'import sys\nsys.path.insert(0, {str(REPO)!r})\nimport lib.env\n'
+                      'import lib.no_such_module\n')
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and 'Traceback' in proc.stderr and 'lib.no_such_module' in proc.stderr
 

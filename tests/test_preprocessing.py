@@ -607,7 +607,8 @@ def test_a_note_names_outputs_that_leave_the_paths_files_project(tmp_path, capsy
     run(write_paths(tmp_path / 'cfg' / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
                     val_label_file=None, sub_batches=[1], **out))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith('note: ') and str(tmp_path / 'out') in lines[0] and str(tmp_path / 'cfg') in lines[0]
+    assert lines[0].startswith('note: ') and str(tmp_path / 'out') in lines[0] \
+        and str(tmp_path / 'cfg') in lines[0]
     assert sum(line.startswith('note: ') for line in lines) == 1
     run(write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None, val_label_file=None,
                     sub_batches=[1]))
