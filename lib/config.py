@@ -39,8 +39,10 @@ CONFIG = {
     'synthetic': (False, 'train on random in-memory batches: no dataset needed (benchmarks)'),
     'synthetic_batches': (100, 'synthetic: training batches per epoch (val: a tenth)'),
     'num_classes': (0, '0: from dataset.yaml / the labels; synthetic: 0 means 1000'),
-    'label_folder': ('data/imagenet/labels', 'folder holding train_labels.npy, val_labels.npy'),
-    'mean_file': ('data/imagenet/misc/img_mean.npy', 'mean image, float32 (3, S, S)'),
+    'data': ('data/imagenet', 'the folder preprocessing wrote (its tar_root_dir, holding dataset.yaml): '
+                              'gives the folders, mean_file and batch_size left empty'),
+    'label_folder': ('', "folder holding train_labels.npy, val_labels.npy ('': <data>/labels)"),
+    'mean_file': ('', "mean image, float32 (3, S, S) ('': <data>/misc/img_mean.npy)"),
     # --- model and optimiser --------------------------------------------------------------
     'model': ('alexnet', 'alexnet (227 px input) or alexnet_cifar (cuda-convnet 18pct, 32 px)'),
     'dropout': (0.5, 'dropout probability of fc6/fc7 (alexnet)'),
@@ -73,9 +75,10 @@ CONFIG = {
 SPEC_1GPU = {
     'gpu': ('auto', 'device: auto, cpu, gpu0, gpu1, cuda:N'),
     'sock_data': (5000, 'port of the loader socket (para_load)'),
-    'batch_size': (256, 'images per step = images per batch file'),
-    'train_folder': ('data/imagenet/train_hkl_b256_b_256', 'folder of training NNNN.hkl files'),
-    'val_folder': ('data/imagenet/val_hkl_b256_b_256', 'folder of validation NNNN.hkl files'),
+    'batch_size': (0, "images per step = images per batch file (0: data's batch files); "
+                      'under torchrun the images of all ranks together'),
+    'train_folder': ('', "folder of training NNNN.hkl files ('': <data>/train_hkl_b<B>_b_<B>)"),
+    'val_folder': ('', "folder of validation NNNN.hkl files ('': <data>/val_hkl_b<B>_b_<B>)"),
 }
 
 SPEC_2GPU = {
@@ -84,10 +87,10 @@ SPEC_2GPU = {
     'sock_gpu': (5002, 'port of the weight-exchange socket'),
     'sock_data0': (5000, 'loader socket of worker 0'),
     'sock_data1': (5001, 'loader socket of worker 1'),
-    'batch_size': (128, 'images per step per worker'),
-    'train_folder': ('data/imagenet/train_hkl_b256_b_256', 'NNNN.hkl batches of 2 x batch_size '
-                     '(each worker takes its half) or a folder of NNNN_0.hkl / NNNN_1.hkl halves'),
-    'val_folder': ('data/imagenet/val_hkl_b256_b_256', 'validation batches, as train_folder'),
+    'batch_size': (0, "images per step per worker (0: half of data's batch files)"),
+    'train_folder': ('', 'NNNN.hkl batches of 2 x batch_size (each worker takes its half) or a '
+                         "folder of NNNN_0.hkl / NNNN_1.hkl halves ('': from data)"),
+    'val_folder': ('', "validation batches, as train_folder ('': from data)"),
     'exchange_transport': ('auto', 'auto | ipc (CUDA IPC) | shm (CPU shared memory) | tcp (bytes '
                                    'over ZeroMQ); auto: ipc for 2 GPUs, shm for 2 CPUs, else tcp'),
     'exchange_host': ('', "address worker 0 binds sock_gpu on ('': 127.0.0.1, this host only)"),
@@ -99,7 +102,7 @@ EVALUATE = {
     'ten_crop': (False, 'average the softmax over 4 corners + centre, each mirrored'),
 }
 
-PATH_KEYS = ('label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder', 'checkpoint',
+PATH_KEYS = ('data', 'label_folder', 'mean_file', 'weights_dir', 'train_folder', 'val_folder', 'checkpoint',
              'curve_dir')
 CHOICES = {
     'model': ('alexnet', 'alexnet_cifar'),
@@ -129,7 +132,7 @@ RANGES = {
     'peer_timeout': (lambda v: v > 0, 'above 0'),
     'snapshot_freq': (lambda v: v >= 1, 'at least 1'),
     'print_freq': (lambda v: v >= 1, 'at least 1'),
-    'batch_size': (lambda v: v >= 1, 'at least 1'),
+    'batch_size': (lambda v: v >= 0, "at least 0 (0: from data)"),
     'sock_data': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
     'sock_data0': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
     'sock_data1': (lambda v: 1 <= v <= 65535, 'a port in 1..65535'),
@@ -238,12 +241,113 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(config_file, spec_file, overrides, schema):
-    """The merged config: config_file <- spec_file <- overrides (a list of 'key=value')."""
-    sources = []
-    for path in (config_file, spec_file):
-        sources.append((path, load_yaml(path), os.path.dirname(os.path.abspath(path))))
-    sources.append(('command-line overrides', parse_overrides(overrides), None))
-    return merge(schema, sources)
+    """The merged config: config_file <- spec_file <- [saved run] <- overrides (a list of
+    'key=value'), then the data keys left empty taken from `data` (with_data).
+
+    The saved run is the config of the run a command continues (saved_run): a resume
+    (resume_train, load_epoch 0 = the newest snapshot) or the snapshot validate_performance.py
+    evaluates. Only the command line overrides it."""
+    files = [(path, load_yaml(path), os.path.dirname(os.path.abspath(path)))
+             for path in (config_file, spec_file)]
+    command = ('command-line overrides', parse_overrides(overrides), None)
+    cfg = merge(schema, files + [command])
+    from lib import checkpoint
+    if cfg['load_epoch'] == 0 and (cfg['resume_train'] or cfg.get('checkpoint') == ''):
+        cfg['load_epoch'] = checkpoint.latest_epoch(cfg['weights_dir'])
+    saved = saved_run(cfg, schema)
+    if saved is None:
+        return with_data(cfg, files + [command], schema)
+    epoch = cfg['load_epoch']
+    cfg = dict(merge(schema, files + [saved, command]), load_epoch=epoch)
+    return with_data(cfg, files + [saved, command], schema)
+
+
+# Keys `data` sets where they are empty (0): the batch folders, labels, mean and batch size.
+DATA_KEYS = ('train_folder', 'val_folder', 'label_folder', 'mean_file', 'batch_size')
+# What validate_performance.py takes from the run of the snapshot it evaluates.
+EVAL_KEYS = ('data',) + DATA_KEYS + ('num_classes', 'synthetic', 'synthetic_batches', 'seed',
+                                     'model', 'crop_size')
+# What a resumed run never takes from the run it continues.
+RUN_LOCAL = ('resume_train', 'load_epoch', 'weights_dir', 'overwrite')
+
+
+def per_worker(keys):
+    """Workers that share one batch file where batch_size is per worker: 2 for train_2gpu.py's
+    keys, else 1 (train.py; under torchrun batch_size is the total of all ranks)."""
+    return 2 if 'gpu0' in keys else 1
+
+
+def saved_run(cfg, schema):
+    """The source (name, values, folder) of the saved config of the run that cfg continues:
+    weights_dir/config.yaml beside the snapshot, else the snapshot's own config. For a resume,
+    all but RUN_LOCAL; for validate_performance.py, EVAL_KEYS. None when cfg continues no run.
+    batch_size is converted between per worker (train_2gpu.py) and per step (train.py)."""
+    from lib import checkpoint
+    if 'checkpoint' in schema:
+        path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
+        if not os.path.isfile(path):
+            raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
+        keys = EVAL_KEYS
+    elif cfg['resume_train']:
+        path = checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
+        keys = [k for k in schema if k not in RUN_LOCAL]
+    else:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    where = os.path.join(folder, 'config.yaml')
+    if os.path.isfile(where):
+        saved = load_yaml(where)
+    else:
+        where, saved = path, checkpoint.read(path).get('config', {})
+    values = {k: v for k, v in saved.items() if k in keys and k in schema}
+    if isinstance(values.get('batch_size'), int):
+        values['batch_size'] = values['batch_size'] * per_worker(saved) // per_worker(schema)
+    return f'{where} (the run continued)', values, folder
+
+
+def read_dataset(folder):
+    """The dataset.yaml preprocessing wrote into `folder`, checked to give batch_size."""
+    path = os.path.join(folder, 'dataset.yaml')
+    if not os.path.isfile(path):
+        raise ConfigError(f'data: no {path} (data is the folder preprocessing wrote, its '
+                          'tar_root_dir: preprocess first with sh preprocessing/generate_data.sh, '
+                          'or set data=FOLDER)')
+    info = load_yaml(path)
+    if not (isinstance(info.get('batch_size'), int) and info['batch_size'] >= 1):
+        raise ConfigError(f'{path} gives no batch_size (a dataset.yaml of preprocessing holds it)')
+    return info
+
+
+def with_data(cfg, sources, schema):
+    """cfg with each of DATA_KEYS that is empty (0), or set in an earlier source than `data`,
+    taken from the data folder: <data>/train_hkl_b<B>_b_<B>, val_hkl_..., labels,
+    misc/img_mean.npy and B (B/2 per worker in train_2gpu.py), B = dataset.yaml's batch_size.
+    A key set at or after data's own source wins. Synthetic runs take B = 256. When only
+    batch_size is left and data holds no dataset.yaml, it stays 0: the batch files name it."""
+    given = {}
+    for i, (_, values, _) in enumerate(sources):
+        given.update(dict.fromkeys(values, i))
+    need = [k for k in DATA_KEYS if k in cfg and (not cfg[k] or given.get(k, -1) < given.get('data', -1))]
+    share = per_worker(schema)
+    if not need or cfg['synthetic']:
+        if 'batch_size' in need:
+            cfg['batch_size'] = 256 // share
+        return cfg
+    if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(os.path.join(cfg['data'], 'dataset.yaml'))):
+        return cfg  # the folders are given: their batch files name the batch_size to set
+    if not cfg['data']:
+        raise ConfigError(f"data is empty: set data=FOLDER (the folder preprocessing wrote) or "
+                          f"{', '.join(need)}")
+    info = read_dataset(cfg['data'])
+    B = info['batch_size']
+    n = 1 if share == 1 or 1 in info.get('sub_batches', [1]) else 2  # else the halves
+    found = {'train_folder': os.path.join(cfg['data'], f'train_hkl_b{B}_b_{B // n}'),
+             'val_folder': os.path.join(cfg['data'], f'val_hkl_b{B}_b_{B // n}'),
+             'label_folder': os.path.join(cfg['data'], 'labels'),
+             'mean_file': os.path.join(cfg['data'], 'misc', 'img_mean.npy'),
+             'batch_size': B // share}
+    cfg.update({k: found[k] for k in need})
+    return cfg
 
 
 def dump(cfg, path):

@@ -124,6 +124,11 @@ class BatchFolder:
     def __init__(self, folder, labels_file, batch_size, part=None, rows=None):
         self.folder, self.labels_file, self.part, self.rows = folder, labels_file, part, rows
         self.files = batch_files(folder, part)
+        held = hkl_shape(self.files[0])[3]
+        if held != batch_size:
+            raise DataError(f'{self.files[0]} holds {held} images, batch_size is {batch_size}: set '
+                            f'batch_size={held}' + ('' if rows is None else
+                                                    ' (under torchrun: all ranks together)'))
         try:
             labels = np.load(labels_file)
         except OSError as e:
