@@ -8,11 +8,11 @@
 Same config files and key=value overrides as train.py (data, val_folder, batch_size, gpu, ...),
 plus `checkpoint` and `ten_crop`. The data (data, the folders, mean_file, batch_size, num_classes)
 comes from the snapshot's run (its weights_dir/config.yaml, else the snapshot's own config) unless
-given on the command line; the network (model, crop_size, dropout) from the snapshot's config. With the centre crop this computes exactly what training's
-validation wrote in that epoch's row of val_record.npy; ten_crop averages the softmax over the four
-corners and the centre of the crop range, each also mirrored.
+given on the command line; the network (model, crop_size, dropout) from the snapshot's config.
+With the centre crop this computes exactly what training's validation wrote in that epoch's row of
+val_record.npy; ten_crop averages the softmax over the four corners and the centre of the crop
+range, each also mirrored.
 """
-import os
 import sys
 
 import torch
@@ -24,8 +24,6 @@ SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 def validate(cfg):
     """(top-1 error, top-5 error, loss, images, snapshot path) of a snapshot on the val set."""
     path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
-    if not os.path.exists(path):
-        raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
     state = checkpoint.read(path)
     device = trainer.resolve_device(cfg['gpu'])
     net, settings = checkpoint.load_net(state, path, device)

@@ -39,8 +39,8 @@ CONFIG = {
     'synthetic': (False, 'train on random in-memory batches: no dataset needed (benchmarks)'),
     'synthetic_batches': (100, 'synthetic: training batches per epoch (val: a tenth)'),
     'num_classes': (0, '0: from dataset.yaml / the labels; synthetic: 0 means 1000'),
-    'data': ('data/imagenet', 'the folder preprocessing wrote (its tar_root_dir, holding dataset.yaml): '
-                              'gives the folders, mean_file and batch_size left empty'),
+    'data': ('data/imagenet', 'the folder preprocessing wrote (its tar_root_dir, holding '
+                              'dataset.yaml): gives the folders, mean_file and batch_size left empty'),
     'label_folder': ('', "folder holding train_labels.npy, val_labels.npy ('': <data>/labels)"),
     'mean_file': ('', "mean image, float32 (3, S, S) ('': <data>/misc/img_mean.npy)"),
     # --- model and optimiser --------------------------------------------------------------
@@ -286,7 +286,8 @@ def saved_run(cfg, schema):
     if 'checkpoint' in schema:
         path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
         if not os.path.isfile(path):
-            raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
+            raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or '
+                                           'load_epoch=N)')
         keys = EVAL_KEYS
     elif cfg['resume_train']:
         path = checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
@@ -327,13 +328,15 @@ def with_data(cfg, sources, schema):
     given = {}
     for i, (_, values, _) in enumerate(sources):
         given.update(dict.fromkeys(values, i))
-    need = [k for k in DATA_KEYS if k in cfg and (not cfg[k] or given.get(k, -1) < given.get('data', -1))]
+    need = [k for k in DATA_KEYS
+            if k in cfg and (not cfg[k] or given.get(k, -1) < given.get('data', -1))]
     share = per_worker(schema)
     if not need or cfg['synthetic']:
         if 'batch_size' in need:
             cfg['batch_size'] = 256 // share
         return cfg
-    if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(os.path.join(cfg['data'], 'dataset.yaml'))):
+    meta = os.path.join(cfg['data'], 'dataset.yaml')
+    if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(meta)):
         return cfg  # the folders are given: their batch files name the batch_size to set
     if not cfg['data']:
         raise ConfigError(f"data is empty: set data=FOLDER (the folder preprocessing wrote) or "
