@@ -10,8 +10,6 @@ sh tools/venv.sh requirements.txt
 .venv/bin/python -m preprocessing.make_demo_data data/demo/raw
 sh preprocessing/generate_data.sh preprocessing/demo_paths.yaml
 exec .venv/bin/python train.py \
-    model=alexnet_cifar crop_size=32 rand_crop=False batch_size=32 \
+    data=data/demo model=alexnet_cifar crop_size=32 rand_crop=False \
     learning_rate=0.003 lr_step=[10] n_epochs=12 print_freq=23 \
-    train_folder=data/demo/train_hkl_b32_b_32 val_folder=data/demo/val_hkl_b32_b_32 \
-    label_folder=data/demo/labels mean_file=data/demo/misc/img_mean.npy \
     weights_dir=weights/demo overwrite=True "$@"

@@ -3,6 +3,7 @@
     python train.py                                   # config.yaml <- spec_1gpu.yaml
     python train.py --config my.yaml --spec my_spec.yaml
     python train.py n_epochs=10 learning_rate=0.005 gpu=cpu
+    python train.py data=data/demo model=alexnet_cifar crop_size=32   # what preprocessing wrote
     torchrun --nproc-per-node=N train.py [key=value ...]     # N GPUs (NCCL), or N CPU ranks
                                                              # (gloo) with gpu=cpu
 
@@ -12,7 +13,8 @@ torchrun --max-restarts resumes from the last snapshot.
 
 Writes into weights_dir: config.yaml (the merged config), val_record.npy ([top-1 error, loss] per
 epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
-Resume with resume_train=True load_epoch=N.
+Resume with `python train.py weights_dir=W resume_train=True`: the newest snapshot of W (or
+load_epoch=N), with W's saved config; key=value may change what does not break the resume.
 """
 import os
 import secrets
@@ -76,7 +78,9 @@ def torchrun_worker(cfg):
     local = int(os.environ.get('LOCAL_RANK', 0))
     B = cfg['batch_size']
     if B % world:
-        raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks')
+        raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks '
+                                 '(under torchrun batch_size is the images of all ranks together, '
+                                 'as many as a batch file holds: not per rank)')
     if cfg['gpu'] == 'cpu' or not torch.cuda.is_available():
         gpu, backend = 'cpu', 'gloo'
     else:

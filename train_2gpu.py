@@ -3,6 +3,11 @@
     python train_2gpu.py                              # config.yaml <- spec_2gpu.yaml
     python train_2gpu.py gpu0=cpu gpu1=cpu            # two CPU workers (shared memory)
     python train_2gpu.py --config my.yaml --spec my_spec.yaml n_epochs=10
+    python train_2gpu.py data=data/cifar10 model=alexnet_cifar crop_size=28   # batch_size: half
+    python train_2gpu.py weights_dir=W resume_train=True n_epochs=60  # the newest snapshot of W
+
+batch_size is per worker: each takes half of every batch file (data's batch / 2 by default).
+A resume takes W's saved config; key=value may change what does not break it (as train.py).
 
 Each worker runs train.py's loop on its half of every batch (worker r: images [r*b, (r+1)*b) of
 every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/halves.py) from the same initial

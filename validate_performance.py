@@ -1,16 +1,18 @@
 """Evaluate a snapshot on the validation set: top-1 error, top-5 error and loss.
 
-    python validate_performance.py load_epoch=20                 # weights_dir/model_20.pt
     python validate_performance.py checkpoint=weights/model_60.pt ten_crop=True
-    python validate_performance.py --config my.yaml --spec my_spec.yaml load_epoch=5
+    python validate_performance.py weights_dir=weights load_epoch=20    # weights/model_20.pt
+    python validate_performance.py weights_dir=weights                  # its newest snapshot
+    python validate_performance.py checkpoint=weights/model_60.pt data=data/other
 
-Same config files and key=value overrides as train.py (val_folder, label_folder, mean_file,
-batch_size, gpu, ...), plus `checkpoint` and `ten_crop`. The network (model, crop_size, dropout)
-comes from the snapshot's own config. With the centre crop this computes exactly what training's
-validation wrote in that epoch's row of val_record.npy; ten_crop averages the softmax over the four
-corners and the centre of the crop range, each also mirrored.
+Same config files and key=value overrides as train.py (data, val_folder, batch_size, gpu, ...),
+plus `checkpoint` and `ten_crop`. The data (data, the folders, mean_file, batch_size, num_classes)
+comes from the snapshot's run (its weights_dir/config.yaml, else the snapshot's own config) unless
+given on the command line; the network (model, crop_size, dropout) from the snapshot's config.
+With the centre crop this computes exactly what training's validation wrote in that epoch's row of
+val_record.npy; ten_crop averages the softmax over the four corners and the centre of the crop
+range, each also mirrored.
 """
-import os
 import sys
 
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
@@ -23,8 +25,6 @@ SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 def validate(cfg):
     """(top-1 error, top-5 error, loss, images, snapshot path) of a snapshot on the val set."""
     path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
-    if not os.path.exists(path):
-        raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or load_epoch=N)')
     state = checkpoint.read(path)
     device = trainer.resolve_device(cfg['gpu'])
     net, settings = checkpoint.load_net(state, path, device)

@@ -67,13 +67,21 @@ def read(path):
     return state
 
 
-def load(weights_dir, epoch):
+def check_exists(weights_dir, epoch):
+    """The path of the snapshot of `epoch` to resume from; SnapshotError naming what is there
+    when it is missing (epoch 0: there is none)."""
     path = snapshot_path(weights_dir, epoch)
     if not os.path.exists(path):
         have = epochs(weights_dir)
+        if not epoch:
+            raise SnapshotError(f'no snapshot model_<N>.pt in {weights_dir} to resume from')
         raise SnapshotError(f'no snapshot {path} to resume from (load_epoch: {epoch}; '
                             f'snapshots there: {have or "none"})')
-    return read(path)
+    return path
+
+
+def load(weights_dir, epoch):
+    return read(check_exists(weights_dir, epoch))
 
 
 def load_net(state, path, device='cpu'):
@@ -107,7 +115,7 @@ def check_fresh_start(weights_dir, overwrite, move=True):
     if not overwrite:
         raise SnapshotError(
             f'{weights_dir} holds the snapshots of another run (model_{have[0]}.pt .. '
-            f'model_{have[-1]}.pt): resume it with resume_train=True load_epoch={have[-1]}, '
+            f'model_{have[-1]}.pt): resume it with weights_dir={weights_dir} resume_train=True, '
             f'choose another weights_dir, or set overwrite=True to move that run into '
             f'{os.path.join(weights_dir, "previous_<N>")} first')
     if not move:

@@ -43,8 +43,9 @@ PORT = (lambda v: 1 <= v <= 65535, 'a port in 1..65535')
 # The training config (config.yaml). The shipped YAML files hold exactly these keys and defaults.
 CONFIG = {
     # --- schedule -----------------------------------------------------------------------
-    'resume_train': Key(False, 'continue from `weights_dir/model_<load_epoch>.pt`'),
-    'load_epoch': Key(0, 'epoch of the snapshot to resume from', at_least(0)),
+    'resume_train': Key(False, 'continue the run in `weights_dir` from `model_<load_epoch>.pt`, with '
+                        'that run\'s saved config (the command line changes what it names)'),
+    'load_epoch': Key(0, 'epoch of the snapshot to resume from (0: the newest)', at_least(0)),
     'n_epochs': Key(60, 'train until this epoch (inclusive)', at_least(0)),
     'learning_rate': Key(0.01, 'initial learning rate (biases use 2×, and no weight decay)', ABOVE_0),
     'lr_policy': Key('step', '`step`: ÷10 after each epoch in `lr_step`; `auto`: ÷10 when (after epoch 5) '
@@ -77,9 +78,12 @@ CONFIG = {
                              at_least(1)),
     'num_classes': Key(0, '0: from `dataset.yaml` next to the labels folder, else the largest label + 1; '
                        '`synthetic`: 0 means 1000', (lambda v: v >= 0, 'at least 0 (0: from the dataset)')),
-    'label_folder': Key('data/imagenet/labels', 'folder of `train_labels.npy`, `val_labels.npy`',
+    'data': Key('data/imagenet', 'the folder preprocessing wrote (its `tar_root_dir`, holding '
+                '`dataset.yaml`): gives `train_folder`, `val_folder`, `label_folder`, `mean_file` and '
+                '`batch_size` where they are left empty', path=True),
+    'label_folder': Key('', "folder of `train_labels.npy`, `val_labels.npy` (`''`: `<data>/labels`)",
                         path=True),
-    'mean_file': Key('data/imagenet/misc/img_mean.npy', 'mean image, float32 (3, S, S)', path=True),
+    'mean_file': Key('', "mean image, float32 (3, S, S) (`''`: `<data>/misc/img_mean.npy`)", path=True),
     # --- model and optimiser --------------------------------------------------------------
     'model': Key('alexnet', '`alexnet` (the reference network, 227 px) or `alexnet_cifar` '
                  "(cuda-convnet layers-18pct, as SINGA's AlexNet on CIFAR-10; any crop, 32 px typical)",
@@ -125,10 +129,11 @@ SPEC_1GPU = {
     'gpu': Key('auto', '`auto` (cuda:0 if present, else cpu), `cpu`, `gpu0`, `gpu1`, `cuda:N`'),
     'sock_data': Key(5000, 'loader socket port on 127.0.0.1, used only where ZeroMQ has no `ipc://`',
                      PORT),
-    'batch_size': Key(256, 'images per step = images per batch file', at_least(1)),
-    'train_folder': Key('data/imagenet/train_hkl_b256_b_256', 'folder of `NNNN.hkl` training batches',
-                        path=True),
-    'val_folder': Key('data/imagenet/val_hkl_b256_b_256', 'folder of `NNNN.hkl` validation batches',
+    'batch_size': Key(0, 'images per step = images per batch file (0: those of `data`); under torchrun '
+                      'the images of all ranks together', at_least(0)),
+    'train_folder': Key('', "folder of `NNNN.hkl` training batches (`''`: "
+                        '`<data>/train_hkl_b<B>_b_<B>`)', path=True),
+    'val_folder': Key('', "folder of `NNNN.hkl` validation batches (`''`: `<data>/val_hkl_b<B>_b_<B>`)",
                       path=True),
 }
 
@@ -140,12 +145,11 @@ SPEC_2GPU = {
                      'socket in the launcher\'s private folder)', PORT),
     'sock_data0': Key(5000, 'loader socket of worker 0 (used only where ZeroMQ has no `ipc://`)', PORT),
     'sock_data1': Key(5001, 'loader socket of worker 1', PORT),
-    'batch_size': Key(128, 'images per step per worker (2 × 128 = the original\'s 256)', at_least(1)),
-    'train_folder': Key('data/imagenet/train_hkl_b256_b_256', 'whole `NNNN.hkl` batches of 2 × '
-                        '`batch_size` (each worker takes its half), or a folder of `NNNN_0.hkl` / '
-                        '`NNNN_1.hkl` halves', path=True),
-    'val_folder': Key('data/imagenet/val_hkl_b256_b_256', 'validation batches, as `train_folder`',
-                      path=True),
+    'batch_size': Key(0, 'images per step per worker (0: half of the batch files of `data`, 2 × 128 = '
+                      'the original\'s 256)', at_least(0)),
+    'train_folder': Key('', 'whole `NNNN.hkl` batches of 2 × `batch_size` (each worker takes its half), '
+                        "or a folder of `NNNN_0.hkl` / `NNNN_1.hkl` halves (`''`: from `data`)", path=True),
+    'val_folder': Key('', "validation batches, as `train_folder` (`''`: from `data`)", path=True),
     'exchange_transport': Key('auto', '`ipc` (CUDA IPC), `shm` (CPU shared memory) or `tcp` (bytes over '
                               'ZeroMQ); `auto`: `ipc` for two GPUs, `shm` for two CPUs, else `tcp`',
                               choices=('auto', 'ipc', 'shm', 'tcp')),
@@ -157,7 +161,8 @@ SPEC_2GPU = {
 
 # validate_performance.py's keys besides those of config.yaml and spec_1gpu.yaml.
 EVALUATE = {
-    'checkpoint': Key('', 'snapshot to evaluate (`\'\'`: `weights_dir/model_<load_epoch>.pt`)', path=True),
+    'checkpoint': Key('', "snapshot to evaluate (`''`: `weights_dir/model_<load_epoch>.pt`, the newest "
+                      'for 0)', path=True),
     'ten_crop': Key(False, 'average the softmax over the 4 corners and the centre of the crop range, '
                     'each also mirrored (`False`: the centre crop)'),
 }
@@ -280,9 +285,115 @@ def yaml_source(path, error=ConfigError):
 
 
 def load(config_file, spec_file, overrides, schema):
-    """The merged config: config_file <- spec_file <- overrides (a list of 'key=value')."""
-    return merge(schema, [yaml_source(config_file), yaml_source(spec_file),
-                          ('command-line overrides', parse_overrides(overrides), None)])
+    """The merged config: config_file <- spec_file <- [saved run] <- overrides (a list of
+    'key=value'), then the data keys left empty taken from `data` (with_data).
+
+    The saved run is the config of the run a command continues (saved_run): a resume
+    (resume_train, load_epoch 0 = the newest snapshot) or the snapshot validate_performance.py
+    evaluates. Only the command line overrides it."""
+    files = [yaml_source(config_file), yaml_source(spec_file)]
+    command = ('command-line overrides', parse_overrides(overrides), None)
+    cfg = merge(schema, files + [command])
+    from lib import checkpoint
+    if cfg['load_epoch'] == 0 and (cfg['resume_train'] or cfg.get('checkpoint') == ''):
+        cfg['load_epoch'] = checkpoint.latest_epoch(cfg['weights_dir'])
+    saved = saved_run(cfg, schema)
+    if saved is None:
+        return with_data(cfg, files + [command], schema)
+    epoch = cfg['load_epoch']
+    cfg = dict(merge(schema, files + [saved, command]), load_epoch=epoch)
+    return with_data(cfg, files + [saved, command], schema)
+
+
+# Keys `data` sets where they are empty (0): the batch folders, labels, mean and batch size.
+DATA_KEYS = ('train_folder', 'val_folder', 'label_folder', 'mean_file', 'batch_size')
+# What validate_performance.py takes from the run of the snapshot it evaluates.
+EVAL_KEYS = ('data',) + DATA_KEYS + ('num_classes', 'synthetic', 'synthetic_batches', 'seed',
+                                     'model', 'crop_size')
+# What a resumed run never takes from the run it continues.
+RUN_LOCAL = ('resume_train', 'load_epoch', 'weights_dir', 'overwrite')
+
+
+def per_worker(keys):
+    """Workers that share one batch file where batch_size is per worker: 2 for train_2gpu.py's
+    keys, else 1 (train.py; under torchrun batch_size is the total of all ranks)."""
+    return 2 if 'gpu0' in keys else 1
+
+
+def saved_run(cfg, schema):
+    """The source (name, values, folder) of the saved config of the run that cfg continues:
+    weights_dir/config.yaml beside the snapshot, else the snapshot's own config. For a resume,
+    all but RUN_LOCAL; for validate_performance.py, EVAL_KEYS. None when cfg continues no run.
+    batch_size is converted between per worker (train_2gpu.py) and per step (train.py)."""
+    from lib import checkpoint
+    if 'checkpoint' in schema:
+        path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
+        if not os.path.isfile(path):
+            raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or '
+                                           'load_epoch=N)')
+        keys = EVAL_KEYS
+    elif cfg['resume_train']:
+        path = checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
+        keys = [k for k in schema if k not in RUN_LOCAL]
+    else:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    where = os.path.join(folder, 'config.yaml')
+    if os.path.isfile(where):
+        saved = load_yaml(where)
+    else:
+        where, saved = path, checkpoint.read(path).get('config', {})
+    values = {k: v for k, v in saved.items() if k in keys and k in schema}
+    if isinstance(values.get('batch_size'), int):
+        values['batch_size'] = values['batch_size'] * per_worker(saved) // per_worker(schema)
+    return f'{where} (the run continued)', values, folder
+
+
+def read_dataset(folder):
+    """The dataset.yaml preprocessing wrote into `folder`, checked to give batch_size."""
+    path = os.path.join(folder, 'dataset.yaml')
+    if not os.path.isfile(path):
+        raise ConfigError(f'data: no {path} (data is the folder preprocessing wrote, its '
+                          'tar_root_dir: preprocess first with sh preprocessing/generate_data.sh, '
+                          'or set data=FOLDER)')
+    info = load_yaml(path)
+    if not (isinstance(info.get('batch_size'), int) and info['batch_size'] >= 1):
+        raise ConfigError(f'{path} gives no batch_size (a dataset.yaml of preprocessing holds it)')
+    return info
+
+
+def with_data(cfg, sources, schema):
+    """cfg with each of DATA_KEYS that is empty (0), or set in an earlier source than `data`,
+    taken from the data folder: <data>/train_hkl_b<B>_b_<B>, val_hkl_..., labels,
+    misc/img_mean.npy and B (B/2 per worker in train_2gpu.py), B = dataset.yaml's batch_size.
+    A key set at or after data's own source wins. Synthetic runs take B = 256. When only
+    batch_size is left and data holds no dataset.yaml, it stays 0: the batch files name it."""
+    given = {}
+    for i, (_, values, _) in enumerate(sources):
+        given.update(dict.fromkeys(values, i))
+    need = [k for k in DATA_KEYS
+            if k in cfg and (not cfg[k] or given.get(k, -1) < given.get('data', -1))]
+    share = per_worker(schema)
+    if not need or cfg['synthetic']:
+        if 'batch_size' in need:
+            cfg['batch_size'] = 256 // share
+        return cfg
+    meta = os.path.join(cfg['data'], 'dataset.yaml')
+    if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(meta)):
+        return cfg  # the folders are given: their batch files name the batch_size to set
+    if not cfg['data']:
+        raise ConfigError(f"data is empty: set data=FOLDER (the folder preprocessing wrote) or "
+                          f"{', '.join(need)}")
+    info = read_dataset(cfg['data'])
+    B = info['batch_size']
+    n = 1 if share == 1 or 1 in info.get('sub_batches', [1]) else 2  # else the halves
+    found = {'train_folder': os.path.join(cfg['data'], f'train_hkl_b{B}_b_{B // n}'),
+             'val_folder': os.path.join(cfg['data'], f'val_hkl_b{B}_b_{B // n}'),
+             'label_folder': os.path.join(cfg['data'], 'labels'),
+             'mean_file': os.path.join(cfg['data'], 'misc', 'img_mean.npy'),
+             'batch_size': B // share}
+    cfg.update({k: found[k] for k in need})
+    return cfg
 
 
 def dump(cfg, path):

@@ -79,13 +79,13 @@ def read_hkl(path, file_batch=None, rows=None, out=None):
         raise DataError(f'{path}: cannot read batch file ({e})') from None
 
 
-def hkl_shape(path, file_batch=None):
+def hkl_shape(path):
     """Shape of a batch file's uint8 array, from its header alone (no pixels read), checked as
-    read_hkl checks it."""
+    read_hkl checks it (any number of images)."""
     try:
         with h5py.File(path, 'r') as f:
             d = hkl_dataset(f, path)
-            check_batch(path, d.dtype, d.shape, file_batch)
+            check_batch(path, d.dtype, d.shape)
             return d.shape
     except OSError as e:
         raise DataError(f'{path}: cannot read batch file ({e})') from None
@@ -124,6 +124,12 @@ class BatchFolder:
     def __init__(self, folder, labels_file, batch_size, part=None, rows=None):
         self.folder, self.labels_file, self.part, self.rows = folder, labels_file, part, rows
         self.files = batch_files(folder, part)
+        self.shape = hkl_shape(self.files[0])  # the header only: (3, S, S, images per file)
+        held = self.shape[3]
+        if held != batch_size:
+            raise DataError(f'{self.files[0]} holds {held} images, batch_size is {batch_size}: set '
+                            f'batch_size={held}' + ('' if rows is None else
+                                                    ' (under torchrun: all ranks together)'))
         try:
             labels = np.load(labels_file)
         except OSError as e:
@@ -157,8 +163,8 @@ class BatchFolder:
         read_hkl(self.files[i], self.file_batch, self.rows, out)
 
     def image_size(self):
-        """S of the (3, S, S, B) batches, from the first file's header (checked as read() does)."""
-        return hkl_shape(self.files[0], self.file_batch)[1]
+        """S of the (3, S, S, B) batches, from the first file's header (checked at start)."""
+        return self.shape[1]
 
 
 class SyntheticBatches:

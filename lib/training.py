@@ -105,8 +105,10 @@ def build_loaders(cfg, device, worker=Worker()):
     n_classes = num_classes(cfg, (train, val))
     check_labels(n_classes, (train, val))
     if cfg['crop_size'] > size:
+        fix = 'model=alexnet_cifar and ' if cfg['model'] == 'alexnet' else ''
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
-                             f"({size} px) in {cfg['train_folder']}")
+                             f"({size} px) in {cfg['train_folder']}: set {fix}crop_size={size} "
+                             'or less')
     if cfg['para_load'] and cfg['synthetic']:
         print('notice: synthetic batches are made in-process; para_load is ignored', flush=True)
     if cfg['para_load'] and not cfg['synthetic']:

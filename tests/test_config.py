@@ -14,6 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
 
 
+@pytest.fixture(autouse=True)
+def dataset(tmp_path, monkeypatch):
+    """The default `data` of SCHEMA here: a folder with a dataset.yaml as preprocessing writes it."""
+    folder = tmp_path / 'dataset'
+    folder.mkdir()
+    (folder / 'dataset.yaml').write_text('num_classes: 3\nimg_size: 36\nbatch_size: 16\nsub_batches: [1]\n')
+    monkeypatch.setitem(SCHEMA, 'data', config.Key(str(folder), 'test data', path=True))
+    return folder
+
+
 def write(path, text):
     path.write_text(text)
     return str(path)
@@ -143,7 +153,7 @@ OUT_OF_RANGE = {
     'peer_timeout': (0, 'above 0, got 0.0', 0.1),
     'snapshot_freq': (0, 'at least 1, got 0', 1),
     'print_freq': (0, 'at least 1, got 0', 1),
-    'batch_size': (0, 'at least 1, got 0', 1),
+    'batch_size': (-1, 'at least 0, got -1', 0),
     'sock_data': (70000, 'a port in 1..65535, got 70000', 65535),
     'sock_data0': (0, 'a port in 1..65535, got 0', 1),
     'sock_data1': (65536, 'a port in 1..65535, got 65536', 65535),
@@ -182,3 +192,69 @@ def test_out_of_range_value_is_a_one_line_error_before_training(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: config key 'snapshot_freq' in command-line overrides must be at least 1, got 0"]
+
+
+SHIPPED = (os.path.join(ROOT, 'config.yaml'), os.path.join(ROOT, 'spec_1gpu.yaml'))
+SCHEMA_2GPU = {**config.CONFIG, **config.SPEC_2GPU}
+
+
+def data_folder(folder, batch):
+    os.makedirs(folder)
+    write(folder / 'dataset.yaml', f'num_classes: 3\nimg_size: 36\nbatch_size: {batch}\n')
+    return folder
+
+
+def test_data_gives_the_folders_and_the_batch_and_explicit_keys_win(tmp_path):
+    d = data_folder(tmp_path / 'd', 16)
+    cfg = config.load(*SHIPPED, [f'data={d}'], SCHEMA)
+    assert [cfg[k] for k in config.DATA_KEYS] == [
+        f'{d}/train_hkl_b16_b_16', f'{d}/val_hkl_b16_b_16', f'{d}/labels', f'{d}/misc/img_mean.npy', 16]
+    two = config.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'), [f'data={d}'], SCHEMA_2GPU)
+    assert two['batch_size'] == 8 and two['train_folder'] == cfg['train_folder']  # per worker: half
+    cfg = config.load(*SHIPPED, [f'data={d}', 'batch_size=4', f'val_folder={tmp_path}/v'], SCHEMA)
+    assert cfg['batch_size'] == 4 and cfg['val_folder'] == str(tmp_path / 'v')
+    assert cfg['train_folder'] == f'{d}/train_hkl_b16_b_16'
+    # a key set beside data, or after it, wins; data set after a key replaces it
+    mine = write(tmp_path / 'mine.yaml', f'data: {d}\nmean_file: my_mean.npy\n')
+    cfg = config.load(SHIPPED[0], mine, [], SCHEMA)
+    assert cfg['mean_file'] == str(tmp_path / 'my_mean.npy') and cfg['label_folder'] == f'{d}/labels'
+    other = data_folder(tmp_path / 'other', 32)
+    cfg = config.load(SHIPPED[0], mine, [f'data={other}'], SCHEMA)
+    assert cfg['mean_file'] == f'{other}/misc/img_mean.npy' and cfg['batch_size'] == 32
+
+
+def test_a_missing_or_garbled_dataset_yaml_is_a_one_line_error_naming_it(tmp_path):
+    d = tmp_path / 'd'
+    d.mkdir()
+    path = str(d / 'dataset.yaml')
+    for text, msg in ((None, f'data: no {path} (data is the folder preprocessing wrote'),
+                      ('a: [1\n', f'{path} is not valid YAML'),
+                      ('num_classes: 3\n', f'{path} gives no batch_size')):
+        if text is not None:
+            write(d / 'dataset.yaml', text)
+        with pytest.raises(config.ConfigError) as e:
+            config.load(*SHIPPED, [f'data={d}'], SCHEMA)
+        assert str(e.value).startswith(msg) and '\n' not in str(e.value), str(e.value)
+
+
+def test_a_resume_takes_its_runs_saved_config_and_the_newest_snapshot(tmp_path):
+    """`weights_dir=W resume_train=True` alone (or `--config W/config.yaml resume_train=True`):
+    the run's saved config below the command line, above the shipped files; load_epoch 0 is
+    the newest snapshot; batch_size per worker (train_2gpu.py) and per step convert."""
+    from lib import checkpoint
+    d, w = data_folder(tmp_path / 'd', 16), tmp_path / 'w'
+    w.mkdir()
+    saved = config.load(*SHIPPED, [f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
+                                   'n_epochs=3', f'weights_dir={w}', 'shuffle=True'], SCHEMA)
+    config.dump(saved, w / 'config.yaml')
+    for epoch in (1, 3):
+        (w / f'model_{epoch}.pt').write_bytes(b'')
+    cfg = config.load(*SHIPPED, [f'weights_dir={w}', 'resume_train=True', 'n_epochs=5'], SCHEMA)
+    assert cfg == dict(saved, resume_train=True, load_epoch=3, n_epochs=5)
+    cfg = config.load(str(w / 'config.yaml'), SHIPPED[1], ['resume_train=True', 'load_epoch=1'], SCHEMA)
+    assert cfg == dict(saved, resume_train=True, load_epoch=1)
+    two = config.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'),
+                      [f'weights_dir={w}', 'resume_train=True'], SCHEMA_2GPU)
+    assert two['batch_size'] == 8 and two['model'] == 'alexnet_cifar' and two['load_epoch'] == 3
+    with pytest.raises(checkpoint.SnapshotError, match=f'no snapshot model_<N>.pt in {tmp_path}/none'):
+        config.load(*SHIPPED, [f'weights_dir={tmp_path}/none', 'resume_train=True'], SCHEMA)

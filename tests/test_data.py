@@ -100,8 +100,12 @@ def test_bad_files_give_errors_naming_them(tmp_path):
     write_hkl(corrupt, np.zeros((3, 8, 8, 5), np.uint8))
     with pytest.raises(data.DataError, match=r'0001.hkl: expected uint8 \(3, S, S, 4\)'):
         folder.read(1)
-    with pytest.raises(data.DataError, match='train_labels.npy holds 8 labels.*needs 2 batches x 8'):
+    with pytest.raises(data.DataError, match='0000.hkl holds 4 images, batch_size is 8: set batch_size=4'):
         data.BatchFolder(keys['train_folder'], labels, 8)
+    short = os.path.join(keys['label_folder'], 'short.npy')
+    np.save(short, np.load(labels)[:6])
+    with pytest.raises(data.DataError, match='short.npy holds 6 labels.*needs 2 batches x 4 = 8'):
+        data.BatchFolder(keys['train_folder'], short, 4)
     os.remove(os.path.join(keys['train_folder'], '0000.hkl'))
     with pytest.raises(data.DataError, match='not numbered 0..0'):
         data.BatchFolder(keys['train_folder'], labels, 4)
@@ -164,6 +168,6 @@ def test_image_size_checks_the_batch_from_the_header_at_start_up(tmp_path):
     labels = os.path.join(keys['label_folder'], 'train_labels.npy')
     assert data.BatchFolder(keys['train_folder'], labels, 4).image_size() == 8
     write_hkl(os.path.join(keys['train_folder'], '0000.hkl'), np.zeros((3, 8, 8, 2), np.uint8))
-    with pytest.raises(data.DataError, match=r'0000.hkl: expected uint8 \(3, S, S, 4\), got uint8 '
-                                             r'\(3, 8, 8, 2\)'):
-        data.BatchFolder(keys['train_folder'], labels, 4).image_size()
+    with pytest.raises(data.DataError, match=r'0000.hkl holds 2 images, batch_size is 4: set '
+                                             r'batch_size=2'):
+        data.BatchFolder(keys['train_folder'], labels, 4)

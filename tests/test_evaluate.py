@@ -1,6 +1,7 @@
 """validate_performance.py, ten crops, plot.py, synthetic data, cosine/warm-up, label smoothing."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -167,3 +168,20 @@ def test_a_damaged_snapshot_is_a_one_line_error(trained, tmp_path, capsys, damag
     assert validate_performance.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'error: {bad} is not a'), err
+
+
+def test_validate_takes_the_data_of_the_snapshots_run(trained, tmp_path, capsys):
+    """`checkpoint=W/model_N.pt` alone: the data of that run (W/config.yaml, else the snapshot's
+    own config), not the default ImageNet folders; `weights_dir=W` alone: its newest snapshot."""
+    root, cfg = trained
+    record = np.load(os.path.join(root, 'w', 'val_record.npy'))
+    alone = tmp_path / 'alone'
+    alone.mkdir()
+    shutil.copy(os.path.join(root, 'w', 'model_1.pt'), alone)  # no config.yaml beside it
+    for argv, epoch in (([f'checkpoint={root}/w/model_1.pt'], 1), ([f'weights_dir={root}/w'], 2),
+                        ([f'checkpoint={alone}/model_1.pt'], 1)):
+        assert validate_performance.main(argv + ['gpu=cpu']) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        assert f'model_{epoch}.pt: 16 images' in out
+        assert float(out.split('top-1 error ')[1].split()[0]) == pytest.approx(record[epoch - 1, 0],
+                                                                               abs=1e-6)

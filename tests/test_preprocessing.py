@@ -721,11 +721,13 @@ def test_train_py_trains_on_what_preprocessing_wrote(tmp_path, layout):
                             val_label_file=None)
     assert run_sh('generate_data.sh', str(paths), cwd=tmp_path).returncode == 0
     out = tmp_path / 'out'
+    where = ([f'data={out}'] if layout == 'folders' else  # data=: the folder preprocessing wrote
+             [f'batch_size={B}', f'train_folder={out}/train_hkl_b{B}_b_{B}',
+              f'val_folder={out}/val_hkl_b{B}_b_{B}', f'label_folder={out}/labels',
+              f'mean_file={out}/misc/img_mean.npy'])
     r = subprocess.run(
         [sys.executable, str(REPO / 'train.py'), 'model=alexnet_cifar', f'crop_size={S - 2}',
-         f'batch_size={B}', 'gpu=cpu', 'n_epochs=2', 'print_freq=1', f'weights_dir={tmp_path / "w"}',
-         f'train_folder={out}/train_hkl_b{B}_b_{B}', f'val_folder={out}/val_hkl_b{B}_b_{B}',
-         f'label_folder={out}/labels', f'mean_file={out}/misc/img_mean.npy'],
+         'gpu=cpu', 'n_epochs=2', 'print_freq=1', f'weights_dir={tmp_path / "w"}'] + where,
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert '3 classes' in r.stdout and 'done: epoch 2' in r.stdout

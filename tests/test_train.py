@@ -164,7 +164,7 @@ def test_a_fresh_run_into_another_runs_folder_is_refused_or_moves_it_aside(tmp_p
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         f'error: {w} holds the snapshots of another run (model_1.pt .. model_3.pt): resume it with '
-        f'resume_train=True load_epoch=3, choose another weights_dir, or set overwrite=True to '
+        f'weights_dir={w} resume_train=True, choose another weights_dir, or set overwrite=True to '
         f'move that run into {w / "previous_<N>"} first']
     assert {n: (w / n).read_bytes() for n in os.listdir(w)} == old
     assert train.main(argv + ['n_epochs=1', 'overwrite=True']) == 0
@@ -197,3 +197,45 @@ def damage_snapshot(path, how):
         torch.save({'weights': torch.zeros(3)}, path)
     else:
         path.write_bytes(b'not a torch file at all\n' * 10)
+
+
+def test_one_data_folder_drives_a_run_and_its_resume(tmp_path, capsys):
+    """data=FOLDER gives the folders, mean and batch_size; `weights_dir=W resume_train=True`
+    alone resumes the newest snapshot with the run's config (--config W/config.yaml too), and
+    what would break the resume is still refused."""
+    d, w = tmp_path / 'd', tmp_path / 'w'
+    make_batches(str(d), n_train=2, n_val=1, batch=8, size=36)
+    assert train.main([f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
+                       f'weights_dir={w}', 'n_epochs=1']) == 0
+    saved = yaml.safe_load(open(w / 'config.yaml'))
+    assert saved['batch_size'] == 8 and saved['train_folder'] == str(d / 'train_hkl_b8_b_8')
+    capsys.readouterr()
+    assert train.main([f'weights_dir={w}', 'resume_train=True', 'n_epochs=2']) == 0
+    assert f'resumed from {w / "model_1.pt"} (epoch 1' in capsys.readouterr().out
+    assert train.main(['--config', str(w / 'config.yaml'), 'resume_train=True', 'load_epoch=2',
+                       'n_epochs=3']) == 0
+    assert f'resumed from {w / "model_2.pt"} (epoch 2' in capsys.readouterr().out
+    assert train.main([f'weights_dir={w}', 'resume_train=True', 'crop_size=28', 'n_epochs=4']) == 2
+    assert capsys.readouterr().err.strip() == (f'error: {w / "model_3.pt"} was trained with '
+                                               'crop_size 32, this run has crop_size 28')
+    assert checkpoint.epochs(str(w)) == [1, 2, 3]
+
+
+def test_a_forgotten_batch_size_or_model_is_an_error_that_names_the_fix(tmp_path, capsys):
+    from lib import data
+    keys = make_batches(str(tmp_path / 'd'), n_train=2, n_val=1, batch=8, size=36)
+    argv = [f'{k}={v}' for k, v in keys.items() if k != 'batch_size'] + [
+        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']
+    first = os.path.join(keys['train_folder'], '0000.hkl')
+    for extra, size in (([], 0), (['batch_size=256'], 256)):
+        assert train.main(argv + extra) == 2
+        assert capsys.readouterr().err.strip() == (f'error: {first} holds 8 images, batch_size '
+                                                   f'is {size}: set batch_size=8')
+    assert train.main([f'data={tmp_path / "d"}', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f'error: crop_size 227 is larger than the images (36 px) in {keys["train_folder"]}: '
+        'set model=alexnet_cifar and crop_size=36 or less')
+    labels = os.path.join(keys['label_folder'], 'train_labels.npy')
+    with pytest.raises(data.DataError, match=r'holds 8 images, batch_size is 16: set batch_size=8 '
+                                             r'\(under torchrun: all ranks together\)'):
+        data.BatchFolder(keys['train_folder'], labels, 16, rows=(0, 8))

@@ -489,3 +489,20 @@ def test_a_worker_that_fails_tells_the_other_which_names_it(tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f'worker 0: error: worker 1 stopped ({bad}'), \
         r.stderr
     assert not os.path.exists(tmp_path / 'w2' / 'model_1.pt')
+
+
+def test_data_gives_each_worker_half_a_batch_and_a_resume_needs_only_weights_dir(tmp_path):
+    """data=FOLDER: batch_size is half of data's batch per worker; `weights_dir=W
+    resume_train=True` alone resumes the newest snapshot with the run's saved config."""
+    make_batches(str(tmp_path / 'd'), n_train=2, n_val=1, batch=8, size=36)
+    w = tmp_path / 'w'
+    common = [sys.executable, SCRIPT, f'weights_dir={w}', f'sock_gpu={free_port()}']
+    r = subprocess.run(common + [f'data={tmp_path / "d"}', 'gpu0=cpu', 'gpu1=cpu', 'n_epochs=1',
+                                 'model=alexnet_cifar', 'crop_size=32', 'peer_timeout=30'],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert '2 train / 1 val batches of 4' in r.stdout
+    r = subprocess.run(common + ['resume_train=True', 'n_epochs=2'], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f'resumed from {w / "model_1.pt"} (epoch 1' in r.stdout and 'done: epoch 2' in r.stdout
