@@ -5,7 +5,7 @@
     python train_2gpu.py --config my.yaml --spec my_spec.yaml n_epochs=10
 
 Each worker runs train.py's loop on its half of every batch (worker r: images [r*b, (r+1)*b) of
-every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/halves.py) from the same initial
+every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/data.py) from the same initial
 weights; every exchange_freq steps they average parameters and momentum over the
 exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link bound to
 127.0.0.1:sock_gpu (lib/link.py). Worker 0 logs and writes weights_dir (as train.py does).
@@ -63,8 +63,9 @@ def worker_main(rank, cfg, token, transport, shm_dir, parent=None):
                          timeout=cfg['peer_timeout'], host=cfg['exchange_host'],
                          curve_dir=cfg['curve_dir'], shm_dir=shm_dir)
     try:
-        history = training.run(cfg, training.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
-                                              port=cfg[f'sock_data{rank}']))
+        worker = training.Worker(pair, share=(rank, 2, cfg['batch_size']), gpu=cfg[f'gpu{rank}'],
+                                 port=cfg[f'sock_data{rank}'])
+        history = training.run(cfg, worker)
         if rank == 0:
             print(training.summary(cfg, history), flush=True)
     except UserError as e:
