@@ -132,7 +132,8 @@ class BatchFolder:
             raise DataError(f'{labels_file} holds {labels.size} labels, {os.path.dirname(files[0])} '
                             f'needs {len(files)} batches x {file_batch} = {need}')
         lo, hi = rows or (0, file_batch)
-        self.labels = np.ascontiguousarray(labels[:need].astype(np.int64).reshape(-1, file_batch)[:, lo:hi])
+        labels = labels[:need].astype(np.int64).reshape(-1, file_batch)
+        self.labels = np.ascontiguousarray(labels[:, lo:hi])
         self.batch_size = hi - lo
 
     def spec(self):
@@ -184,10 +185,10 @@ def share_source(folder, label_folder, split, batch_size, share=None):
     files = batch_files(folder)
     held = hkl_shape(files[0])[-1]  # the header only, not the pixels
     if held != count * b:
-        raise DataError(f'{files[0]} holds {held} images, not {count} x {b}'
-                        + (f' (each of {count} workers takes {b} of every batch)' if count > 1 else '')
-                        + f': set batch_size={batch_size * held // (count * b)}'
-                        + (f', or name a folder of NNNN_{index}.hkl halves' if count == 2 else ''))
+        each = f' ({count} workers x {b})' if count > 1 else ''
+        halves = f', or name a folder of NNNN_{index}.hkl halves' if count == 2 else ''
+        raise DataError(f'{files[0]} holds {held} images, not {count * b}{each}: set '
+                        f'batch_size={batch_size * held // (count * b)}{halves}')
     rows = None if count == 1 else (index * b, (index + 1) * b)
     return BatchFolder(files, labels, held, rows), notice
 
