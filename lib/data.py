@@ -186,9 +186,9 @@ def share_source(folder, label_folder, split, batch_size, share=None):
     held = hkl_shape(files[0])[-1]  # the header only, not the pixels
     if held != count * b:
         each = f' ({count} workers x {b})' if count > 1 else ''
-        halves = f', or name a folder of NNNN_{index}.hkl halves' if count == 2 else ''
+        hint = f', or name a folder of NNNN_{index}.hkl halves' if count == 2 else ''
         raise DataError(f'{files[0]} holds {held} images, not {count * b}{each}: set '
-                        f'batch_size={batch_size * held // (count * b)}{halves}')
+                        f'batch_size={batch_size * held // (count * b)}{hint}')
     rows = None if count == 1 else (index * b, (index + 1) * b)
     return BatchFolder(files, labels, held, rows), notice
 
