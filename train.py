@@ -112,7 +112,7 @@ def torchrun_worker(cfg):
             if rank == 0:
                 print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
-                  rows=(rank * B // world, (rank + 1) * B // world), gpu=gpu,
+                  share=(rank, world, B // world), gpu=gpu,
                   port=cfg['sock_data'] + local)
 
 

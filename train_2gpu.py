@@ -10,7 +10,7 @@ batch_size is per worker: each takes half of every batch file (data's batch / 2 
 A resume takes W's saved config; key=value may change what does not break it (as train.py).
 
 Each worker runs train.py's loop on its half of every batch (worker r: images [r*b, (r+1)*b) of
-every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/halves.py) from the same initial
+every NNNN.hkl of 2b images, or the NNNN_<r>.hkl halves; lib/data.py) from the same initial
 weights; every exchange_freq steps they average parameters and momentum over the
 exchange_transport (lib/exchange.py), with barriers and metrics on a ZeroMQ link (lib/link.py):
 a unix socket in the launcher's private folder (mode 0700, on /dev/shm), which no other user can
@@ -70,8 +70,9 @@ def worker_main(rank, cfg, transport, run_dir, parent=None):
     pair = exchange.Pair(rank, transport, endpoint, freq=cfg['exchange_freq'],
                          timeout=cfg['peer_timeout'], curve_dir=cfg['curve_dir'], shm_dir=run_dir)
     try:
-        history = training.run(cfg, training.Worker(pair, part=rank, gpu=cfg[f'gpu{rank}'],
-                                              port=cfg[f'sock_data{rank}']))
+        worker = training.Worker(pair, share=(rank, 2, cfg['batch_size']), gpu=cfg[f'gpu{rank}'],
+                                 port=cfg[f'sock_data{rank}'])
+        history = training.run(cfg, worker)
         if rank == 0:
             print(training.summary(cfg, history), flush=True)
     except UserError as e:

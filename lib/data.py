@@ -116,39 +116,33 @@ def batch_files(folder, part=None):
 
 
 class BatchFolder:
-    """The batch files of one split and their labels, shape (n_files, batch_size).
+    """Batch files of `file_batch` images each and their labels (labels_file, in batch order).
 
-    rows=(lo, hi): only images lo..hi-1 of every file (a torchrun rank's share of each batch);
-    batch_size is then hi - lo, and file_batch the images per file."""
+    rows=(lo, hi): only images lo..hi-1 of every file (a worker's share: see share_source);
+    batch_size is the images read per file, labels the (n_files, batch_size) labels of them."""
 
-    def __init__(self, folder, labels_file, batch_size, part=None, rows=None):
-        self.folder, self.labels_file, self.part, self.rows = folder, labels_file, part, rows
-        self.files = batch_files(folder, part)
-        self.shape = hkl_shape(self.files[0])  # the header only: (3, S, S, images per file)
-        held = self.shape[3]
-        if held != batch_size:
-            raise DataError(f'{self.files[0]} holds {held} images, batch_size is {batch_size}: set '
-                            f'batch_size={held}' + ('' if rows is None else
-                                                    ' (under torchrun: all ranks together)'))
+    def __init__(self, files, labels_file, file_batch, rows=None):
+        self.files, self.labels_file, self.file_batch, self.rows = files, labels_file, file_batch, rows
+        self.shape = hkl_shape(files[0])  # the header only: (3, S, S, images per file)
+        if self.shape[3] != file_batch:
+            raise DataError(f'{files[0]} holds {self.shape[3]} images, not {file_batch}')
         try:
             labels = np.load(labels_file)
         except OSError as e:
             raise DataError(f'cannot read labels {labels_file}: {e}') from None
-        need = len(self.files) * batch_size
+        need = len(files) * file_batch
         if labels.ndim != 1 or len(labels) < need:
-            raise DataError(f'{labels_file} holds {labels.size} labels, {folder} needs '
-                            f'{len(self.files)} batches x {batch_size} = {need}')
-        self.labels = labels[:need].astype(np.int64).reshape(len(self.files), batch_size)
-        self.file_batch = self.batch_size = batch_size
-        if rows is not None:
-            lo, hi = rows
-            self.labels = np.ascontiguousarray(self.labels[:, lo:hi])
-            self.batch_size = hi - lo
+            raise DataError(f'{labels_file} holds {labels.size} labels, {os.path.dirname(files[0])} '
+                            f'needs {len(files)} batches x {file_batch} = {need}')
+        lo, hi = rows or (0, file_batch)
+        labels = labels[:need].astype(np.int64).reshape(-1, file_batch)
+        self.labels = np.ascontiguousarray(labels[:, lo:hi])
+        self.batch_size = hi - lo
 
     def spec(self):
         """The arguments that make this BatchFolder again (in another process)."""
-        return dict(folder=self.folder, labels_file=self.labels_file, batch_size=self.file_batch,
-                    part=self.part, rows=self.rows)
+        return dict(files=self.files, labels_file=self.labels_file, file_batch=self.file_batch,
+                    rows=self.rows)
 
     def __len__(self):
         return len(self.files)
@@ -165,6 +159,48 @@ class BatchFolder:
     def image_size(self):
         """S of the (3, S, S, B) batches, from the first file's header (checked at start)."""
         return self.shape[1]
+
+
+HALVES_NAME = re.compile(r'^(?P<prefix>.*_b(?P<whole>\d+))_b_(?P<half>\d+)$')
+
+
+def share_source(folder, label_folder, split, batch_size, share=None):
+    """(BatchFolder of a worker's share of every batch of `split`, notice or None).
+
+    share=(index, count, b): images [index*b, (index+1)*b) of every NNNN.hkl of count*b images
+    (torchrun rank r of N: (r, N, batch_size/N); train_2gpu.py worker p: (p, 2, batch_size));
+    None: whole files of batch_size images. One of two workers takes instead the NNNN_<index>.hkl
+    of a halves folder `<prefix>_b<2b>_b_<b>` (the original's layout; labels
+    <split>_labels_<index>.npy), and where that folder does not exist, its share of its
+    whole-batch sibling `<prefix>_b<2b>_b_<2b>`, with a notice."""
+    index, count, b = share or (0, 1, batch_size)
+    labels, notice = os.path.join(label_folder, f'{split}_labels.npy'), None
+    if count == 2:
+        names = os.listdir(folder) if os.path.isdir(folder) else ()
+        if any(re.match(rf'^\d{{4,}}_{index}\.hkl$', n) for n in names):
+            halves = os.path.join(label_folder, f'{split}_labels_{index}.npy')
+            return BatchFolder(batch_files(folder, index), halves, b), None
+        m = HALVES_NAME.match(os.path.normpath(folder))
+        sibling = m and int(m['whole']) == 2 * int(m['half']) and f"{m['prefix']}_b_{m['whole']}"
+        if not os.path.isdir(folder) and sibling and os.path.isdir(sibling):
+            notice = f'{folder} does not exist: each worker takes its half of every batch in {sibling}'
+            folder = sibling
+    files = batch_files(folder)
+    held = hkl_shape(files[0])[-1]  # the header only, not the pixels
+    if held != count * b:
+        each = f' ({count} workers x {b})' if count > 1 else ''
+        if count == 1:
+            fix = f'set batch_size={held}'
+        elif b != batch_size or count > 2:  # torchrun: batch_size is the images of all ranks
+            fix = f'set batch_size={held} (under torchrun: all ranks together)'
+        elif b:  # train_2gpu.py: per worker
+            fix = f'set batch_size={held // 2}, or name a folder of NNNN_{index}.hkl halves'
+        else:  # batch_size 0: one of them
+            fix = (f'set batch_size={held // 2} (train_2gpu.py: per worker) or {held} (torchrun: '
+                   'all ranks together)')
+        raise DataError(f'{files[0]} holds {held} images, not {count * b}{each}: {fix}')
+    rows = None if count == 1 else (index * b, (index + 1) * b)
+    return BatchFolder(files, labels, held, rows), notice
 
 
 class SyntheticBatches:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from lib import checkpoint, config, data, exchange, halves, loader, model, optim, plot, trainer
+from lib import checkpoint, config, data, exchange, loader, model, optim, plot, trainer
 
 
 def num_classes(cfg, sources):
@@ -67,32 +67,26 @@ def check_snapshot(cfg, state, net, images_per_step):
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
     exchanger: object = None    # lib/exchange.py: Local, Pair (train_2gpu.py), Distributed (torchrun)
-    part: int = None            # train on half <part> of every batch (train_2gpu.py; lib/halves.py)
-    rows: tuple = None          # train on rows [lo, hi) of every batch file (torchrun)
+    share: tuple = None         # (index, count, images): its share of every batch (data.share_source)
     gpu: str = None             # device (default: the gpu key)
     port: int = None            # loader port where there is no ipc:// (default: sock_data)
 
 
 def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
-    """The batch sources of `splits`: batch folders and their labels, or synthetic batches."""
+    """The batch sources of `splits`: the worker's share of the batch folders, or synthetic batches."""
     B = cfg['batch_size']
     if cfg['synthetic']:
         size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
         n_files = {'train': cfg['synthetic_batches'], 'val': max(1, cfg['synthetic_batches'] // 10)}
-        rows = worker.rows or (0, B)
-        return [data.SyntheticBatches(n_files[s], rows[1] - rows[0], size, cfg['num_classes'] or 1000,
+        b = worker.share[2] if worker.share else B
+        return [data.SyntheticBatches(n_files[s], b, size, cfg['num_classes'] or 1000,
                                       cfg['seed'] + (s == 'val')) for s in splits]
-    if worker.part is not None:  # train_2gpu.py: halves, or half of every whole batch
-        found = [halves.half_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.part)
-                 for split in splits]
-        notices = [n for _, n in found if n]
-        if notices and worker.part == 0:
-            print('notice: ' + '; '.join(notices), flush=True)
-        return [source for source, _ in found]
-    return [data.BatchFolder(cfg[f'{split}_folder'],
-                             os.path.join(cfg['label_folder'], f'{split}_labels.npy'), B,
-                             rows=worker.rows)
-            for split in splits]
+    found = [data.share_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.share)
+             for split in splits]
+    notices = [n for _, n in found if n]
+    if notices and worker.share[0] == 0:
+        print('notice: ' + '; '.join(notices), flush=True)
+    return [source for source, _ in found]
 
 
 def build_loaders(cfg, device, worker=Worker()):
@@ -155,8 +149,8 @@ def run(cfg, worker=Worker()):
             config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         n_params = sum(p.numel() for p in net.parameters())
         loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
-                 f'{len(train_data)} train / {len(val_data)} val batches of {cfg["batch_size"]}'
-                 + (f' ({exchanger.size} workers x {train_data.batch_size})' if worker.rows else ''))
+                 f'{len(train_data)} train / {len(val_data)} val batches of {loop.images_per_step}'
+                 + (f' ({exchanger.size} workers x {train_data.batch_size})' if worker.share else ''))
         return loop.fit(start)
     finally:
         train_data.close()

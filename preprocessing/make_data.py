@@ -9,8 +9,8 @@ Outputs (B = batch_size, S = img_size, n in sub_batches; paths as set in the pat
         uint8 (3, S, S, B//n) = c01b; training images in shuffled order; last incomplete batch dropped
     <tar_val_dir>_b<B>_b_<B//n>/...     the same for val, in sorted order
     <tar_root_dir>/labels/{train,val}_labels.npy        int64, one per image in the batch files
-                          {train,val}_labels_<i>.npy    n = 2: labels of part i of every batch
-                          {train,val}_labels_b<B//n>_<i>.npy  other n > 1
+                          {train,val}_labels_<i>.npy    n = 2: labels of half i of every batch
+                                  (n > 2: part i's labels are labels.reshape(-1, n, B//n)[:, i])
     <tar_root_dir>/dataset.yaml         classes (label order), sizes, counts, bad files, source folders;
                                         class_words (imagenet layouts: the devkit's names of the classes)
     <misc_dir>/shuffled_train_filenames.npy, img_mean.npy (float32 (3, S, S), over all training
@@ -254,14 +254,13 @@ def batch_jobs(cfg, source, files, tar_dir, want_sum):
 
 
 def save_labels(folder, split, labels, cfg):
-    """int64 labels in batch order; for each n > 1 in sub_batches, those of part i of every batch."""
+    """int64 labels in batch order; with sub_batches 2, those of half i of every batch (_<i>)."""
     labels, batch_size = np.asarray(labels, np.int64), cfg['batch_size']
     save_npy(os.path.join(folder, f'{split}_labels.npy'), labels)
-    for n in cfg['sub_batches']:
-        parts = labels.reshape(-1, n, batch_size // n)  # (batches, part, image)
-        for i in range(n if n > 1 else 0):
-            name = f'{split}_labels_{i}.npy' if n == 2 else f'{split}_labels_b{batch_size // n}_{i}.npy'
-            save_npy(os.path.join(folder, name), parts[:, i].ravel())
+    if 2 in cfg['sub_batches']:  # a halves folder's labels (train_2gpu.py reads them)
+        halves = labels.reshape(-1, 2, batch_size // 2)
+        for i in (0, 1):
+            save_npy(os.path.join(folder, f'{split}_labels_{i}.npy'), halves[:, i].ravel())
 
 
 def save_lists(cfg, valid, labels):

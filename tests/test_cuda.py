@@ -79,7 +79,7 @@ def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
 
 def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
     keys = make_batches(str(tmp_path), n_train=6, n_val=2, batch=8, size=36)
-    sources = [data.BatchFolder(keys[f'{s}_folder'],
+    sources = [data.BatchFolder(data.batch_files(keys[f'{s}_folder']),
                                 os.path.join(keys['label_folder'], f'{s}_labels.npy'), 8)
                for s in ('train', 'val')]
     mean = data.load_mean(keys['mean_file'], 36)

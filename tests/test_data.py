@@ -76,14 +76,14 @@ def test_plan_draws_are_seeded_in_range_and_centre_when_not_random():
 
 def test_batch_folder_reads_c01b_and_aligns_labels(tmp_path):
     keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=8)
-    folder = data.BatchFolder(keys['train_folder'], os.path.join(keys['label_folder'],
-                                                                  'train_labels.npy'), 4)
+    folder = data.BatchFolder(data.batch_files(keys['train_folder']),
+                              os.path.join(keys['label_folder'], 'train_labels.npy'), 4)
     assert len(folder) == 3 and folder.image_size() == 8
     assert folder.read(2).shape == (3, 8, 8, 4) and folder.read(2).dtype == np.uint8
     labels = np.load(os.path.join(keys['label_folder'], 'train_labels.npy'))
     assert np.array_equal(folder.labels[1], labels[4:8])
-    halves = data.BatchFolder(keys['train_folder'].replace('_b_4', '_b_2'),
-                              os.path.join(keys['label_folder'], 'train_labels_1.npy'), 2, part=1)
+    halves = data.BatchFolder(data.batch_files(keys['train_folder'].replace('_b_4', '_b_2'), 1),
+                              os.path.join(keys['label_folder'], 'train_labels_1.npy'), 2)
     assert np.array_equal(halves.read(1), folder.read(1)[..., 2:])
     assert np.array_equal(halves.labels[1], labels[6:8])
 
@@ -94,31 +94,31 @@ def test_bad_files_give_errors_naming_them(tmp_path):
     corrupt = os.path.join(keys['train_folder'], '0001.hkl')
     with open(corrupt, 'wb') as f:
         f.write(b'not hdf5 at all')
-    folder = data.BatchFolder(keys['train_folder'], labels, 4)
+    folder = data.BatchFolder(data.batch_files(keys['train_folder']), labels, 4)
     with pytest.raises(data.DataError, match='0001.hkl'):
         folder.read(1)
     write_hkl(corrupt, np.zeros((3, 8, 8, 5), np.uint8))
     with pytest.raises(data.DataError, match=r'0001.hkl: expected uint8 \(3, S, S, 4\)'):
         folder.read(1)
-    with pytest.raises(data.DataError, match='0000.hkl holds 4 images, batch_size is 8: set batch_size=4'):
-        data.BatchFolder(keys['train_folder'], labels, 8)
+    with pytest.raises(data.DataError, match='0000.hkl holds 4 images, not 8: set batch_size=4'):
+        data.share_source(keys['train_folder'], keys['label_folder'], 'train', 8)
     short = os.path.join(keys['label_folder'], 'short.npy')
     np.save(short, np.load(labels)[:6])
     with pytest.raises(data.DataError, match='short.npy holds 6 labels.*needs 2 batches x 4 = 8'):
-        data.BatchFolder(keys['train_folder'], short, 4)
+        data.BatchFolder(data.batch_files(keys['train_folder']), short, 4)
     os.remove(os.path.join(keys['train_folder'], '0000.hkl'))
     with pytest.raises(data.DataError, match='not numbered 0..0'):
-        data.BatchFolder(keys['train_folder'], labels, 4)
+        data.batch_files(keys['train_folder'])
     with pytest.raises(data.DataError, match='no NNNN.hkl batch files in'):
-        data.BatchFolder(str(tmp_path), labels, 4)
+        data.batch_files(str(tmp_path))
     with pytest.raises(data.DataError, match=r'img_mean.npy: mean image has shape \(3, 8, 8\)'):
         data.load_mean(keys['mean_file'], 16)
 
 
 def test_loader_on_device_path_equals_host_path(tmp_path):
     keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=12)
-    folder = data.BatchFolder(keys['train_folder'], os.path.join(keys['label_folder'],
-                                                                  'train_labels.npy'), 4)
+    folder = data.BatchFolder(data.batch_files(keys['train_folder']),
+                              os.path.join(keys['label_folder'], 'train_labels.npy'), 4)
     mean = data.load_mean(keys['mean_file'], 12)
     plan = data.make_plan(torch.Generator().manual_seed(0), 3, 4, 12, 10, train=True, shuffle=True)
     # a batch is valid until the next-but-one is made (reused buffers): keep copies
@@ -156,8 +156,8 @@ def test_rows_of_a_batch_file_are_read_alone(tmp_path):
         data.read_hkl(plain, 12, (0, 6))
     keys = make_batches(str(tmp_path / 'd'), n_train=2, n_val=1, batch=4, size=8)
     labels = os.path.join(keys['label_folder'], 'train_labels.npy')
-    whole, rows = data.BatchFolder(keys['train_folder'], labels, 4), \
-        data.BatchFolder(keys['train_folder'], labels, 4, rows=(1, 3))
+    whole, rows = data.BatchFolder(data.batch_files(keys['train_folder']), labels, 4), \
+        data.BatchFolder(data.batch_files(keys['train_folder']), labels, 4, rows=(1, 3))
     assert rows.batch_size == 2 and np.array_equal(rows.labels, whole.labels[:, 1:3])
     assert np.array_equal(rows.read(1), whole.read(1)[..., 1:3])
 
@@ -166,8 +166,9 @@ def test_image_size_checks_the_batch_from_the_header_at_start_up(tmp_path):
     """A folder of batches of another size is named before any pixel is read (not at step N)."""
     keys = make_batches(str(tmp_path), n_train=2, n_val=1, batch=4, size=8)
     labels = os.path.join(keys['label_folder'], 'train_labels.npy')
-    assert data.BatchFolder(keys['train_folder'], labels, 4).image_size() == 8
+    assert data.BatchFolder(data.batch_files(keys['train_folder']), labels, 4).image_size() == 8
     write_hkl(os.path.join(keys['train_folder'], '0000.hkl'), np.zeros((3, 8, 8, 2), np.uint8))
-    with pytest.raises(data.DataError, match=r'0000.hkl holds 2 images, batch_size is 4: set '
-                                             r'batch_size=2'):
-        data.BatchFolder(keys['train_folder'], labels, 4)
+    with pytest.raises(data.DataError, match=r'0000.hkl holds 2 images, not 4: set batch_size=2'):
+        data.share_source(keys['train_folder'], keys['label_folder'], 'train', 4)
+    with pytest.raises(data.DataError, match=r'0000.hkl holds 2 images, not 4$'):
+        data.BatchFolder(data.batch_files(keys['train_folder']), labels, 4)

@@ -12,7 +12,8 @@ from tests.helpers import make_batches, write_hkl
 @pytest.fixture
 def folder(tmp_path):
     keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=8, size=36)
-    return keys['train_folder'], os.path.join(keys['label_folder'], 'train_labels.npy')
+    labels = os.path.join(keys['label_folder'], 'train_labels.npy')
+    return data.batch_files(keys['train_folder']), labels
 
 
 @pytest.mark.parametrize('rows', [None, (2, 6), (0, 8)])

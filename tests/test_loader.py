@@ -48,8 +48,8 @@ def gone_within(pid, seconds):
 @pytest.fixture
 def tiny(tmp_path):
     keys = make_batches(str(tmp_path), n_train=4, n_val=2, batch=8, size=36)
-    sources = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'],
-                                                                   f'{s}_labels.npy'), 8)
+    sources = [data.BatchFolder(data.batch_files(keys[f'{s}_folder']),
+                                os.path.join(keys['label_folder'], f'{s}_labels.npy'), 8)
                for s in ('train', 'val')]
     return keys, sources
 
@@ -185,8 +185,8 @@ def test_malformed_control_messages_are_rejected(tiny):
 def trainer_script(keys, *lines):
     """A trainer process's script: a LoaderProcess on the tiny data as `p`, then `lines`, then a
     minute's sleep (the tests kill it before)."""
-    body = ["src = [data.BatchFolder(keys[f'{s}_folder'], os.path.join(keys['label_folder'], "
-            "f'{s}_labels.npy'), 8) for s in ('train', 'val')]",
+    body = ["src = [data.BatchFolder(data.batch_files(keys[f'{s}_folder']), "
+            "os.path.join(keys['label_folder'], f'{s}_labels.npy'), 8) for s in ('train', 'val')]",
             "p = loader.LoaderProcess(src, keys['mean_file'], 32, 'cpu')", *lines, 'time.sleep(60)']
     return ('import os, sys, time\nfrom lib import data, loader\nif __name__ == "__main__":\n'
             f'    keys = {keys!r}\n' + ''.join(f'    {line}\n' for line in body))

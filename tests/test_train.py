@@ -229,13 +229,16 @@ def test_a_forgotten_batch_size_or_model_is_an_error_that_names_the_fix(tmp_path
     first = os.path.join(keys['train_folder'], '0000.hkl')
     for extra, size in (([], 0), (['batch_size=256'], 256)):
         assert train.main(argv + extra) == 2
-        assert capsys.readouterr().err.strip() == (f'error: {first} holds 8 images, batch_size '
-                                                   f'is {size}: set batch_size=8')
+        assert capsys.readouterr().err.strip() == (f'error: {first} holds 8 images, not {size}: '
+                                                   'set batch_size=8')
     assert train.main([f'data={tmp_path / "d"}', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']) == 2
     assert capsys.readouterr().err.strip() == (
         f'error: crop_size 227 is larger than the images (36 px) in {keys["train_folder"]}: '
         'set model=alexnet_cifar and crop_size=36 or less')
-    labels = os.path.join(keys['label_folder'], 'train_labels.npy')
-    with pytest.raises(data.DataError, match=r'holds 8 images, batch_size is 16: set batch_size=8 '
-                                             r'\(under torchrun: all ranks together\)'):
-        data.BatchFolder(keys['train_folder'], labels, 16, rows=(0, 8))
+    for batch, fix in ((16, r'set batch_size=8 \(under torchrun: all ranks together\)'),
+                       (0, r'set batch_size=4 \(train_2gpu.py: per worker\) or 8 \(torchrun: all '
+                           r'ranks together\)')):
+        with pytest.raises(data.DataError, match=rf'holds 8 images, not {batch} \(2 workers x '
+                                                 rf'{batch // 2}\): {fix}$'):
+            data.share_source(keys['train_folder'], keys['label_folder'], 'train', batch,
+                              (0, 2, batch // 2))

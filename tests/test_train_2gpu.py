@@ -16,8 +16,7 @@ import torch
 import zmq
 
 from lib import config, exchange, link, training
-from lib.data import DataError
-from lib.halves import half_source, whole_sibling
+from lib.data import DataError, share_source
 from tests.helpers import both_workers, make_batches
 from tests.test_loader import children, gone_within
 
@@ -138,19 +137,34 @@ def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
 
 def test_where_a_worker_takes_its_half_from(tmp_path):
     full, halves = dataset(tmp_path)
-    source, notice = half_source(halves['train_folder'], full['label_folder'], 'train', 4, 1)
-    assert (source.folder, source.part, source.rows, notice) == (halves['train_folder'], 1, None, None)
-    source, notice = half_source(full['train_folder'], full['label_folder'], 'train', 4, 1)
-    assert (source.folder, source.part, source.rows, notice) == (full['train_folder'], None, (4, 8), None)
-    assert source.labels_file.endswith('train_labels.npy') and source.labels.shape == (4, 4)
+    labels = full['label_folder']
+    half, notice = share_source(halves['train_folder'], labels, 'train', 4, (1, 2, 4))
+    assert (half.files[0], half.rows, notice) == \
+        (os.path.join(halves['train_folder'], '0000_1.hkl'), None, None)
+    assert half.labels_file.endswith('train_labels_1.npy')
+    rows, notice = share_source(full['train_folder'], labels, 'train', 4, (1, 2, 4))
+    assert (rows.files[0], rows.rows, notice) == \
+        (os.path.join(full['train_folder'], '0000.hkl'), (4, 8), None)
+    assert rows.labels_file.endswith('train_labels.npy') and rows.labels.shape == (4, 4)
+    assert np.array_equal(rows.labels, half.labels) and np.array_equal(rows.read(2), half.read(2))
     with pytest.raises(DataError) as e:  # batch_size is per worker: these files hold 2 x 4
-        half_source(full['train_folder'], full['label_folder'], 'train', 8, 0)
-    assert str(e.value) == (os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images: a '
-                            'train_2gpu.py worker takes half of every NNNN.hkl batch of 2 x batch_size '
-                            '= 16 (batch_size is per worker: set batch_size=4), or the NNNN_0.hkl '
-                            'halves of a halves folder')
-    assert whole_sibling('/d/train_hkl_b256_b_128') == '/d/train_hkl_b256_b_256'
-    assert whole_sibling('/d/train_hkl_b256_b_64') is None and whole_sibling('/d/train') is None
+        share_source(full['train_folder'], labels, 'train', 8, (0, 2, 8))
+    assert str(e.value) == (os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images, not '
+                            '16 (2 workers x 8): set batch_size=4, or name a folder of NNNN_0.hkl '
+                            'halves')
+    with pytest.raises(DataError, match=r'0000.hkl holds 8 images, not 4: set batch_size=8$'):
+        share_source(full['train_folder'], labels, 'train', 4)  # train.py alone
+    with pytest.raises(DataError, match=r'holds 8 images, not 16 \(4 workers x 4\): set '
+                                        r'batch_size=8 \(under torchrun: all ranks together\)$'):
+        share_source(full['train_folder'], labels, 'train', 16, (3, 4, 4))  # torchrun rank 3 of 4
+    shutil.rmtree(halves['train_folder'])  # a halves folder that is gone: its whole sibling
+    source, notice = share_source(halves['train_folder'], labels, 'train', 4, (0, 2, 4))
+    assert (os.path.dirname(source.files[0]), source.rows) == (full['train_folder'], (0, 4))
+    assert notice == (f"{halves['train_folder']} does not exist: each worker takes its half of "
+                      f"every batch in {full['train_folder']}")
+    quarters = full['train_folder'].replace('_b8_b_8', '_b8_b_2')  # not the sibling of _b8_b_8
+    with pytest.raises(DataError, match=f'cannot list batch folder {quarters}'):
+        share_source(quarters, labels, 'train', 4, (0, 2, 4))
 
 
 def test_resume_and_exchange_freq(tmp_path):
