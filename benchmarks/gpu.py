@@ -54,9 +54,10 @@ from benchmarks.common import ROOT, epoch_img_s, iter_lines, step_marks, train_l
 
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
-# not imported by this command: demo data, ImageNet devkit, serve.py's browser test, and
-# pytest_timeout (used where installed, else a fallback stops a hung test)
-NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'pytest_timeout'}
+# not imported by this command: demo data, ImageNet devkit, serve.py's browser test, the linter
+# (tests/test_lint.py is not among the CUDA tests), and pytest_timeout (used where installed, else
+# a fallback stops a hung test)
+NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'ruff', 'pytest_timeout'}
 MIN_TORCH = (2, 11)
 PARTS = ('preflight', 'tests', 'steps', 'exchange', 'e2e', 'profile', 'cifar', 'compile')
 TEST_TIMEOUT = 120.0     # s per CUDA test: one hang must not take the others' time
