@@ -154,7 +154,8 @@ def upload_image(content_type, body):
         return body
     if kind != 'multipart/form-data':
         raise BadRequest(f"expected the image as field '{FIELD}' of a multipart/form-data form, or "
-                         f"as the body with Content-Type image/*; got {content_type or 'none'} "
+                         f"as the body with Content-Type image/* or application/octet-stream; got "
+                         f"{content_type or 'none'} "
                          "(curl -F image=@FILE, or --data-binary @FILE -H 'Content-Type: image/jpeg')")
     boundary = params.get('boundary', '')
     if not 0 < len(boundary) <= 200 or not boundary.isascii():

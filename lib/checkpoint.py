@@ -13,6 +13,7 @@ model_<epoch>.pt is one torch.save dict, loadable with torch.load(weights_only=T
 """
 import csv
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -56,6 +57,9 @@ def read(path):
     """The snapshot dict at path (tensors on the CPU), checked to hold a network's weights."""
     if not os.path.isfile(path):
         raise SnapshotError(f'no snapshot {path}')
+    if not zipfile.is_zipfile(path):  # (torch.load's own error then is about pickle internals)
+        raise SnapshotError(f'{path} is not a readable snapshot: not a torch zip file as train.py writes '
+                            f'(another kind of file, or one cut short)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated zip, a pickle of anything, ...: many kinds)

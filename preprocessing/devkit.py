@@ -83,8 +83,7 @@ def find_in_devkit(path):
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise PrepError(f'cannot read devkit archive {path} ({type(e).__name__}: {e})') from None
     else:
-        raise PrepError(f'devkit {path} does not exist (or set meta_clsloc_mat and val_label_file to the '
-                        f'synsets and ground-truth files instead)')
+        raise PrepError(f'devkit {path} is neither a folder nor an archive')
     for mat, gt in VERSIONS:
         if mat in found and gt in found:
             (mat_name, mat_bytes), (gt_name, gt_bytes) = found[mat], found[gt]

@@ -8,7 +8,7 @@ imagenet_tar: the same from the official archives, not extracted (archives.py): 
 folders:      train_img_dir/<class>/*, val_img_dir/<class>/*, no devkit.
 cifar10_bin, cifar100_bin: the CIFAR binary versions (cifar.py).
 auto:         imagenet_tar if train_img_dir is a .tar file; a CIFAR layout if it is a CIFAR binary
-              archive or folder; imagenet if the devkit exists and val_img_dir holds images directly;
+              archive or folder; imagenet if a devkit is set and val_img_dir holds images directly;
               else folders.
 The label of a class is the index of its folder among the train folders sorted by name (CIFAR: the
 label stored in each record). Relative paths always use '/', so train.txt and the shuffled list are
@@ -44,14 +44,12 @@ class Listing:
 def list_dataset(cfg, workers=1):
     """The Listing of the dataset described by a loaded paths file (`workers` processes index the
     class tars of an ImageNet train archive)."""
+    check_inputs(cfg)
     layout = resolve_layout(cfg)
     if layout in cifar.LAYOUTS:
         return Listing(layout, *cifar.list_cifar(cfg, layout))
     kit = read_devkit(cfg) if layout != 'folders' else None  # seconds, before the archives' minutes
     if layout == 'imagenet_tar':
-        for key in ('train_img_dir', 'val_img_dir'):
-            if not os.path.exists(cfg[key]):
-                raise PrepError(f'{key} {cfg[key]} does not exist')
         if not archives.is_archive(cfg['train_img_dir']):
             raise PrepError(f'layout imagenet_tar: train_img_dir {cfg["train_img_dir"]} is not a .tar file '
                             f'(extracted folders: layout imagenet)')
@@ -72,6 +70,16 @@ def list_dataset(cfg, workers=1):
         names = None  # listed once the devkit is read, as before
     val, val_labels, words = list_val_imagenet(cfg, kit, classes, names)
     return Listing(layout, classes, train, val, val_labels, {'train': train_source, 'val': val_source}, words)
+
+
+def check_inputs(cfg):
+    """Refuses, before the layout is chosen and anything is listed, an input path of the paths
+    file that does not exist (a wrong devkit would otherwise turn `auto` into `folders`)."""
+    for key in ('train_img_dir', 'val_img_dir', 'devkit', 'meta_clsloc_mat', 'val_label_file'):
+        if cfg[key] and not os.path.exists(cfg[key]):
+            instead = (' (or set meta_clsloc_mat and val_label_file to the synsets and ground-truth files '
+                       'instead)') if key == 'devkit' else ''
+            raise PrepError(f'{key} {cfg[key]} does not exist; correct it in the paths file{instead}')
 
 
 def list_train_folders(cfg):
@@ -100,7 +108,7 @@ def resolve_layout(cfg):
         return 'imagenet_tar'
     devkit = cfg['devkit'] or cfg['meta_clsloc_mat']
     flat_val = os.path.isdir(val_dir) and image_files(val_dir)
-    return 'imagenet' if devkit and os.path.exists(devkit) and flat_val else 'folders'
+    return 'imagenet' if devkit and flat_val else 'folders'
 
 
 def list_val_folders(cfg, classes):

@@ -97,18 +97,18 @@ def make_data(paths_file, toy=False, workers=None):
 
 
 def outside_note(paths_file, cfg):
-    """One line naming the output folders that lie outside the paths file's project (this clone if
-    the file lies in it, else the file's folder), or None: a copied paths file keeps its relative
-    paths, so it may write elsewhere than its user expects."""
-    paths_file = os.path.realpath(paths_file)
-    home = REPO if within(paths_file, REPO) else os.path.dirname(paths_file)
+    """One line naming the output folders that lie outside both this clone and the paths file's
+    folder, or None: a copied paths file keeps its relative paths, so it may write elsewhere than
+    its user expects (a copy of paths.yaml in the clone's root writes ../data, outside it)."""
+    folder = os.path.dirname(os.path.realpath(paths_file))
     # (tar_train_dir and tar_val_dir begin the names of the batch folders: those lie in their parent)
     places = [cfg[k] if k in ('tar_root_dir', 'misc_dir') else os.path.dirname(cfg[k]) for k in OUTPUT_KEYS]
-    outside = sorted({p for p in places if not within(p, home)})
+    outside = sorted({p for p in places if not within(p, REPO) and not within(p, folder)})
     outside = [d for d in outside if not any(within(d, o) for o in outside if o != d)]
     if outside:
-        return (f'note: the outputs go to {", ".join(outside)}, outside {home} (relative paths in '
-                f'{paths_file} are relative to its folder)')
+        homes = f'the clone {REPO}' + ('' if within(folder, REPO) else f" and the paths file's folder {folder}")
+        return (f'note: the outputs go to {", ".join(outside)}, outside {homes} (relative paths in '
+                f'{os.path.realpath(paths_file)} are relative to its folder)')
     return None
 
 

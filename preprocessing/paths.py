@@ -31,7 +31,7 @@ KEYS = {
                   '`val/<class>/*`, no devkit; `cifar10_bin` / `cifar100_bin`: '
                   '`cifar-10-binary.tar.gz` / `cifar-100-binary.tar.gz` or their folders. `auto`: '
                   '`imagenet_tar` if `train_img_dir` is a `.tar` file, a CIFAR layout for a CIFAR binary '
-                  'archive or folder, `imagenet` if the devkit exists and val is flat, else `folders`',
+                  'archive or folder, `imagenet` if a devkit is set and val is flat, else `folders`',
                   choices=('imagenet', 'imagenet_tar', 'folders', 'cifar10_bin', 'cifar100_bin', 'auto')),
     'cifar100_labels': Key('fine', '`cifar100_bin`: `fine` (100 classes) or `coarse` (the 20 '
                            'superclasses)', choices=('fine', 'coarse')),

@@ -1,8 +1,8 @@
 """Convert between the original theano_alexnet's per-layer .npy snapshots and our checkpoints.
 
-    python pretrained/convert.py import SRC_DIR EPOCH OUT.pt       # original files -> our checkpoint
-    python pretrained/convert.py export CHECKPOINT.pt DST_DIR EPOCH  # our checkpoint -> original files
-    (python -m pretrained.convert ... is the same; both from the repo root or anywhere else)
+    .venv/bin/python pretrained/convert.py import SRC_DIR EPOCH OUT.pt       # original files -> ours
+    .venv/bin/python pretrained/convert.py export CHECKPOINT.pt DST_DIR EPOCH  # ours -> original files
+    (.venv/bin/python -m pretrained.convert ... is the same; both from the repo root or anywhere else)
 
 The original (lib/tools.py save_weights / save_momentums, train.py) writes per snapshot epoch N, with
 layer index i over its `layers` list (0-4 conv1-conv5, 5-7 fc6-fc8; the dropout layers are not in it):
@@ -32,10 +32,11 @@ import argparse
 import os
 import sys
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+import lib.env  # noqa: E402,F401  first: without the packages, one line instead of a traceback
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from lib import UserError  # noqa: E402
 from lib.atomic import atomic_write, save_npy  # noqa: E402
 
@@ -212,7 +213,7 @@ def save_checkpoint(state, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog='python pretrained/convert.py',
+    p = argparse.ArgumentParser(prog='.venv/bin/python pretrained/convert.py',
                                 description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
     imp = sub.add_parser('import', help="original's .npy files -> our checkpoint")

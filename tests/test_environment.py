@@ -27,7 +27,7 @@ exit 1
 
 @pytest.mark.parametrize('args', [['train.py'], ['train_2gpu.py'], ['validate_performance.py'],
                                   ['serve.py'], ['plot.py', 'w'], ['-m', 'preprocessing.make_data'],
-                                  ['-m', 'preprocessing.make_demo_data']])
+                                  ['-m', 'preprocessing.make_demo_data'], ['pretrained/convert.py']])
 def test_a_python_without_the_packages_is_told_which_python_to_use(args):
     # -S: no site-packages at all (as a system python3 without them); -E: nor PYTHONPATH
     proc = subprocess.run([sys.executable, '-S', '-E', *args], cwd=REPO, capture_output=True, text=True,

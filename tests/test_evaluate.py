@@ -155,7 +155,7 @@ def test_top1_top5_and_loss_against_a_hand_computation():
     assert loss == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch'])
+@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch', 'another zip'])
 def test_a_damaged_snapshot_is_a_one_line_error(trained, tmp_path, capsys, damage):
     import shutil
     from tests.test_train import damage_snapshot

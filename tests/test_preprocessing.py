@@ -19,7 +19,7 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from preprocessing import make_data, make_demo_data, mean, writer
+from preprocessing import layouts, make_data, make_demo_data, mean, writer
 from preprocessing.images import load_rgb, to_rgb
 from preprocessing.paths import KEYS
 
@@ -586,19 +586,44 @@ def test_outputs_are_checked_before_any_input_is_read(tmp_path, monkeypatch, cap
         assert err.count('\n') == 1 and err.startswith('error: ') and all(n in err for n in names), err
 
 
-def test_a_note_names_outputs_that_leave_the_paths_files_project(tmp_path, capsys):
+@pytest.mark.parametrize('key, settings', [
+    ('devkit', dict(devkit='raw/devkit_tpo', meta_clsloc_mat=None, val_label_file=None, layout='auto')),
+    ('meta_clsloc_mat', dict(meta_clsloc_mat='raw/devkit/meta.mat', layout='auto')),
+    ('val_label_file', dict(val_label_file='raw/devkit/gt_.txt')),
+    ('train_img_dir', dict(train_img_dir='raw/ILSVRC2012_img_trian.tar', layout='auto')),
+    ('val_img_dir', dict(val_img_dir='raw/vla', layout='folders'))])
+def test_an_input_path_that_does_not_exist_is_named_before_anything_is_listed(tmp_path, monkeypatch,
+                                                                               capsys, key, settings):
+    """A typo in an input path (extracted folders, a flat val, a misspelt devkit) is one line naming
+    the key and the path, before `auto` picks a layout (it took `folders` and blamed the val folder)."""
+    def not_yet(*args, **kwargs):
+        raise AssertionError('listed before the input paths were checked')
+    make_train(tmp_path / 'raw', WNIDS, per_class=2, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw', n=4, bad=())
+    for name in ('subfolders', 'image_files', 'resolve_layout'):
+        monkeypatch.setattr(layouts, name, not_yet)
+    assert make_data.main([str(write_paths(tmp_path / 'paths.yaml', **settings))]) == 2
+    err = capsys.readouterr().err
+    path = os.path.normpath(tmp_path / settings[key])
+    assert err.startswith(f'error: {key} {path} does not exist; correct it in the paths file') \
+        and err.count('\n') == 1, err
+
+
+def test_a_note_names_outputs_outside_both_the_clone_and_the_paths_files_folder(tmp_path, capsys):
     """Relative paths follow the paths file: a copy of preprocessing/paths.yaml in the repo root
-    writes to ../data, outside the clone. One line at start says where, once; a paths file whose
-    outputs stay in its project (the clone, or the file's own folder) gets none."""
+    writes to ../data, outside the clone. One line at start says where, once; outputs in the clone
+    or in the paths file's own folder get none, wherever the paths file is."""
     from preprocessing.paths import load_paths
     shipped = REPO / 'preprocessing' / 'paths.yaml'
     cfg = load_paths(shipped)
     assert make_data.outside_note(shipped, cfg) is None                      # ../data: in the clone
+    outputs = {k: v for k, v in cfg.items() if k in make_data.OUTPUT_KEYS}   # absolute, in the clone
+    assert make_data.outside_note(tmp_path / 'x' / 'paths.yaml', outputs) is None
     copied = {k: os.path.normpath(v.replace(str(REPO / 'data'), str(REPO.parent / 'data')))
-              for k, v in cfg.items() if k in make_data.OUTPUT_KEYS}          # as a copy in the root gives
+              for k, v in outputs.items()}                                    # as a copy in the root gives
     note = make_data.outside_note(REPO / 'paths.yaml', copied)
     assert note.startswith('note: ') and str(REPO.parent / 'data' / 'imagenet') in note
-    assert note.count(str(REPO.parent / 'data')) == 1 and str(REPO) in note
+    assert note.count(str(REPO.parent / 'data')) == 1 and f'outside the clone {REPO} (' in note
     # a run: the note once, first, and the run goes on
     classes = ['cat', 'dog']
     make_train(tmp_path / 'raw', classes, hostile=False, bad=False)
@@ -609,7 +634,7 @@ def test_a_note_names_outputs_that_leave_the_paths_files_project(tmp_path, capsy
                     val_label_file=None, sub_batches=[1], **out))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith('note: ') and str(tmp_path / 'out') in lines[0] \
-        and str(tmp_path / 'cfg') in lines[0]
+        and f"the clone {REPO} and the paths file's folder {tmp_path / 'cfg'}" in lines[0]
     assert sum(line.startswith('note: ') for line in lines) == 1
     run(write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None, val_label_file=None,
                     sub_batches=[1]))

@@ -292,6 +292,23 @@ def test_multipart_parser_is_binary_safe():
         serve.upload_image('multipart/form-data; boundary=other', body)
 
 
+def test_a_wrong_content_type_names_every_accepted_one():
+    with pytest.raises(serve.BadRequest) as refused:
+        serve.upload_image('text/plain', b'x')
+    for kind in ('multipart/form-data', 'image/*', 'application/octet-stream'):
+        assert kind in str(refused.value), refused.value
+
+
+def test_a_file_that_is_not_a_snapshot_is_named_without_torch_internals(tmp_path, capsys):
+    """serve.py weights/history.csv: what the file is not, not torch.load's IndexError."""
+    csv = tmp_path / 'history.csv'
+    csv.write_text('epoch,train_loss,train_error\n1,6.9,0.99\n')
+    assert serve.main([str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f'error: {csv} is not a readable snapshot: not a torch zip file as train.py writes '
+                   f'(another kind of file, or one cut short)\n'), err
+
+
 def test_missing_mean_or_classes_is_a_one_line_error(tmp_path, capsys):
     snap = make_snapshot(str(tmp_path), paths_in_config=False)
     assert serve.main([snap['path'], '--classes', snap['dataset_yaml']]) == 2

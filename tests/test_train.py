@@ -3,6 +3,7 @@ import csv
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -175,7 +176,7 @@ def test_a_fresh_run_into_another_runs_folder_is_refused_or_moves_it_aside(tmp_p
     assert np.load(w / 'val_record.npy').shape == (1, 2)
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch'])
+@pytest.mark.parametrize('damage', ['truncated', 'not a snapshot', 'not torch', 'another zip'])
 def test_a_damaged_snapshot_is_a_one_line_error_on_resume(tmp_path, capsys, damage):
     keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=8, size=36)
     argv = [f'{k}={v}' for k, v in keys.items()] + [
@@ -195,6 +196,9 @@ def damage_snapshot(path, how):
         path.write_bytes(data[:len(data) // 2])
     elif how == 'not a snapshot':
         torch.save({'weights': torch.zeros(3)}, path)
+    elif how == 'another zip':  # a zip file, as torch.save writes, of other contents
+        with zipfile.ZipFile(path, 'w') as z:
+            z.writestr('notes.txt', 'not a snapshot')
     else:
         path.write_bytes(b'not a torch file at all\n' * 10)
 
