@@ -515,8 +515,12 @@ def test_data_gives_each_worker_half_a_batch_and_a_resume_needs_only_weights_dir
                                  'model=alexnet_cifar', 'crop_size=32', 'peer_timeout=30'],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert '2 train / 1 val batches of 4' in r.stdout
+    assert '2 train / 1 val batches of 8 (2 workers x 4)' in r.stdout
     r = subprocess.run(common + ['resume_train=True', 'n_epochs=2'], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f'resumed from {w / "model_1.pt"} (epoch 1' in r.stdout and 'done: epoch 2' in r.stdout
+    r = subprocess.run(common + ['resume_train=True', 'n_epochs=2'], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f'nothing to train: model_2.pt is at epoch 2, n_epochs is 2 ({w} left as it was)' in r.stdout
