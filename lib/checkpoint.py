@@ -53,10 +53,20 @@ class SnapshotError(UserError):
     """A snapshot that is missing, damaged, not one of ours, or does not fit the run."""
 
 
+def check_file(path, hint=''):
+    """SnapshotError unless path is a file: a folder is named as one (give a model_<N>.pt of
+    it), a missing file with `hint`."""
+    if os.path.isdir(path):
+        have = epochs(path)
+        there = f'the newest there: {snapshot_path(path, have[-1])}' if have else 'it holds none'
+        raise SnapshotError(f'{path} is a folder: give a snapshot file model_<N>.pt ({there})')
+    if not os.path.isfile(path):
+        raise SnapshotError(f'no snapshot {path}{hint}')
+
+
 def read(path):
     """The snapshot dict at path (tensors on the CPU), checked to hold a network's weights."""
-    if not os.path.isfile(path):
-        raise SnapshotError(f'no snapshot {path}')
+    check_file(path)
     if not zipfile.is_zipfile(path):  # (torch.load's own error then is about pickle internals)
         raise SnapshotError(f'{path} is not a readable snapshot: not a torch zip file as train.py writes '
                             f'(another kind of file, or one cut short)')

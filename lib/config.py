@@ -44,7 +44,8 @@ PORT = (lambda v: 1 <= v <= 65535, 'a port in 1..65535')
 CONFIG = {
     # --- schedule -----------------------------------------------------------------------
     'resume_train': Key(False, 'continue the run in `weights_dir` from `model_<load_epoch>.pt`, with '
-                        'that run\'s saved config (the command line changes what it names)'),
+                        'that run\'s saved config (the command line changes what it names, except '
+                        '`learning_rate` and `seed`: the snapshot\'s lr and random streams go on)'),
     'load_epoch': Key(0, 'epoch of the snapshot to resume from (0: the newest)', at_least(0)),
     'n_epochs': Key(60, 'train until this epoch (inclusive)', at_least(0)),
     'learning_rate': Key(0.01, 'initial learning rate (biases use 2×, and no weight decay)', ABOVE_0),
@@ -327,10 +328,11 @@ def saved_run(cfg, schema):
     batch_size is converted between per worker (train_2gpu.py) and per step (train.py)."""
     from lib import checkpoint
     if 'checkpoint' in schema:
+        if not (cfg['checkpoint'] or cfg['load_epoch']):  # load_epoch 0: weights_dir has none
+            raise checkpoint.SnapshotError(f"no snapshot model_<N>.pt in {cfg['weights_dir']} "
+                                           '(set checkpoint=PATH or weights_dir=W)')
         path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
-        if not os.path.isfile(path):
-            raise checkpoint.SnapshotError(f'no snapshot {path} (set checkpoint=PATH or '
-                                           'load_epoch=N)')
+        checkpoint.check_file(path, ' (set checkpoint=PATH or load_epoch=N)')
         keys = EVAL_KEYS
     elif cfg['resume_train']:
         path = checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])

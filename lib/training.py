@@ -40,7 +40,8 @@ def check_labels(n_classes, sources, where='num_classes'):
 def check_snapshot(cfg, state, net, images_per_step):
     """ConfigError (one line) when a snapshot was trained with another network or another number
     of images per step than this run's (batch_size is per worker in train_2gpu.py, per step in
-    train.py and under torchrun: a 2 x 128 snapshot resumes in a 256 run, and back)."""
+    train.py and under torchrun: a 2 x 128 snapshot resumes in a 256 run, and back), or with
+    another learning_rate or seed (the snapshot's lr and random streams would silently win)."""
     path = checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
     saved = state.get('config', {})
     for key in ('model', 'crop_size'):
@@ -55,6 +56,18 @@ def check_snapshot(cfg, state, net, images_per_step):
     elif 'batch_size' in saved and saved['batch_size'] != cfg['batch_size']:  # older snapshots
         raise config.ConfigError(f'{path} was trained with batch_size {saved["batch_size"]!r}, '
                                  f'this run has batch_size {cfg["batch_size"]!r}')
+    # what trainer.restore takes from the snapshot, not from the config: a new value is ignored
+    if saved.get('learning_rate', cfg['learning_rate']) != cfg['learning_rate']:
+        raise config.ConfigError(
+            f"learning_rate {cfg['learning_rate']:g}: {path} was trained from learning_rate "
+            f"{saved['learning_rate']:g}, and a resume continues its lr ({float(state['lr']):g} "
+            f"after epoch {int(state['epoch'])}); the schedule keys lr_policy, lr_step, "
+            'lr_adapt_threshold, warmup_epochs and n_epochs may change')
+    if saved.get('seed', cfg['seed']) != cfg['seed']:
+        raise config.ConfigError(
+            f"seed {cfg['seed']}: {path} was trained with seed {saved['seed']}, and a resume "
+            'continues its random streams (crops, dropout, file order); another seed is a fresh '
+            'run (another weights_dir)')
     for name, p in net.state_dict().items():
         have = state['model'].get(name)
         if have is None or have.shape != p.shape:
@@ -121,8 +134,11 @@ def build_loaders(cfg, device, worker=Worker()):
 def run(cfg, worker=Worker()):
     """Build everything from a merged config and train; returns the history (list of dicts)."""
     exchanger = worker.exchanger or exchange.Local()
+    if cfg['resume_train']:
+        checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
+        if cfg['n_epochs'] <= cfg['load_epoch']:
+            return []  # nothing to train: weights_dir stays as it is (summary says so)
     device = trainer.resolve_device(worker.gpu or cfg['gpu'])
-    os.makedirs(cfg['weights_dir'], exist_ok=True)
     (train_data, val_data), n_cls = build_loaders(cfg, device, worker)
     try:  # from here on a loader process may be running: always close it
         net = model.build(cfg['model'], n_cls, cfg['dropout'], cfg['crop_size'],
@@ -146,6 +162,7 @@ def run(cfg, worker=Worker()):
                      f'(epoch {start}, lr {opt.lr:g})')
         exchanger.attach(opt.params, opt.momentum, device)  # after channels_last and resume
         if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
+            os.makedirs(cfg['weights_dir'], exist_ok=True)
             config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
         n_params = sum(p.numel() for p in net.parameters())
         loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
@@ -158,6 +175,9 @@ def run(cfg, worker=Worker()):
 
 
 def summary(cfg, history):
+    if not history and cfg['resume_train']:
+        return (f"nothing to train: model_{cfg['load_epoch']}.pt is at epoch {cfg['load_epoch']}, "
+                f"n_epochs is {cfg['n_epochs']} ({cfg['weights_dir']} left as it was)")
     if not history:
         return f"done: nothing to train (n_epochs {cfg['n_epochs']})"
     last = history[-1]

@@ -185,3 +185,15 @@ def test_validate_takes_the_data_of_the_snapshots_run(trained, tmp_path, capsys)
         assert f'model_{epoch}.pt: 16 images' in out
         assert float(out.split('top-1 error ')[1].split()[0]) == pytest.approx(record[epoch - 1, 0],
                                                                                abs=1e-6)
+
+
+def test_no_snapshot_or_a_folder_is_named_with_the_fix(trained, tmp_path, capsys):
+    """load_epoch 0 is the newest: an empty weights_dir is named, not a model_0.pt; a folder given
+    as checkpoint is named as a folder, with its newest snapshot."""
+    root, _ = trained
+    assert validate_performance.main([f'weights_dir={tmp_path}', 'gpu=cpu']) == 2
+    assert capsys.readouterr().err.strip() == (f'error: no snapshot model_<N>.pt in {tmp_path} '
+                                               '(set checkpoint=PATH or weights_dir=W)')
+    assert validate_performance.main([f'checkpoint={root}/w', 'gpu=cpu']) == 2
+    assert capsys.readouterr().err.strip() == (f'error: {root}/w is a folder: give a snapshot file '
+                                               f'model_<N>.pt (the newest there: {root}/w/model_2.pt)')

@@ -74,6 +74,10 @@ MUTANTS = [
     Mutant('a resume does not restore the random streams', 'lib/trainer.py',
            "checkpoint.set_rng_state(state['rng'], self.gen, self.device, self.order_gen)", 'pass',
            ('tests/test_train.py::test_two_plus_two_epochs_equal_four_bitwise',)),
+    Mutant('another learning_rate silently ignored', 'lib/training.py',
+           "if saved.get('learning_rate', cfg['learning_rate']) != cfg['learning_rate']:", 'if False:',
+           ('tests/test_train.py::test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_'
+            'nothing_to_train_writes_nothing',)),
     Mutant('top-5 computed as top-1', 'lib/trainer.py',
            '(top5 != y[:, None]).all(1)', '(top5[:, :1] != y[:, None]).all(1)',
            ('tests/test_evaluate.py::test_top1_top5_and_loss_against_a_hand_computation',)),

@@ -327,6 +327,9 @@ def test_missing_mean_or_classes_is_a_one_line_error(tmp_path, capsys):
     assert err.count('\n') == 1 and snap['dataset_yaml'] in err
     assert serve.main([str(tmp_path / 'none.pt')]) == 2
     assert 'none.pt' in capsys.readouterr().err
+    assert serve.main([str(tmp_path)]) == 2  # a folder, not a snapshot file
+    assert capsys.readouterr().err.strip() == (f'error: {tmp_path} is a folder: give a snapshot '
+                                               f'file model_<N>.pt (the newest there: {snap["path"]})')
     (tmp_path / 'cut.pt').write_bytes(open(snap['path'], 'rb').read()[:1000])  # truncated
     assert serve.main([str(tmp_path / 'cut.pt')]) == 2
     err = capsys.readouterr().err

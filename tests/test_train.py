@@ -128,7 +128,7 @@ def test_labels_beyond_num_classes_and_val_of_another_size_are_named_at_start_up
     with pytest.raises(data.DataError, match=r'0000.hkl holds 40 px images, the training batches '
                                              r'\(.*0000.hkl\) 36 px'):
         training.run(dict(cfg, num_classes=0))
-    assert not os.path.exists(os.path.join(cfg['weights_dir'], 'config.yaml'))
+    assert not os.path.exists(cfg['weights_dir'])  # a run refused at start-up makes no folder
 
 
 def test_a_snapshot_resumes_at_its_images_per_step_whatever_the_worker_count(tmp_path):
@@ -246,3 +246,35 @@ def test_a_forgotten_batch_size_or_model_is_an_error_that_names_the_fix(tmp_path
                                                  rf'{batch // 2}\): {fix}$'):
             data.share_source(keys['train_folder'], keys['label_folder'], 'train', batch,
                               (0, 2, batch // 2))
+
+
+def test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_nothing_to_train_writes_nothing(
+        tmp_path, capsys):
+    """A resume continues the snapshot's lr and random streams: another learning_rate or seed
+    would be ignored yet saved in config.yaml, so it is refused (the same value, and the
+    schedule keys, are taken); n_epochs at or below the snapshot's epoch trains nothing and
+    leaves weights_dir as it was."""
+    d, w = tmp_path / 'd', tmp_path / 'w'
+    make_batches(str(d), n_train=2, n_val=1, batch=8, size=36)
+    assert train.main([f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
+                       f'weights_dir={w}', 'n_epochs=1', 'learning_rate=0.003']) == 0
+    before = {name: (w / name).read_bytes() for name in os.listdir(w)}
+    resume = [f'weights_dir={w}', 'resume_train=True']
+    capsys.readouterr()
+    for extra, msg in (
+            ('learning_rate=0.1', f'learning_rate 0.1: {w / "model_1.pt"} was trained from '
+                                  'learning_rate 0.003, and a resume continues its lr (0.003 after '
+                                  'epoch 1); the schedule keys lr_policy, lr_step, '
+                                  'lr_adapt_threshold, warmup_epochs and n_epochs may change'),
+            ('seed=1', f'seed 1: {w / "model_1.pt"} was trained with seed 23455, and a resume '
+                       'continues its random streams (crops, dropout, file order); another seed '
+                       'is a fresh run (another weights_dir)')):
+        assert train.main(resume + ['n_epochs=2', extra]) == 2
+        assert capsys.readouterr().err.strip() == f'error: {msg}'
+    assert train.main(resume + ['n_epochs=1', 'dropout=0.1']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f'nothing to train: model_1.pt is at epoch 1, n_epochs is 1 ({w} left as it was)')
+    assert {name: (w / name).read_bytes() for name in os.listdir(w)} == before
+    assert train.main(resume + ['n_epochs=3', 'learning_rate=0.003', 'seed=23455', 'lr_step=[2]']) == 0
+    rows = list(csv.DictReader(open(w / 'history.csv')))
+    assert [float(r['lr']) for r in rows] == pytest.approx([0.003, 0.003, 0.0003])  # lr_step did

@@ -520,3 +520,7 @@ def test_data_gives_each_worker_half_a_batch_and_a_resume_needs_only_weights_dir
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f'resumed from {w / "model_1.pt"} (epoch 1' in r.stdout and 'done: epoch 2' in r.stdout
+    r = subprocess.run(common + ['resume_train=True', 'n_epochs=2'], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f'nothing to train: model_2.pt is at epoch 2, n_epochs is 2 ({w} left as it was)' in r.stdout
