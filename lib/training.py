@@ -14,10 +14,11 @@ from lib import checkpoint, config, data, exchange, loader, model, optim, plot, 
 
 
 def num_classes(cfg, sources):
-    """num_classes if set, else from dataset.yaml beside the labels folder (written by our
-    preprocessing), else from the largest label (data preprocessed by the original)."""
-    if cfg['num_classes']:
-        return cfg['num_classes']
+    """num_classes if set (synthetic batches: else 1000), else from dataset.yaml beside the labels
+    folder (written by our preprocessing), else from the largest label (data preprocessed by the
+    original)."""
+    if cfg['num_classes'] or cfg['synthetic']:
+        return cfg['num_classes'] or 1000
     meta = data.dataset_yaml(cfg['label_folder'])
     if os.path.exists(meta):
         with open(meta) as f:
