@@ -110,11 +110,13 @@ def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, trans
 def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
     """One copy on disk: workers taking their half of every NNNN.hkl (the whole folder named,
     through the loader process; or in-process as the fallback of a halves folder that does not
-    exist) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves."""
+    exist) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves, also with
+    batch_size left 0 (then half of a whole file)."""
     full, halves = dataset(tmp_path)
-    whole = dict(halves, train_folder=full['train_folder'], val_folder=full['val_folder'])
+    forgot = {k: v for k, v in halves.items() if k != 'batch_size'}
+    whole = dict(forgot, train_folder=full['train_folder'], val_folder=full['val_folder'])
     over = dict(n_epochs=1, rand_crop=True, shuffle=True, dropout=0.5)
-    runs = [('halves', halves, {}), ('whole_loader', whole, {'para_load': True}), ('fallback', halves, {})]
+    runs = [('halves', halves, {}), ('whole_loader', whole, {'para_load': True}), ('fallback', forgot, {})]
     out = {}
     for name, keys, extra in runs:
         if name == 'fallback':  # the halves folders are gone: their whole siblings are used
