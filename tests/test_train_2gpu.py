@@ -517,7 +517,7 @@ def test_data_gives_each_worker_half_a_batch_and_a_resume_needs_only_weights_dir
                                  'model=alexnet_cifar', 'crop_size=32', 'peer_timeout=30'],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert '2 train / 1 val batches of 4' in r.stdout
+    assert '2 train / 1 val batches of 8 (2 workers x 4)' in r.stdout
     r = subprocess.run(common + ['resume_train=True', 'n_epochs=2'], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
