@@ -36,7 +36,7 @@ import time
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
-from lib import UserError, config, exchange, link, trainer, training
+from lib import UserError, checkpoint, config, exchange, link, model, trainer, training
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 
@@ -44,6 +44,19 @@ SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 def devices(cfg):
     """The two workers' devices; a bad one is a ValueError naming its key (gpu0 / gpu1)."""
     return [trainer.resolve_device(cfg[f'gpu{r}'], key=f'gpu{r}') for r in (0, 1)]
+
+
+def check_start(cfg):
+    """The workers' start-up checks that cost little, once before they start (one error line,
+    not one per worker and the launcher's): the network's crop, both workers' data (headers,
+    labels and the mean; not synthetic batches, which are made whole), and that a fresh run does
+    not mix with another run's snapshots (moving them aside with overwrite is left to worker 0).
+    The workers check again (two hosts: only they can)."""
+    model.check_crop(cfg['model'], cfg['crop_size'])
+    for r in () if cfg['synthetic'] else (0, 1):
+        training.checked_data(cfg, training.Worker(share=(r, 2, cfg['batch_size'])), quiet=True)
+    if not cfg['resume_train']:
+        checkpoint.check_fresh_start(cfg['weights_dir'], cfg['overwrite'], move=False)
 
 
 def watch_parent(parent):
@@ -183,7 +196,8 @@ def main(argv=None):
                 raise config.ConfigError('exchange_host is for two hosts: start each worker with '
                                          '--worker 0 / --worker 1, with curve_dir (see '
                                          'train_2gpu.py --help)')
-            devices(cfg)  # a bad device is a one-line error before anything starts
+            devices(cfg)  # a bad device or setting is a one-line error before anything starts
+            check_start(cfg)
             print('config:\n' + config.describe(cfg), flush=True)
             return launch(cfg)
         if not (cfg['exchange_host'] and cfg['curve_dir']):

@@ -130,8 +130,8 @@ SPEC_1GPU = {
     'gpu': Key('auto', '`auto` (cuda:0 if present, else cpu), `cpu`, `gpu0`, `gpu1`, `cuda:N`'),
     'sock_data': Key(5000, 'loader socket port on 127.0.0.1, used only where ZeroMQ has no `ipc://`',
                      PORT),
-    'batch_size': Key(0, 'images per step = images per batch file (0: those of `data`); under torchrun '
-                      'the images of all ranks together', at_least(0)),
+    'batch_size': Key(0, 'images per step = images per batch file (0: those of `data`, else of the '
+                      'batch files); under torchrun the images of all ranks together', at_least(0)),
     'train_folder': Key('', "folder of `NNNN.hkl` training batches (`''`: "
                         '`<data>/train_hkl_b<B>_b_<B>`)', path=True),
     'val_folder': Key('', "folder of `NNNN.hkl` validation batches (`''`: `<data>/val_hkl_b<B>_b_<B>`)",
@@ -146,8 +146,9 @@ SPEC_2GPU = {
                      'socket in the launcher\'s private folder)', PORT),
     'sock_data0': Key(5000, 'loader socket of worker 0 (used only where ZeroMQ has no `ipc://`)', PORT),
     'sock_data1': Key(5001, 'loader socket of worker 1', PORT),
-    'batch_size': Key(0, 'images per step per worker (0: half of the batch files of `data`, 2 × 128 = '
-                      'the original\'s 256)', at_least(0)),
+    'batch_size': Key(0, 'images per step per worker (0: half of the batch files of `data`, else of '
+                      'the batch files, or those of a halves file; 2 × 128 = the original\'s 256)',
+                      at_least(0)),
     'train_folder': Key('', 'whole `NNNN.hkl` batches of 2 × `batch_size` (each worker takes its half), '
                         "or a folder of `NNNN_0.hkl` / `NNNN_1.hkl` halves (`''`: from `data`)", path=True),
     'val_folder': Key('', "validation batches, as `train_folder` (`''`: from `data`)", path=True),
@@ -369,7 +370,7 @@ def with_data(cfg, sources, schema):
     taken from the data folder: <data>/train_hkl_b<B>_b_<B>, val_hkl_..., labels,
     misc/img_mean.npy and B (B/2 per worker in train_2gpu.py), B = dataset.yaml's batch_size.
     A key set at or after data's own source wins. Synthetic runs take B = 256. When only
-    batch_size is left and data holds no dataset.yaml, it stays 0: the batch files name it."""
+    batch_size is left and data holds no dataset.yaml, the training batch files give it."""
     given = {}
     for i, (_, values, _) in enumerate(sources):
         given.update(dict.fromkeys(values, i))
@@ -382,7 +383,9 @@ def with_data(cfg, sources, schema):
         return cfg
     meta = os.path.join(cfg['data'], 'dataset.yaml')
     if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(meta)):
-        return cfg  # the folders are given: their batch files name the batch_size to set
+        from lib import data  # the folders are given (data preprocessed by the original)
+        cfg['batch_size'] = data.file_batch(cfg['train_folder'], share)
+        return cfg
     if not cfg['data']:
         raise ConfigError(f"data is empty: set data=FOLDER (the folder preprocessing wrote) or "
                           f"{', '.join(need)}")

@@ -164,28 +164,51 @@ class BatchFolder:
 HALVES_NAME = re.compile(r'^(?P<prefix>.*_b(?P<whole>\d+))_b_(?P<half>\d+)$')
 
 
+def worker_files(folder, index, count):
+    """(batch files, halves, notice) of worker `index` of `count`: with two workers the
+    NNNN_<index>.hkl of a halves folder (halves True), else the NNNN.hkl of `folder`, or of its
+    whole-batch sibling `<prefix>_b<2b>_b_<2b>` where a halves folder `<prefix>_b<2b>_b_<b>` does
+    not exist (with a notice naming both; else notice None)."""
+    notice = None
+    if count == 2:
+        names = os.listdir(folder) if os.path.isdir(folder) else ()
+        if any(re.match(rf'^\d{{4,}}_{index}\.hkl$', n) for n in names):
+            return batch_files(folder, index), True, None
+        m = HALVES_NAME.match(os.path.normpath(folder))
+        sibling = m and int(m['whole']) == 2 * int(m['half']) and f"{m['prefix']}_b_{m['whole']}"
+        if not os.path.isdir(folder) and sibling and os.path.isdir(sibling):
+            notice = f'{folder} does not exist: each worker takes its half of every batch in {sibling}'
+            folder = sibling
+    return batch_files(folder), False, notice
+
+
+def file_batch(folder, count=1):
+    """The batch_size that the batch files of `folder` give, from a header: the images of an
+    NNNN.hkl over `count` workers sharing each file (train_2gpu.py: 2, per worker; train.py and
+    torchrun: 1, all ranks together); of a halves folder, the images of NNNN_0.hkl per worker
+    (torchrun's 2 ranks: of both halves)."""
+    files, halves, _ = worker_files(folder, 0, 2)
+    held = hkl_shape(files[0])[-1]
+    if halves:
+        return held * 2 // count
+    if held % count:
+        raise DataError(f'{files[0]} holds {held} images, which {count} workers cannot share '
+                        'equally: name a folder of NNNN_0.hkl / NNNN_1.hkl halves')
+    return held // count
+
+
 def share_source(folder, label_folder, split, batch_size, share=None):
     """(BatchFolder of a worker's share of every batch of `split`, notice or None).
 
     share=(index, count, b): images [index*b, (index+1)*b) of every NNNN.hkl of count*b images
     (torchrun rank r of N: (r, N, batch_size/N); train_2gpu.py worker p: (p, 2, batch_size));
     None: whole files of batch_size images. One of two workers takes instead the NNNN_<index>.hkl
-    of a halves folder `<prefix>_b<2b>_b_<b>` (the original's layout; labels
-    <split>_labels_<index>.npy), and where that folder does not exist, its share of its
-    whole-batch sibling `<prefix>_b<2b>_b_<2b>`, with a notice."""
+    of a halves folder (labels <split>_labels_<index>.npy), or its share of the whole-batch
+    sibling of a halves folder that does not exist, with a notice (worker_files)."""
     index, count, b = share or (0, 1, batch_size)
-    labels, notice = os.path.join(label_folder, f'{split}_labels.npy'), None
-    if count == 2:
-        names = os.listdir(folder) if os.path.isdir(folder) else ()
-        if any(re.match(rf'^\d{{4,}}_{index}\.hkl$', n) for n in names):
-            halves = os.path.join(label_folder, f'{split}_labels_{index}.npy')
-            return BatchFolder(batch_files(folder, index), halves, b), None
-        m = HALVES_NAME.match(os.path.normpath(folder))
-        sibling = m and int(m['whole']) == 2 * int(m['half']) and f"{m['prefix']}_b_{m['whole']}"
-        if not os.path.isdir(folder) and sibling and os.path.isdir(sibling):
-            notice = f'{folder} does not exist: each worker takes its half of every batch in {sibling}'
-            folder = sibling
-    files = batch_files(folder)
+    files, halves, notice = worker_files(folder, index, count)
+    if halves:
+        return BatchFolder(files, os.path.join(label_folder, f'{split}_labels_{index}.npy'), b), None
     held = hkl_shape(files[0])[-1]  # the header only, not the pixels
     if held != count * b:
         each = f' ({count} workers x {b})' if count > 1 else ''
@@ -193,14 +216,11 @@ def share_source(folder, label_folder, split, batch_size, share=None):
             fix = f'set batch_size={held}'
         elif b != batch_size or count > 2:  # torchrun: batch_size is the images of all ranks
             fix = f'set batch_size={held} (under torchrun: all ranks together)'
-        elif b:  # train_2gpu.py: per worker
+        else:  # train_2gpu.py: per worker
             fix = f'set batch_size={held // 2}, or name a folder of NNNN_{index}.hkl halves'
-        else:  # batch_size 0: one of them
-            fix = (f'set batch_size={held // 2} (train_2gpu.py: per worker) or {held} (torchrun: '
-                   'all ranks together)')
         raise DataError(f'{files[0]} holds {held} images, not {count * b}{each}: {fix}')
     rows = None if count == 1 else (index * b, (index + 1) * b)
-    return BatchFolder(files, labels, held, rows), notice
+    return BatchFolder(files, os.path.join(label_folder, f'{split}_labels.npy'), held, rows), notice
 
 
 class SyntheticBatches:

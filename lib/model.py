@@ -170,12 +170,18 @@ class AlexNetCifar(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+def check_crop(name, crop_size):
+    """ConfigError naming the fix when the network `name` cannot take crops of crop_size."""
+    if name == 'alexnet' and crop_size != 227:
+        raise ConfigError(f'model alexnet needs crop_size 227, got {crop_size} (or set '
+                          f'model=alexnet_cifar for small images, e.g. 32 px)')
+
+
 def build(name, num_classes, dropout, crop_size, seed):
     """The model with its initial weights drawn from `seed` (identical in every worker)."""
+    check_crop(name, crop_size)
     torch.manual_seed(seed)
     if name == 'alexnet':
-        if crop_size != 227:
-            raise ConfigError(f'model alexnet needs crop_size 227, got {crop_size}')
         return AlexNet(num_classes, dropout)
     return AlexNetCifar(num_classes, dropout, crop_size)
 

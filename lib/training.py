@@ -14,10 +14,11 @@ from lib import checkpoint, config, data, exchange, loader, model, optim, plot, 
 
 
 def num_classes(cfg, sources):
-    """num_classes if set, else from dataset.yaml beside the labels folder (written by our
-    preprocessing), else from the largest label (data preprocessed by the original)."""
-    if cfg['num_classes']:
-        return cfg['num_classes']
+    """num_classes if set (synthetic batches: else 1000), else from dataset.yaml beside the labels
+    folder (written by our preprocessing), else from the largest label (data preprocessed by the
+    original)."""
+    if cfg['num_classes'] or cfg['synthetic']:
+        return cfg['num_classes'] or 1000
     meta = data.dataset_yaml(cfg['label_folder'])
     if os.path.exists(meta):
         with open(meta) as f:
@@ -85,8 +86,9 @@ class Worker:
     port: int = None            # loader port where there is no ipc:// (default: sock_data)
 
 
-def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
-    """The batch sources of `splits`: the worker's share of the batch folders, or synthetic batches."""
+def data_sources(cfg, worker=Worker(), splits=('train', 'val'), quiet=False):
+    """The batch sources of `splits`: the worker's share of the batch folders, or synthetic batches
+    (worker 0 prints where its share comes from, unless quiet)."""
     B = cfg['batch_size']
     if cfg['synthetic']:
         size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
@@ -97,14 +99,16 @@ def data_sources(cfg, worker=Worker(), splits=('train', 'val')):
     found = [data.share_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.share)
              for split in splits]
     notices = [n for _, n in found if n]
-    if notices and worker.share[0] == 0:
+    if notices and worker.share[0] == 0 and not quiet:
         print('notice: ' + '; '.join(notices), flush=True)
     return [source for source, _ in found]
 
 
-def build_loaders(cfg, device, worker=Worker()):
-    """(train, val) loaders (in-process, or served by one loader process) and the class count."""
-    train, val = data_sources(cfg, worker)
+def checked_data(cfg, worker=Worker(), quiet=False):
+    """(train, val, class count, mean image) of a worker, checked as a run starts (headers, labels
+    and the mean; no pixels read): one image size, labels below the class count, crops that fit
+    the images and the network."""
+    train, val = data_sources(cfg, worker, quiet=quiet)
     size, val_size = train.image_size(), val.image_size()
     if val_size != size:  # else the loader's slots do not fit val's batches
         raise data.DataError(f'{val.files[0]} holds {val_size} px images, the training '
@@ -116,6 +120,15 @@ def build_loaders(cfg, device, worker=Worker()):
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}: set {fix}crop_size={size} "
                              'or less')
+    model.check_crop(cfg['model'], cfg['crop_size'])
+    mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
+            else data.load_mean(cfg['mean_file'], size))
+    return train, val, n_classes, mean
+
+
+def build_loaders(cfg, device, worker=Worker()):
+    """(train, val) loaders (in-process, or served by one loader process) and the class count."""
+    train, val, n_classes, mean = checked_data(cfg, worker)
     if cfg['para_load'] and cfg['synthetic']:
         print('notice: synthetic batches are made in-process; para_load is ignored', flush=True)
     if cfg['para_load'] and not cfg['synthetic']:
@@ -124,8 +137,6 @@ def build_loaders(cfg, device, worker=Worker()):
                                     cfg['sock_data'] if worker.port is None else worker.port)
         loaders = [proc.loader(0), proc.loader(1)]
     else:
-        mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
-                else data.load_mean(cfg['mean_file'], size))
         loaders = [data.InProcessLoader(s, mean, cfg['crop_size'], device, cfg['use_data_layer'])
                    for s in (train, val)]
     return loaders, n_classes

@@ -87,6 +87,15 @@ def test_synthetic_trains_with_no_dataset_on_disk(tmp_path):
     assert state['model']['classifier.bias'].shape == (7,)
 
 
+def test_synthetic_batches_have_1000_classes_whatever_labels_they_draw():
+    """num_classes 0 means 1000 for synthetic batches, not the largest label drawn + 1."""
+    cfg = config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+        synthetic=True, synthetic_batches=2, model='alexnet_cifar', crop_size=32, batch_size=8,
+        gpu='cpu'), None)])
+    assert training.build_loaders(cfg, 'cpu')[1] == 1000
+    assert training.build_loaders(dict(cfg, num_classes=7), 'cpu')[1] == 7
+
+
 def test_cosine_and_warmup_schedules():
     assert optim.lr_scale(0.0, 10, 'step', 0) == 1.0
     assert optim.lr_scale(0.5, 10, 'step', 2) == 0.25               # warm-up, any policy

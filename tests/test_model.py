@@ -92,6 +92,13 @@ def test_same_seed_same_weights_in_every_worker():
     assert not torch.equal(a['features.0.weight'], c['features.0.weight'])
 
 
+def test_alexnet_with_another_crop_names_the_fix():
+    from lib.config import ConfigError
+    with pytest.raises(ConfigError, match=r'^model alexnet needs crop_size 227, got 32 \(or set '
+                                          r'model=alexnet_cifar for small images, e.g. 32 px\)$'):
+        model.build('alexnet', 10, 0.5, 32, seed=1)
+
+
 def test_alexnet_cifar_is_the_18pct_net():
     net = model.build('alexnet_cifar', 10, 0.0, 32, seed=1)
     convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]

@@ -225,27 +225,42 @@ def test_one_data_folder_drives_a_run_and_its_resume(tmp_path, capsys):
     assert checkpoint.epochs(str(w)) == [1, 2, 3]
 
 
-def test_a_forgotten_batch_size_or_model_is_an_error_that_names_the_fix(tmp_path, capsys):
+def test_a_forgotten_batch_size_is_that_of_the_batch_files_in_every_mode(tmp_path, capsys):
+    """batch_size 0 with the folders given and no dataset.yaml (data preprocessed by the
+    original): train.py and torchrun take the images of a batch file (all ranks together),
+    train_2gpu.py half of them or those of a halves file. A batch_size set wrong, or a forgotten
+    model, is still an error that names the fix."""
     from lib import data
     keys = make_batches(str(tmp_path / 'd'), n_train=2, n_val=1, batch=8, size=36)
-    argv = [f'{k}={v}' for k, v in keys.items() if k != 'batch_size'] + [
-        'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']
+    os.remove(tmp_path / 'd' / 'dataset.yaml')
+    folders = [f'{k}={v}' for k, v in keys.items() if k != 'batch_size']
+    argv = folders + ['model=alexnet_cifar', 'crop_size=32', 'gpu=cpu', 'n_epochs=1',
+                      f'weights_dir={tmp_path / "w"}']
+    assert train.main(argv) == 0, capsys.readouterr().err
+    assert yaml.safe_load(open(tmp_path / 'w' / 'config.yaml'))['batch_size'] == 8
+
+    def batch_size(spec, *extra):
+        schema = {**config.CONFIG, **(config.SPEC_2GPU if '2gpu' in spec else config.SPEC_1GPU)}
+        return config.load(os.path.join(ROOT, 'config.yaml'), os.path.join(ROOT, spec),
+                           folders + list(extra), schema)['batch_size']
+    halves = [f'{k}={keys[k].replace("_b8_b_8", "_b8_b_4")}' for k in ('train_folder', 'val_folder')]
+    assert batch_size('spec_1gpu.yaml') == 8            # train.py; torchrun: all ranks together
+    assert batch_size('spec_2gpu.yaml') == 4            # train_2gpu.py: half of a whole file
+    assert batch_size('spec_2gpu.yaml', *halves) == 4   # or a halves file NNNN_0.hkl
+    assert batch_size('spec_1gpu.yaml', *halves) == 8   # (two torchrun ranks read the halves)
+    B = batch_size('spec_1gpu.yaml')  # torchrun rank 1 of 2 takes images 4..7 of every file
+    rank1, _ = data.share_source(keys['train_folder'], keys['label_folder'], 'train', B, (1, 2, B // 2))
+    assert (rank1.batch_size, rank1.rows) == (4, (4, 8))
     first = os.path.join(keys['train_folder'], '0000.hkl')
-    for extra, size in (([], 0), (['batch_size=256'], 256)):
-        assert train.main(argv + extra) == 2
-        assert capsys.readouterr().err.strip() == (f'error: {first} holds 8 images, not {size}: '
-                                                   'set batch_size=8')
-    assert train.main([f'data={tmp_path / "d"}', 'gpu=cpu', f'weights_dir={tmp_path / "w"}']) == 2
+    assert train.main(argv + ['batch_size=256']) == 2
+    assert capsys.readouterr().err.strip() == f'error: {first} holds 8 images, not 256: set batch_size=8'
+    assert train.main(folders + ['gpu=cpu', f'weights_dir={tmp_path / "w2"}']) == 2
     assert capsys.readouterr().err.strip() == (
         f'error: crop_size 227 is larger than the images (36 px) in {keys["train_folder"]}: '
         'set model=alexnet_cifar and crop_size=36 or less')
-    for batch, fix in ((16, r'set batch_size=8 \(under torchrun: all ranks together\)'),
-                       (0, r'set batch_size=4 \(train_2gpu.py: per worker\) or 8 \(torchrun: all '
-                           r'ranks together\)')):
-        with pytest.raises(data.DataError, match=rf'holds 8 images, not {batch} \(2 workers x '
-                                                 rf'{batch // 2}\): {fix}$'):
-            data.share_source(keys['train_folder'], keys['label_folder'], 'train', batch,
-                              (0, 2, batch // 2))
+    with pytest.raises(data.DataError, match=r'holds 8 images, not 16 \(2 workers x 8\): set '
+                                             r'batch_size=8 \(under torchrun: all ranks together\)$'):
+        data.share_source(keys['train_folder'], keys['label_folder'], 'train', 16, (0, 2, 8))
 
 
 def test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_nothing_to_train_writes_nothing(

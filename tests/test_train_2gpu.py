@@ -110,11 +110,13 @@ def test_two_workers_on_halves_equal_one_worker_on_whole_batches(tmp_path, trans
 def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
     """One copy on disk: workers taking their half of every NNNN.hkl (the whole folder named,
     through the loader process; or in-process as the fallback of a halves folder that does not
-    exist) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves."""
+    exist) train bit for bit as workers on the NNNN_0.hkl / NNNN_1.hkl halves, also with
+    batch_size left 0 (then half of a whole file)."""
     full, halves = dataset(tmp_path)
-    whole = dict(halves, train_folder=full['train_folder'], val_folder=full['val_folder'])
+    forgot = {k: v for k, v in halves.items() if k != 'batch_size'}
+    whole = dict(forgot, train_folder=full['train_folder'], val_folder=full['val_folder'])
     over = dict(n_epochs=1, rand_crop=True, shuffle=True, dropout=0.5)
-    runs = [('halves', halves, {}), ('whole_loader', whole, {'para_load': True}), ('fallback', halves, {})]
+    runs = [('halves', halves, {}), ('whole_loader', whole, {'para_load': True}), ('fallback', forgot, {})]
     out = {}
     for name, keys, extra in runs:
         if name == 'fallback':  # the halves folders are gone: their whole siblings are used
@@ -333,8 +335,19 @@ def test_port_in_use_is_a_one_line_error(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    _, halves = dataset(tmp_path)
+    """Checked once by the launcher before the workers start: one line, not one per worker and
+    the launcher's; nothing is written."""
+    full, halves = dataset(tmp_path)
+    used = tmp_path / 'used'
+    used.mkdir()
+    (used / 'model_1.pt').write_bytes(b'')
+    whole = os.path.join(full['train_folder'], '0000.hkl')
     for over, msg in (({'exchange_transport': 'ipc'}, 'exchange_transport ipc needs two CUDA workers'),
+                      ({'train_folder': full['train_folder'], 'batch_size': 8},
+                       f'error: {whole} holds 8 images, not 16 (2 workers x 8): set batch_size=4'),
+                      ({'weights_dir': str(used)}, f'error: {used} holds the snapshots of another run'),
+                      ({'num_classes': 2}, 'train_labels_0.npy holds label 2, outside 0..1'),
+                      ({'model': 'alexnet'}, 'model alexnet needs crop_size 227, got 32'),
                       ({'exchange_transport': 'udp'}, "must be one of auto, ipc, shm, tcp, got 'udp'"),
                       ({'exchange_freq': 0}, "'exchange_freq' in command-line overrides must be at least 1"),
                       ({'gpu1': 'tpu'}, "gpu1: 'tpu' is not a device"),
@@ -343,6 +356,7 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         r = run_2gpu(tmp_path, halves, **over)
         assert r.returncode == 2, (over, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+        assert not (tmp_path / 'w2').exists() and os.listdir(used) == ['model_1.pt']
 
 
 def test_flatten_makes_views_of_one_buffer():
