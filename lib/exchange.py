@@ -36,7 +36,6 @@ import torch
 from lib import link
 from lib.link import ExchangeError, PeerError  # noqa: F401  (re-exported for the launchers)
 
-TRANSPORTS = ('auto', 'ipc', 'shm', 'tcp')
 BLOCK = 1 << 18  # CPU averaging block (1 MiB of float32): average and copy back while in cache
 CHUNK = 1 << 22  # tcp message (16 MiB of float32): averaged and sent back while the next arrives
 
