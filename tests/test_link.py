@@ -9,6 +9,7 @@ import torch
 import zmq
 
 from lib import exchange, link
+from tests.helpers import both_workers
 from tests.test_train_2gpu import free_port
 
 
@@ -60,23 +61,17 @@ def test_worker1_refuses_a_server_that_cannot_prove_the_secret(tmp_path, keys, m
 
 
 def run_pair(endpoint, infos, max_frame=None, before=None):
-    """Both ends' handshakes in threads: [(info or exception)] for rank 0 and 1."""
-    out = [None, None]
+    """Both ends' handshakes at once (helpers.both_workers): ([info of rank 0, of rank 1], links)."""
     links = [link.Link(r, endpoint, 10.0, max_frame=max_frame) for r in (0, 1)]
     if before:
         before()
-
-    def go(r):
-        try:
-            out[r] = links[r].handshake(infos[r])
-        except Exception as e:  # noqa: BLE001  (handed to the test)
-            out[r] = e
-    threads = [threading.Thread(target=go, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return out, links
+    try:
+        out = both_workers(lambda r: links[r].handshake(infos[r]), 30)
+    except BaseException:
+        for lk in links:
+            lk.close()
+        raise
+    return [out[0], out[1]], links
 
 
 def test_both_sides_exchange_infos(tmp_path):
