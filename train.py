@@ -16,6 +16,9 @@ epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.
 Resume with `python train.py weights_dir=W resume_train=True`: the newest snapshot of W (or
 load_epoch=N), with W's saved config; key=value may change what does not break the resume.
 """
+import contextlib
+import io
+import math
 import os
 import secrets
 import sys
@@ -68,19 +71,97 @@ def round_store(store, rank, world, timeout):
     return dist.PrefixStore(f'alexnet/{name}', store)
 
 
+def torchrun_launch():
+    """The options torchrun's agent (this rank's parent process) was started with, parsed by
+    torchrun's own parser (so abbreviations and its PET_* variables count as for the agent): a
+    Namespace (nnodes, nproc_per_node, rdzv_backend, rdzv_endpoint, standalone, ...), or None
+    where the parent is no torchrun command line we can read (no /proc, another launcher, ranks
+    started by hand). torchrun tells its workers neither --nnodes nor the endpoint."""
+    try:
+        with open(f'/proc/{os.getppid()}/cmdline', 'rb') as f:
+            argv = f.read().decode().split('\0')[:-1]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for i, arg in enumerate(argv):
+        if (arg == 'torch.distributed.run' and argv[i - 1:i] == ['-m']
+                or os.path.basename(arg) == 'torchrun'):
+            break
+    else:
+        return None
+    from torch.distributed import run as torchrun
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return torchrun.parse_args(argv[i + 1:])
+    except (SystemExit, ValueError):
+        return None
+
+
+def check_batch_split(B, world, launch):
+    """ConfigError (one line) unless batch_size splits over this world size and over every one
+    that torchrun's --nnodes=MIN:MAX allows (MIN..MAX nodes of LOCAL_WORLD_SIZE ranks: every node
+    is taken to run as many ranks as this one), so that an elastic job cannot fail later, at a
+    change of nodes."""
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', world))
+    sizes, lo, hi = {world}, None, None
+    if launch is not None:
+        from torch.distributed import run as torchrun
+        lo, hi = torchrun.parse_min_max_nnodes(launch.nnodes)
+        sizes |= {k * local for k in range(lo, hi + 1)}
+    bad = sorted(n for n in sizes if B % n)
+    if not bad:
+        return
+    what = ('(under torchrun batch_size is the images of all ranks together, as many as a batch '
+            'file holds: not per rank)')
+    if bad == [world] and lo == hi:
+        raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks {what}')
+    n = bad[0]
+    allowed = ', '.join(map(str, sorted(sizes)))
+    multiple = math.lcm(*sizes)
+    raise config.ConfigError(
+        f'batch_size {B} does not split over {n} torchrun ranks, which --nnodes={launch.nnodes} '
+        f'allows ({lo} to {hi} nodes x {local} ranks: {allowed} ranks) {what}: narrow --nnodes, '
+        f'or preprocess batches of a multiple of {multiple} images')
+
+
+def job_store(launch, timeout):
+    """torchrun's c10d rendezvous store, on the node of --rdzv-endpoint: it lives as long as the
+    job (the agent of that node hosts it), through every round of the rendezvous. None where there
+    is none to reach (--standalone, a static or etcd rendezvous, no readable command line)."""
+    if launch is None or launch.standalone or launch.rdzv_backend != 'c10d' or not launch.rdzv_endpoint:
+        return None
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+    host, port = parse_rendezvous_endpoint(launch.rdzv_endpoint, default_port=29400)
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
+    except (RuntimeError, ValueError) as e:
+        raise dist.DistError(f'cannot reach torchrun\'s rendezvous store at {host}:{port} '
+                             f'(--rdzv-endpoint): {str(e).strip().splitlines()[0]}') from None
+
+
 def torchrun_worker(cfg):
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group and return this
-    rank's Worker; None when not under torchrun. A restart (--max-restarts) resumes from the
-    last snapshot in weights_dir."""
+    rank's Worker; None when not under torchrun.
+
+    A later round of the same torchrun job resumes from the newest snapshot in weights_dir: a
+    restart after a failure (--max-restarts), and a change of nodes (--nnodes=MIN:MAX: a node lost
+    for good, or one that joins). torchrun restarts the workers on a change of nodes without
+    counting a restart (TORCHELASTIC_RESTART_COUNT stays as it was, a node that joins counts from
+    0), so the rounds are counted in torchrun's own rendezvous store (c10d), which lives as long
+    as the job: rank 0 counts a round once its run has started (weights_dir checked, and another
+    run's snapshots refused or moved aside), and a round after one that started resumes. Without
+    that store (--standalone, another rendezvous backend), a restart count above 0 on any node
+    means a later round."""
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return None
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     local = int(os.environ.get('LOCAL_RANK', 0))
+    job = os.environ.get('TORCHELASTIC_RUN_ID')
     B = cfg['batch_size']
-    if B % world:
-        raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks '
-                                 '(under torchrun batch_size is the images of all ranks together, '
-                                 'as many as a batch file holds: not per rank)')
+    launch = torchrun_launch() if job is not None else None
+    check_batch_split(B, world, launch)
+    if job is not None and launch is None and rank == 0:
+        print('notice: the torchrun command line (--nnodes) is not readable from this rank: '
+              f'batch_size {B} is checked against {world} ranks only', flush=True)
     if cfg['gpu'] == 'cpu' or not torch.cuda.is_available():
         gpu, backend = 'cpu', 'gloo'
     else:
@@ -95,25 +176,43 @@ def torchrun_worker(cfg):
     restarts = torch.tensor([int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))], device=gpu)
     dist.all_reduce(restarts, op=dist.ReduceOp.MAX)
     restarts = int(restarts.item())
-    if restarts:  # rank 0 decides the epoch for everyone (nodes may hold different snapshots)
-        latest = torch.tensor([checkpoint.latest_epoch(cfg['weights_dir']) if rank == 0 else 0],
-                              device=gpu)
-        dist.broadcast(latest, 0)
-        latest = int(latest.item())
-        if latest:
-            cfg.update(resume_train=True, load_epoch=latest)
-            path = checkpoint.snapshot_path(cfg['weights_dir'], latest)
-            have = torch.tensor([int(os.path.exists(path))], device=gpu)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank stops if one cannot resume
-            if not have.item():
-                who = 'another rank has' if os.path.exists(path) else 'this rank has'
-                raise config.ConfigError(f'rank 0 resumes from epoch {latest} but {who} no {path} '
-                                         '(a restart needs weights_dir shared by every node)')
-            if rank == 0:
-                print(f'torchrun restart {restarts}: resuming from epoch {latest}', flush=True)
+    rounds = job_store(launch, timeout) if rank == 0 else None
+    key = f'alexnet/{job}/rounds'
+    later, before = bool(restarts), None
+    if rounds is not None:  # the rounds of this job that started training, and the last one's ranks
+        later = rounds.add(key, 0) > 0
+        before = rounds.get(f'{key}/ranks').decode() if later else None
+    # rank 0 decides the epoch for everyone (nodes may hold different snapshots)
+    latest = torch.tensor([checkpoint.latest_epoch(cfg['weights_dir']) if rank == 0 and later else 0],
+                          device=gpu)
+    dist.broadcast(latest, 0)
+    latest = int(latest.item())
+    if latest:
+        cfg.update(resume_train=True, load_epoch=latest)
+        path = checkpoint.snapshot_path(cfg['weights_dir'], latest)
+        have = torch.tensor([int(os.path.exists(path))], device=gpu)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)  # every rank stops if one cannot resume
+        if not have.item():
+            who = 'another rank has' if os.path.exists(path) else 'this rank has'
+            raise config.ConfigError(f'rank 0 resumes from epoch {latest} but {who} no {path} '
+                                     '(a restart needs weights_dir shared by every node)')
+        if rank == 0:
+            ranks = f'{world} rank' + 's' * (world != 1)
+            if rounds is None:
+                print(f'torchrun restart {restarts}: resuming from epoch {latest} on {ranks}',
+                      flush=True)
+            else:
+                n = rounds.add(key, 0) + 1
+                print(f'torchrun round {n}: resuming from epoch {latest} on {ranks} '
+                      f'({before} in round {n - 1})', flush=True)
+
+    def started():  # the run has started: a later round of this job resumes
+        if rounds is not None:
+            rounds.set(f'{key}/ranks', str(world))
+            rounds.add(key, 1)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
                   share=(rank, world, B // world), gpu=gpu,
-                  port=cfg['sock_data'] + local)
+                  port=cfg['sock_data'] + local, started=started)
 
 
 def main(argv=None):

@@ -84,6 +84,7 @@ class Worker:
     share: tuple = None         # (index, count, images): its share of every batch (data.share_source)
     gpu: str = None             # device (default: the gpu key)
     port: int = None            # loader port where there is no ipc:// (default: sock_data)
+    started: object = None      # called once the run has started (weights_dir checked, written)
 
 
 def data_sources(cfg, worker=Worker(), splits=('train', 'val'), quiet=False):
@@ -175,6 +176,8 @@ def run(cfg, worker=Worker()):
         if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
             os.makedirs(cfg['weights_dir'], exist_ok=True)
             config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
+        if worker.started is not None:  # (train.py under torchrun: a later round resumes)
+            worker.started()
         n_params = sum(p.numel() for p in net.parameters())
         loop.log(f'{cfg["model"]}: {n_params:,} parameters, {n_cls} classes, device {device}, '
                  f'{len(train_data)} train / {len(val_data)} val batches of {loop.images_per_step}'

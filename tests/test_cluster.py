@@ -1,8 +1,10 @@
 """Many machines, on a test cluster of network namespaces (tests/cluster.py): torchrun across two
-hosts trains as one worker; a node killed whole and started again resumes; a node that never
-comes back, or a lost node without restarts, stops the other cleanly; train_2gpu.py's two
-workers on two hosts (tcp, CURVE) train as one worker, refuse a third host, ride out a short
-link cut and stop cleanly on a dead peer or a long cut."""
+hosts trains as one worker; a node killed whole and started again resumes; in an elastic job
+(--nnodes=MIN:MAX) a node lost for good leaves the others to resume and finish, on 2 nodes and on
+4 nodes of 2 ranks; with a fixed number of nodes a node that never comes back, or a lost node
+without restarts, stops the other cleanly; train_2gpu.py's two workers on two hosts (tcp, CURVE)
+train as one worker, refuse a third host, ride out a short link cut and stop cleanly on a dead
+peer or a long cut."""
 import os
 import signal
 import subprocess
@@ -16,23 +18,26 @@ from lib import config, training
 from tests.cluster import cluster  # noqa: F401  (the fixture)
 from tests.helpers import make_batches
 from tests.test_loader import gone_within
-from tests.test_torchrun import ranks
+from tests.test_torchrun import DEFAULTS, QUICK_RDZV, Lines, one_worker, ranks
 from tests.test_train_2gpu import EXACT, EXACT_TOLERANCE, SCRIPT, args, dataset, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RDZV_PORT = 29500
 
 
-def torchrun_node(host, store_host, values, tmp_path, restarts=0, join_timeout=60, share=True):
+def torchrun_node(host, store_host, values, tmp_path, restarts=0, join_timeout=60, share=True,
+                  nnodes='2', nproc=1, rdzv=''):
     """docs/distributed.md's two-machine command, as tested: --local-addr on every node (the address the
     other nodes reach it at: MASTER_ADDR when it is the first node), is_host on the node of the
     rendezvous endpoint (its hostname need not resolve to that address), GLOO_SOCKET_IFNAME
     (gloo otherwise takes the address of the hostname: here a loopback one)."""
-    conf = f'join_timeout={join_timeout}' + (',is_host=1' if host is store_host else '')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc-per-node=1',
-           '--rdzv-backend=c10d', f'--rdzv-endpoint={store_host.addr}:{RDZV_PORT}',
-           '--rdzv-id=cluster', f'--rdzv-conf={conf}', f'--local-addr={host.addr}',
-           f'--max-restarts={restarts}', os.path.join(ROOT, 'train.py')] + args(values)
+    conf = ','.join([f'join_timeout={join_timeout}'] + ([rdzv] if rdzv else [])
+                    + (['is_host=1'] if host is store_host else []))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nnodes={nnodes}',
+           f'--nproc-per-node={nproc}', '--rdzv-backend=c10d',
+           f'--rdzv-endpoint={store_host.addr}:{RDZV_PORT}', '--rdzv-id=cluster',
+           f'--rdzv-conf={conf}', f'--local-addr={host.addr}', f'--max-restarts={restarts}',
+           os.path.join(ROOT, 'train.py')] + args(values)
     env = dict(os.environ, OMP_NUM_THREADS='1', GLOO_SOCKET_IFNAME='eth0', TMPDIR=str(tmp_path),
                PYTHONFAULTHANDLER='1')
     if not share:  # torch's shared store cannot take a node started again (docs/distributed.md)
@@ -41,12 +46,12 @@ def torchrun_node(host, store_host, values, tmp_path, restarts=0, join_timeout=6
                       cwd=tmp_path)
 
 
-def reference(tmp_path, n_train, n_epochs, seed=0):
+def reference(tmp_path, n_train, n_epochs, seed=0, batch=8, settings=EXACT):
     """(config values, one worker's last snapshot) on whole batches, fp64."""
-    keys = make_batches(str(tmp_path / 'data'), n_train=n_train, n_val=2, batch=8, size=36, seed=seed)
-    values = dict(keys, **dict(EXACT, n_epochs=n_epochs), seed=seed, gpu='cpu')
-    training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
-                           [('test', dict(values, weights_dir=str(tmp_path / 'w1')), None)]))
+    keys = make_batches(str(tmp_path / 'data'), n_train=n_train, n_val=2, batch=batch, size=36,
+                        seed=seed)
+    values = dict(keys, **dict(settings, n_epochs=n_epochs), seed=seed, gpu='cpu')
+    one_worker(dict(values, weights_dir=str(tmp_path / 'w1')))
     return values, torch.load(tmp_path / 'w1' / f'model_{n_epochs}.pt', weights_only=True)
 
 
@@ -151,7 +156,7 @@ def test_a_node_killed_and_started_again_resumes(cluster, tmp_path):
                 p.kill()
     out = results[0][1] + results[1][1]
     assert [rc for rc, _ in results] == [0, 0], out[-6000:]
-    assert 'torchrun restart 1: resuming from epoch 1' in out
+    assert 'torchrun round 2: resuming from epoch 1 on 2 ranks (2 in round 1)' in out
     state = torch.load(tmp_path / 'w' / 'model_3.pt', weights_only=True)
     assert [h['epoch'] for h in state['history']] == [1, 2, 3]
     assert_same_weights(state, ref)
@@ -184,6 +189,65 @@ def test_a_lost_node_stops_the_other(cluster, tmp_path):
             n.startswith('model_') and n != 'model_1.pt' or n.startswith('.')
             for n in os.listdir(tmp_path / 'w')), os.listdir(tmp_path / 'w')
         os.remove(tmp_path / 'w' / 'model_1.pt')
+
+
+def elastic_run(hosts, tmp_path, values, ref, nnodes, nproc, n_epochs):
+    """An elastic job on `hosts` (the endpoint on the first), the last host killed whole once
+    model_1.pt is written and never started again: every other node resumes and finishes with
+    the weights of one uninterrupted worker. Returns the first node's output and the figures."""
+    t0 = time.monotonic()
+    nodes = [Lines(torchrun_node(h, hosts[0], values, tmp_path, restarts=1, share=False,
+                                 nnodes=nnodes, nproc=nproc, rdzv=QUICK_RDZV)) for h in hosts]
+    try:
+        wait_for(tmp_path / 'w' / 'model_1.pt', [n.proc for n in nodes], 180)
+        kill_host(hosts[-1])
+        t_kill = time.monotonic()
+        world = nproc * (len(hosts) - 1)
+        t_resume = nodes[0].when(
+            rf'torchrun round 2: resuming from epoch 1 on {world} ranks? \({world + nproc} in '
+            r'round 1\)', 120)
+        results = [n.finish(300) for n in nodes[:-1]]
+        total = time.monotonic() - t0
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.proc.kill()
+    assert [rc for rc, _ in results] == [0] * len(results), [out[-3000:] for _, out in results]
+    out = results[0][1]
+    assert f'batches of {values["batch_size"]} ({world} workers x {values["batch_size"] // world})' in out
+    state = torch.load(tmp_path / 'w' / f'model_{n_epochs}.pt', weights_only=True)
+    assert [h['epoch'] for h in state['history']] == list(range(1, n_epochs + 1))
+    difference = max(relative_error(state[part][k], ref[part][k])
+                     for part in ('model', 'momentum') for k in ref[part])
+    print(f'elastic {nnodes} x {nproc}: the ranks resumed {t_resume - t_kill:.1f} s after the '
+          f'node was lost; {total:.1f} s in all; largest relative difference to one '
+          f'uninterrupted worker {difference:.1e}')
+    assert_same_weights(state, ref)
+    return out
+
+
+def test_elastic_a_node_lost_for_good_leaves_the_other_to_finish(cluster, tmp_path):
+    """--nnodes=1:2 --max-restarts=1: node B killed whole in epoch 2 and never back. Node A's
+    rank stops (its peer died), A's agent rendezvous again alone once B's heartbeat is 3 s
+    overdue, and its rank resumes from epoch 1 on 1 rank and ends with the weights of one
+    uninterrupted worker (random crops, mirrors and shuffling on; fp64)."""
+    a, b = cluster(2)
+    values, ref = reference(tmp_path, n_train=20, n_epochs=3, settings=DEFAULTS)
+    values = dict(values, weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
+    out = elastic_run([a, b], tmp_path, values, ref, '1:2', 1, 3)
+    assert 'rank 0: error: a peer rank died, stalled or failed' in out  # B's loss, then the resume
+    assert 'batches of 8 (2 workers x 4)' in out
+
+
+def test_elastic_four_nodes_of_two_ranks_lose_one(cluster, tmp_path):
+    """--nnodes=2:4 --nproc-per-node=2 (batches of 24: 4, 6 and 8 ranks split them): the fourth
+    node killed whole in epoch 2; the 6 ranks of the other three resume from epoch 1 and end with
+    the weights of one uninterrupted worker."""
+    hosts = cluster(4)
+    values, ref = reference(tmp_path, n_train=6, n_epochs=3, batch=24, settings=DEFAULTS)
+    values = dict(values, weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
+    out = elastic_run(hosts, tmp_path, values, ref, '2:4', 2, 3)
+    assert 'batches of 24 (8 workers x 3)' in out
 
 
 def worker_on(host, rank, values, tmp_path):

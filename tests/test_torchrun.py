@@ -1,9 +1,11 @@
 """train.py under torchrun (gloo on CPU): N ranks train exactly as one worker, in both exchange
 modes; a dead rank stops the others; --max-restarts resumes from the last snapshot."""
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -30,13 +32,74 @@ def torchrun(n, extra=()):
             os.path.join(ROOT, 'train.py')]
 
 
-def rank_of(pid):
+# an elastic rendezvous that completes 1 s after its fewest nodes are there (torch: 30 s) and
+# takes a node for lost after 3 s without a heartbeat (torch: 15 s)
+QUICK_RDZV = 'last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3'
+# what users run: random crops and mirrors, shuffled files (alexnet_cifar has no dropout); fp64,
+# and a learning rate at which these small runs train (0.01 diverges with random crops)
+DEFAULTS = dict(EXACT, rand_crop=True, shuffle=True, learning_rate=0.001)
+
+
+class Lines:
+    """A process's output, read in a thread, with the time each line came."""
+
+    def __init__(self, proc):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def when(self, pattern, timeout):
+        """The time the first line matching `pattern` (a regex) came: waits for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for t, line in list(self.lines):
+                if re.search(pattern, line):
+                    return t
+            assert self.thread.is_alive() and time.monotonic() < deadline, \
+                f'no line {pattern!r} within {timeout} s:\n' + self.text()[-4000:]
+            time.sleep(0.1)
+
+    def finish(self, timeout):
+        """(exit code, whole output); the process killed if still running after `timeout` s."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.thread.join(10)
+        return self.proc.returncode, self.text()
+
+    def text(self):
+        return ''.join(line for _, line in list(self.lines))
+
+
+def one_worker(values):
+    """train.py's run of `values` in this process, on one thread as the ranks have
+    (OMP_NUM_THREADS=1): on a loaded machine of 2 cores two threads ran 4 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', values, None)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def environ_of(pid):
+    """A process's environment ({} if it is gone)."""
     try:
         with open(f'/proc/{pid}/environ', 'rb') as f:
-            env = dict(kv.split(b'=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
+            return dict(kv.decode().split('=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
     except OSError:
-        return None
-    return int(env[b'RANK']) if b'RANK' in env else None
+        return {}
+
+
+def rank_of(pid):
+    env = environ_of(pid)
+    return int(env['RANK']) if 'RANK' in env else None
 
 
 def ranks(agent_pid):
@@ -126,19 +189,32 @@ def test_max_restarts_resumes_from_the_last_snapshot(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert 'torchrun restart 1: resuming from epoch 1' in out
+    assert 'torchrun round 2: resuming from epoch 1 on 2 ranks (2 in round 1)' in out
     assert 'done: epoch 3' in out
     state = torch.load(tmp_path / 'w' / 'model_3.pt', weights_only=True)
     assert [h['epoch'] for h in state['history']] == [1, 2, 3]
 
 
 def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
+    """Over this world size, and over every one that --nnodes=MIN:MAX allows: an elastic job
+    whose batch_size does not split over 2 nodes x 2 ranks stops at its start on 1 node, in
+    one line per rank, rather than at a change of nodes hours later."""
     keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=6, size=36)
     values = dict(keys, **COMMON, gpu='cpu', weights_dir=str(tmp_path / 'w'))
     r = subprocess.run(torchrun(4) + args(values), capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert r.returncode != 0
     assert 'error: batch_size 6 does not split over 4 torchrun ranks' in r.stderr
+    r = subprocess.run(torchrun(2, ['--nnodes=1:2', f'--rdzv-conf={QUICK_RDZV}']) + args(values),
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if ': error: ' in line]
+    assert sorted(errors) == [
+        f'rank {n}: error: batch_size 6 does not split over 4 torchrun ranks, which --nnodes=1:2 '
+        'allows (1 to 2 nodes x 2 ranks: 2, 4 ranks) (under torchrun batch_size is the images of '
+        'all ranks together, as many as a batch file holds: not per rank): narrow --nnodes, or '
+        'preprocess batches of a multiple of 4 images' for n in (0, 1)], r.stderr[-3000:]
+    assert not os.path.exists(tmp_path / 'w')
 
 
 def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
@@ -240,3 +316,63 @@ def test_train_py_names_a_dead_rank_itself(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         'rank 0: error: a peer rank died, stalled or failed (torch.distributed: '), err[-3000:]
+
+
+def elastic_node(n, port, is_host, tmp_path, values, restarts=0):
+    """One node of an elastic job (--nnodes=1:2) on this host: torchrun's agent and n ranks."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=1:2', f'--nproc-per-node={n}',
+           '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=job',
+           f'--rdzv-conf={QUICK_RDZV},is_host={int(is_host)}', '--local-addr=127.0.0.1',
+           f'--max-restarts={restarts}', os.path.join(ROOT, 'train.py')] + args(values)
+    env = dict(os.environ, OMP_NUM_THREADS='1', TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
+    return Lines(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, cwd=tmp_path, env=env))
+
+
+def test_a_node_that_joins_later_is_taken_in_and_resumes(tmp_path):
+    """An elastic job (--nnodes=1:2, no restarts allowed) starts on one node of 1 rank; a second
+    node joins once model_1.pt is written. torchrun restarts the ranks without a failure (the
+    restart count stays 0 on both nodes): they resume from the newest snapshot on 2 ranks, with
+    no error, and 2 epochs later hold the weights of one uninterrupted worker (random crops,
+    mirrors and shuffling on, fp64). The job is then stopped: it is long (50 epochs) so that it
+    cannot end before the second node is in, however slow that node is to start."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=10, n_val=2, batch=8, size=36)
+    values = dict(keys, **dict(DEFAULTS, n_epochs=50, print_freq=10), gpu='cpu', peer_timeout=30.0,
+                  weights_dir=str(tmp_path / 'w'))
+    port = free_port()
+    nodes = [elastic_node(1, port, True, tmp_path, values)]
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(tmp_path / 'w' / 'model_1.pt'):
+            assert nodes[0].proc.poll() is None and time.monotonic() < deadline, nodes[0].text()
+            time.sleep(0.1)
+        t_join = time.monotonic()
+        nodes.append(elastic_node(1, port, False, tmp_path, values))
+        pattern = r'^torchrun round 2: resuming from epoch (\d+) on 2 ranks \(1 in round 1\)$'
+        t_resume = nodes[0].when(pattern, 120)
+        print(f'the ranks resumed {t_resume - t_join:.1f} s after the second node was started')
+        resumed = int(re.search(pattern, nodes[0].text(), re.M).group(1))
+        counts = [environ_of(pid).get('TORCHELASTIC_RESTART_COUNT')
+                  for n in nodes for pid in children(n.proc.pid)]
+        end = tmp_path / 'w' / f'model_{resumed + 2}.pt'
+        while not os.path.exists(end):
+            assert all(n.proc.poll() is None for n in nodes) and time.monotonic() < deadline + 120, \
+                nodes[0].text()[-3000:] + nodes[1].text()[-3000:]
+            time.sleep(0.1)
+        out = nodes[0].text() + nodes[1].text()
+    finally:
+        for n in nodes:
+            n.proc.terminate()  # torchrun's agent stops its ranks
+            n.finish(60)
+    assert counts == ['0', '0'], counts
+    assert 'batches of 8 (1 workers x 8)' in out and 'batches of 8 (2 workers x 4)' in out
+    assert 'error:' not in out and 'Traceback' not in out, out[-6000:]
+    n = resumed + 2
+    one_worker(dict(values, n_epochs=n, weights_dir=str(tmp_path / 'w1')))  # (lr_policy step:
+    # the weights of epoch n do not depend on n_epochs)
+    state = torch.load(end, weights_only=True)
+    ref = torch.load(tmp_path / 'w1' / f'model_{n}.pt', weights_only=True)
+    assert [h['epoch'] for h in state['history']] == list(range(1, n + 1))
+    for part in ('model', 'momentum'):
+        for k in ref[part]:
+            assert relative_error(state[part][k], ref[part][k]) < EXACT_TOLERANCE, (part, k)
