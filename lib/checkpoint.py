@@ -9,7 +9,9 @@ model_<epoch>.pt is one torch.save dict, loadable with torch.load(weights_only=T
     history     [{history.csv row}] per epoch, so a resumed run rewrites the same records
     config      the merged config (plain values)
     rng         {'data': crop/mirror generator state, 'order': file-order (shuffle) generator
-                state, 'torch': CPU RNG (dropout), 'cuda': ...}
+                state, 'torch': CPU RNG (dropout on the CPU), 'cuda': the device's RNG (dropout
+                on a GPU)}: the run's streams, in the same state in every worker, so any number
+                of workers under any launcher resumes them
 """
 import csv
 import os

@@ -225,15 +225,20 @@ def share_source(folder, label_folder, split, batch_size, share=None):
 
 class SyntheticBatches:
     """synthetic: True. Random uint8 batches held in memory (a few distinct ones, reused), with the
-    interface of BatchFolder, so the whole training path runs without a dataset on disk."""
+    interface of BatchFolder, so the whole training path runs without a dataset on disk.
+    Batches of `file_batch` images are drawn (the same in every worker) and a worker keeps its
+    rows=(lo, hi) of each (None: all), as it would of batch files."""
 
-    def __init__(self, n_files, batch_size, image_size, num_classes, seed):
+    def __init__(self, n_files, file_batch, image_size, num_classes, seed, rows=None):
         g = torch.Generator().manual_seed(seed)
+        lo, hi = rows or (0, file_batch)
         self.files = [f'<synthetic batch {i}>' for i in range(n_files)]
-        self.batch_size, self.size = batch_size, image_size
-        self.batches = [torch.randint(0, 256, (3, image_size, image_size, batch_size), generator=g,
-                                      dtype=torch.uint8).numpy() for _ in range(min(n_files, 4))]
-        self.labels = torch.randint(0, num_classes, (n_files, batch_size), generator=g).numpy()
+        self.batch_size, self.size = hi - lo, image_size
+        self.batches = [torch.randint(0, 256, (3, image_size, image_size, file_batch), generator=g,
+                                      dtype=torch.uint8)[..., lo:hi].contiguous().numpy()
+                        for _ in range(min(n_files, 4))]
+        self.labels = torch.randint(0, num_classes, (n_files, file_batch), generator=g)[:, lo:hi]
+        self.labels = self.labels.contiguous().numpy()
 
     def __len__(self):
         return len(self.files)
@@ -272,25 +277,30 @@ class Step:
 
 
 def make_plan(gen, n_files, batch_size, image_size, crop_size, *, train, rand_crop=True,
-              batch_crop_mirror=False, shuffle=False, order_gen=None):
+              batch_crop_mirror=False, shuffle=False, order_gen=None, rows=None):
     """The steps of one epoch, as the original draws them: with margin = (S - crop) // 2
     (14 for 256 -> 227), random offsets are round(u * 2 * margin), in [0, 28], and mirror is
     u >= 0.5, u ~ U[0, 1) from `gen`. Validation, and training with rand_crop False, use the
     centre crop (offset margin) and no mirror, drawing nothing. The shuffled file order comes
-    from `order_gen` when given (seeded alike in every worker: one order for all of them)."""
+    from `order_gen` when given (seeded alike in every worker: one order for all of them).
+
+    batch_size is the images of a whole step (all workers together): the draws belong to the
+    step, so every worker draws them alike and takes its rows=(lo, hi) of them (None: all), and
+    a worker's images get the crops they would get in a one-worker run."""
     order = (torch.randperm(n_files, generator=order_gen or gen).tolist() if train and shuffle
              else range(n_files))
     margin = (image_size - crop_size) // 2
+    lo, hi = rows or (0, batch_size)
     steps = []
     for i in order:
         if train and rand_crop:
             u = torch.rand(3, 1 if batch_crop_mirror else batch_size, generator=gen,
-                           dtype=torch.float64).expand(3, batch_size)
+                           dtype=torch.float64).expand(3, batch_size)[:, lo:hi]
             cx, cy = (u[0] * 2 * margin).round().long(), (u[1] * 2 * margin).round().long()
             mirror = u[2] >= 0.5
         else:
-            cx = cy = torch.full((batch_size,), margin, dtype=torch.long)
-            mirror = torch.zeros(batch_size, dtype=torch.bool)
+            cx = cy = torch.full((hi - lo,), margin, dtype=torch.long)
+            mirror = torch.zeros(hi - lo, dtype=torch.bool)
         steps.append(Step(i, cx, cy, mirror))
     return steps
 

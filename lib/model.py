@@ -93,21 +93,39 @@ class Dropout(nn.Module):
 
     (nn.Dropout scales by 1/(1-p) while training instead, which changes the effective step size
     of the layers after it under the original's learning rates.)
+
+    rows = (lo, step), set by share_dropout for one of several workers: the mask is drawn for
+    the whole step of `step` images, from a generator in the same state in every worker, and
+    this worker keeps rows lo.. of it, so each image gets the mask it gets in a one-worker run.
     """
 
     def __init__(self, p):
         super().__init__()
         self.p = p
+        self.rows = None
 
     def forward(self, x):
         if self.p == 0:
             return x
-        if self.training:  # mask/(1-p) * (1-p) == mask, with torch's fused dropout kernel
+        if not self.training:
+            return x * (1 - self.p)
+        if self.rows is None:  # mask/(1-p) * (1-p) == mask, with torch's fused dropout kernel
             return F.dropout(x, self.p, training=True) * (1 - self.p)
-        return x * (1 - self.p)
+        # the draw F.dropout makes for the whole step's input (same kernel, same generator use)
+        lo, step = self.rows
+        keep = F.dropout(x.new_ones((step, *x.shape[1:])), self.p, training=True)[lo:lo + len(x)]
+        return x * keep * (1 - self.p)
 
     def extra_repr(self):
         return f'p={self.p}, non-inverted'
+
+
+def share_dropout(net, lo, step):
+    """Make the dropout layers of `net` draw their masks for a whole step of `step` images and
+    keep rows lo.. (a worker's share of the step); step None: for its own images (one worker)."""
+    for layer in net.modules():
+        if isinstance(layer, Dropout):
+            layer.rows = None if step is None else (lo, step)
 
 
 def _init(layer, std, bias):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lib import checkpoint, data, optim
+from lib import model as lib_model
 from lib.config import ConfigError
 
 
@@ -35,8 +36,7 @@ def resolve_device(name, key='gpu'):
     return torch.device(f'cuda:{index}')
 
 
-WORKER_SEED_STRIDE = 7919  # worker r draws crops and dropout from seed + r * this
-ORDER_SEED = 104729        # every worker draws the file order from seed + this: one order
+ORDER_SEED = 104729  # the file order is drawn from seed + this (crops and mirrors from seed)
 
 
 class Trainer:
@@ -62,17 +62,21 @@ class Trainer:
         # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
         net = exchanger.wrap(model)
         self.forward = torch.compile(net) if cfg['compile'] else net
-        # crop / mirror draws; other workers draw their own, and their own dropout (the initial
-        # weights, drawn before, and the file order are the same everywhere)
-        seed = cfg['seed'] + WORKER_SEED_STRIDE * exchanger.rank
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED)  # same everywhere
-        if exchanger.rank:
-            torch.manual_seed(seed)
+        # The random draws belong to the step, not to the worker: every worker draws the crops,
+        # mirrors and dropout masks of the step's images of all workers, from streams in the same
+        # state everywhere (these generators; torch's default ones, seeded by model.build and
+        # drawn alike since), and keeps the rows of its own images, [rank * B, (rank + 1) * B).
+        # So N workers train the model one worker trains on the whole batches.
+        self.gen = torch.Generator().manual_seed(cfg['seed'])          # crops and mirrors
+        self.order_gen = torch.Generator().manual_seed(cfg['seed'] + ORDER_SEED)  # file order
         self.history = []  # one dict per finished epoch (the history.csv rows)
         self.on_epoch_end = None  # called with weights_dir after the records are written
         self.image_size = self.train_data.image_size
-        self.images_per_step = self.train_data.batch_size * exchanger.size  # all workers together
+        B = self.train_data.batch_size
+        self.images_per_step = B * exchanger.size  # all workers together
+        self.rows = (exchanger.rank * B, (exchanger.rank + 1) * B)  # this worker's, of a step
+        if exchanger.size > 1:  # (one worker: the masks F.dropout draws, the same bits)
+            lib_model.share_dropout(model, self.rows[0], self.images_per_step)
 
     # --- state --------------------------------------------------------------------------
     def state(self):
@@ -88,12 +92,8 @@ class Trainer:
     def restore(self, state):
         self.model.load_state_dict(state['model'])
         self.opt.load_state_dict(state)
+        # the run's streams (every worker's are the same), whichever launcher wrote the snapshot
         checkpoint.set_rng_state(state['rng'], self.gen, self.device, self.order_gen)
-        if self.exchanger.rank:  # the snapshot holds worker 0's streams: this worker draws its own
-            # (crops, dropout; the file order is everyone's)
-            seed = self.cfg['seed'] + WORKER_SEED_STRIDE * self.exchanger.rank + int(state['epoch'])
-            self.gen.manual_seed(seed)
-            torch.manual_seed(seed)
         self.history = list(state['history'])
         if self.scaler is not None and 'loss_scale' in state:
             self.scaler.scale.copy_(state['loss_scale'])
@@ -129,12 +129,11 @@ class Trainer:
 
     def train_epoch(self, epoch):
         cfg, model, opt = self.cfg, self.model, self.opt
-        B = self.train_data.batch_size  # this worker's images per step
         images = self.images_per_step
-        plan = data.make_plan(self.gen, len(self.train_data), B, self.image_size, cfg['crop_size'],
-                              train=True, rand_crop=cfg['rand_crop'],
+        plan = data.make_plan(self.gen, len(self.train_data), images, self.image_size,
+                              cfg['crop_size'], train=True, rand_crop=cfg['rand_crop'],
                               batch_crop_mirror=cfg['batch_crop_mirror'], shuffle=cfg['shuffle'],
-                              order_gen=self.order_gen)
+                              order_gen=self.order_gen, rows=self.rows)
         model.train()
         total = torch.zeros(2, device=self.device)     # sums of [loss, error] over the epoch
         window = torch.zeros(2, device=self.device)    # ... since the last log line

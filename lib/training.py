@@ -94,9 +94,10 @@ def data_sources(cfg, worker=Worker(), splits=('train', 'val'), quiet=False):
     if cfg['synthetic']:
         size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
         n_files = {'train': cfg['synthetic_batches'], 'val': max(1, cfg['synthetic_batches'] // 10)}
-        b = worker.share[2] if worker.share else B
-        return [data.SyntheticBatches(n_files[s], b, size, cfg['num_classes'] or 1000,
-                                      cfg['seed'] + (s == 'val')) for s in splits]
+        index, count, b = worker.share or (0, 1, B)  # a worker's rows of batches of count * b
+        return [data.SyntheticBatches(n_files[s], count * b, size, cfg['num_classes'] or 1000,
+                                      cfg['seed'] + (s == 'val'), (index * b, (index + 1) * b))
+                for s in splits]
     found = [data.share_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.share)
              for split in splits]
     notices = [n for _, n in found if n]

@@ -74,6 +74,28 @@ def test_plan_draws_are_seeded_in_range_and_centre_when_not_random():
     assert all(len(s.crop_x.unique()) == 1 and len(s.mirror.unique()) == 1 for s in per_batch)
 
 
+@pytest.mark.parametrize('per_batch', [False, True])
+def test_a_workers_plan_is_its_rows_of_the_steps_plan(per_batch):
+    """The crops and mirrors belong to the step: a worker's plan holds its rows of the plan of
+    the whole step (all workers' images), whatever the number of workers, and every worker's
+    generators end in the same state."""
+    def plan(rows, batch=8):
+        gen, order = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+        steps = data.make_plan(gen, 5, batch, 36, 32, train=True, shuffle=True, order_gen=order,
+                               batch_crop_mirror=per_batch, rows=rows)
+        return steps, gen.get_state()
+    whole, state = plan(None)
+    for n in (2, 4):
+        for r in range(n):
+            part, part_state = plan((r * 8 // n, (r + 1) * 8 // n))
+            assert torch.equal(part_state, state)
+            for a, b in zip(part, whole):
+                assert a.file == b.file
+                for f in ('crop_x', 'crop_y', 'mirror'):
+                    assert torch.equal(getattr(a, f), getattr(b, f)[r * 8 // n:(r + 1) * 8 // n])
+    assert len({tuple(s.crop_x.tolist()) for s in whole}) > 1  # (the draws are random)
+
+
 def test_batch_folder_reads_c01b_and_aligns_labels(tmp_path):
     keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=8)
     folder = data.BatchFolder(data.batch_files(keys['train_folder']),

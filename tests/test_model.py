@@ -72,6 +72,29 @@ def test_dropout_is_not_inverted():
     assert torch.equal(d(x), x * 0.5)                  # test time scales by 1 - p
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_a_workers_dropout_masks_are_its_rows_of_the_steps_masks(dtype):
+    """Each of N workers, from the same generator state, keeps its rows of the masks of the whole
+    step: together they apply the masks one worker applies to the whole step, and their
+    generators end in the same state as that worker's."""
+    x = torch.randn(8, 64, dtype=dtype, requires_grad=True)
+    alone = model.Dropout(0.5)
+    torch.manual_seed(5)
+    want = alone(x)
+    after = torch.get_rng_state()
+    for n in (2, 4):
+        parts = []
+        for r in range(n):
+            worker = model.Dropout(0.5)
+            model.share_dropout(torch.nn.Sequential(worker), r * 8 // n, 8)
+            torch.manual_seed(5)
+            parts.append(worker(x[r * 8 // n:(r + 1) * 8 // n]))
+            assert torch.equal(torch.get_rng_state(), after)
+        assert torch.equal(torch.cat(parts), want), n
+    g = torch.autograd.grad(want.sum(), x)[0]
+    assert set(g.unique().tolist()) == {0.0, 0.5}  # backward: the same mask, times 1 - p
+
+
 def test_initialisation_follows_the_reference():
     net = model.build('alexnet', 1000, 0.5, 227, seed=23455)
     params = dict(net.named_parameters())

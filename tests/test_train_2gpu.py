@@ -44,8 +44,9 @@ COMMON = dict(model='alexnet_cifar', crop_size=32, n_epochs=2, print_freq=2, dro
 # rounding, and float32 rounding can flip a near-tie of a max-pool window (a 2e-3 relative jump
 # for some seeds). In float64 a flip would need a tie within ~1e-15, so the property is tested
 # there, with a bound (1e-9) that such rounding cannot reach and any real difference exceeds;
-# shuffled (one file order for all workers), two epochs, several seeds.
-EXACT = dict(COMMON, shuffle=True, precision='fp64')
+# under the defaults users run: random crops and mirrors, shuffled, two epochs, several seeds
+# (the draws belong to the step: every worker's images get the crops of a one-worker run).
+EXACT = dict(COMMON, shuffle=True, rand_crop=True, precision='fp64')
 EXACT_TOLERANCE = 1e-9
 
 
@@ -484,10 +485,9 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
 
 
 def test_two_workers_resume_two_plus_two_epochs_as_four(tmp_path):
-    """Both workers load the snapshot (weights, momentum, lr, the shared file order): 2 epochs,
-    then a resume to 4, give the weights of 4 epochs in one go (fp64, 1e-9), exchange_freq 3 so
-    that the end-of-epoch flush is part of it. Each worker draws its own crops and dropout
-    from seed + 7919 x rank (+ the epoch on a resume): rand_crop and dropout stay off here."""
+    """Both workers load the snapshot (weights, momentum, lr, the run's random streams): 2
+    epochs, then a resume to 4, give the weights of 4 epochs in one go (fp64, 1e-9), random crops
+    and mirrors, shuffled, exchange_freq 3 so that the end-of-epoch flush is part of it."""
     _, halves = dataset(tmp_path)
     over = {k: v for k, v in EXACT.items() if k != 'n_epochs'}
     over['exchange_freq'] = 3
