@@ -232,7 +232,7 @@ def test_elastic_a_node_lost_for_good_leaves_the_other_to_finish(cluster, tmp_pa
     overdue, and its rank resumes from epoch 1 on 1 rank and ends with the weights of one
     uninterrupted worker (random crops, mirrors and shuffling on; fp64)."""
     a, b = cluster(2)
-    values, ref = reference(tmp_path, n_train=20, n_epochs=3, settings=DEFAULTS)
+    values, ref = reference(tmp_path, n_train=10, n_epochs=3, settings=DEFAULTS)
     values = dict(values, weights_dir=str(tmp_path / 'w'), peer_timeout=20.0)
     out = elastic_run([a, b], tmp_path, values, ref, '1:2', 1, 3)
     assert 'rank 0: error: a peer rank died, stalled or failed' in out  # B's loss, then the resume
