@@ -8,8 +8,9 @@
                                                              # (gloo) with gpu=cpu
 
 Under torchrun each rank trains on rows [r*B/N, (r+1)*B/N) of every batch file and the ranks keep
-their weights in step (exchange: average | gradients); rank 0 logs and writes. A restart by
-torchrun --max-restarts resumes from the last snapshot.
+their weights in step (exchange: average | gradients); rank 0 logs and writes. A later round of
+the same torchrun job resumes from the last snapshot: a restart (--max-restarts), and in an
+elastic job (--nnodes=MIN:MAX) a node lost or one that joins (docs/distributed.md).
 
 Writes into weights_dir: config.yaml (the merged config), val_record.npy ([top-1 error, loss] per
 epoch), history.csv, and model_<epoch>.pt every snapshot_freq epochs.

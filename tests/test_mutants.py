@@ -123,6 +123,13 @@ MUTANTS = [
     Mutant("train.py does not name a dead rank (traceback instead)", 'train.py',
            "if not (isinstance(e, dist.DistError) or 'gloo' in str(e).lower()):", 'if True:',
            ('tests/test_torchrun.py::test_train_py_names_a_dead_rank_itself',)),
+    Mutant('a change of nodes is not seen (the rounds are not counted): the ranks torchrun starts '
+           'again without a restart begin a fresh run', 'train.py',
+           'later = rounds.add(key, 0) > 0', 'later = bool(restarts)',
+           ('tests/test_torchrun.py::test_a_node_that_joins_later_is_taken_in_and_resumes',)),
+    Mutant('batch_size checked against this world size only, not every one --nnodes allows',
+           'train.py', 'sizes |= {k * local for k in range(lo, hi + 1)}', 'sizes |= set()',
+           ('tests/test_torchrun.py::test_batch_that_does_not_split_is_a_one_line_error',)),
     # --- data (lib/data.py) and the loader process (lib/loader.py)
     Mutant('mirrored crops take the unmirrored mean', 'lib/data.py',
            'm = mean_flip[:, y0:y0 + c, W - x0 - c:W - x0]', 'm = mean[:, y0:y0 + c, x0:x0 + c]',

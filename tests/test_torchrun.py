@@ -1,5 +1,7 @@
 """train.py under torchrun (gloo on CPU): N ranks train exactly as one worker, in both exchange
-modes; a dead rank stops the others; --max-restarts resumes from the last snapshot."""
+modes; a dead rank stops the others; --max-restarts resumes from the last snapshot; in an elastic
+job (--nnodes=1:2) a node that joins is taken in and the ranks resume; batch_size is checked
+against every world size the --nnodes range allows."""
 import os
 import re
 import signal
