@@ -25,7 +25,6 @@ On two hosts: set exchange_host (the address worker 0 binds) and curve_dir (keys
 `python train_2gpu.py --make-keys DIR`, copied to both hosts), then run
 `python train_2gpu.py --worker 0 ...` on the first host and `--worker 1 ...` on the second.
 """
-import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -108,16 +107,19 @@ def start_keeper(root, wait=KEEPER_WAIT):
         line = keeper.stdout.readline().decode().strip()
     keeper.stdout.close()
     if not line.startswith(os.sep):
+        code = keeper.poll()
         keeper.kill()
         keeper.wait()
-        raise UserError(line.removeprefix('error: ') or
-                        f'the private folder\'s keeper (pid {keeper.pid}) did not start within 60 s')
+        raise UserError(line.removeprefix('error: ') or (
+            f"the keeper of the launcher's private folder (pid {keeper.pid}) "
+            + ('did not answer within 60 s' if code is None else f'exited with code {code}')))
     return keeper, line
 
 
 def hold(run_dir):
     """Hold a shared lock on the launcher's folder for this worker's life (see KEEPER). False
     when the folder is gone: the launcher has ended already."""
+    import fcntl  # POSIX: one host needs unix sockets anyway (Windows runs --worker, no folder)
     try:
         fd = os.open(run_dir, os.O_RDONLY)  # left open: the lock lasts as long as the process
         fcntl.flock(fd, fcntl.LOCK_SH)
