@@ -351,6 +351,11 @@ def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT, env=None):
 REFUSED = 'refused by the platform: '
 
 
+def refusal(e):
+    """'refused by the platform: <error>' on one line (CUDA's errors run to several)."""
+    return REFUSED + f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:300]}'
+
+
 def share_child(info, out):
     """In a second process: open the parent's 1 MB (CUDA IPC handle, or a /dev/shm file on the
     CPU), check it holds 7s, write 8s for the parent to see."""
@@ -363,7 +368,7 @@ def share_child(info, out):
         else:
             t = torch.from_numpy(np.memmap(info['path'], np.uint8, 'r+', shape=(info['numel'],)))
     except Exception as e:  # noqa: BLE001 -- cudaIpcOpenMemHandle's refusal, say
-        out.put(REFUSED + f'{type(e).__name__}: {e}')
+        out.put(refusal(e))
         return
     ok = bool((t == 7).all())
     t.fill_(8)
@@ -384,7 +389,7 @@ def check_share(torch, device):
             try:
                 info = exchange.ipc_share(t)  # cudaIpcGetMemHandle
             except Exception as e:  # noqa: BLE001
-                return REFUSED + f'{type(e).__name__}: {e}'
+                return refusal(e)
             torch.cuda.synchronize()
         else:
             info = {'path': os.path.join(folder, 'buf'), 'numel': n}

@@ -224,6 +224,18 @@ def test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle(
     assert (result, calls) == ('ok', ['_lazy_init', '_new_shared_cuda'])
 
 
+def test_a_refused_ipc_open_is_one_line_of_the_report(monkeypatch):
+    import queue
+    from lib import exchange
+
+    def refused(info):
+        raise RuntimeError('CUDA error: operation not supported\nCUDA kernel errors might be ...')
+    monkeypatch.setattr(exchange, 'ipc_open', refused)
+    out = queue.Queue()
+    gpu.share_child({'handle': '00'}, out)
+    assert out.get_nowait() == 'refused by the platform: RuntimeError: CUDA error: operation not supported'
+
+
 def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch, capsys):
     from lib import exchange
     buf, refusal = exchange.host_buffer(10, torch.float32)  # no CUDA: pageable, nothing refused
