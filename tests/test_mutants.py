@@ -77,6 +77,14 @@ MUTANTS = [
            'self.link.recv(link.DATA, seq, into=host[a:b])',
            'self.link.recv(link.DATA, seq, into=host[a:b].copy())',
            (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
+    Mutant("ipc_open opens the peer's handle before CUDA is initialised", 'lib/exchange.py',
+           '    torch.cuda._lazy_init()\n    event =', '    event =',
+           ('tests/test_benchmark_gpu.py::test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle',)),
+    # --- the GPU command (benchmarks/gpu.py)
+    Mutant("a CUDA test the platform refuses reads SKIPPED, not REFUSED", 'benchmarks/gpu.py',
+           "        if result == 'SKIPPED' and (m.group(3) or '').startswith(REFUSED):",
+           '        if False:',
+           ('tests/test_benchmark_gpu.py::test_a_test_skipped_for_the_platforms_refusal_reads_refused_apart_from_failures',)),
     # --- the training loop (lib/trainer.py)
     Mutant('worker 1 ignores the snapshot on resume', 'lib/trainer.py',
            "self.model.load_state_dict(state['model'])",
