@@ -17,7 +17,9 @@ a unix socket in the launcher's private folder (mode 0700, on /dev/shm), which n
 reach. Worker 0 logs and writes weights_dir (as train.py does).
 
 If a worker dies or stalls, the other stops within peer_timeout naming it and the step, and
-this launcher stops what is left and exits non-zero; Ctrl-C stops everything.
+this launcher stops what is left and exits non-zero; Ctrl-C or SIGTERM stops everything (exit
+code 130). The launcher killed (SIGKILL): the workers stop by themselves within a second or two,
+and the private folder's keeper (KEEPER below) removes the folder once they are gone.
 
 On two hosts: set exchange_host (the address worker 0 binds) and curve_dir (keys made by
 `python train_2gpu.py --make-keys DIR`, copied to both hosts), then run
@@ -26,10 +28,11 @@ On two hosts: set exchange_host (the address worker 0 binds) and curve_dir (keys
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import shutil
 import signal
+import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -59,13 +62,83 @@ def check_start(cfg):
         checkpoint.check_fresh_start(cfg['weights_dir'], cfg['overwrite'], move=False)
 
 
+# The launcher's private folder (the link's socket, the shm transport's buffers) has a keeper: a
+# tiny process in a session of its own (a Ctrl-C or a closed terminal that ends the launcher's
+# process group leaves it be) that makes the folder, prints its path, and removes it once the
+# launcher has ended, however it ended (its stdin reaches EOF when the launcher's pipe closes, even
+# on SIGKILL), and no worker holds the folder any more: each worker holds a shared flock on it for
+# its whole life (a lock goes with its process, killed or not), and the keeper waits for an
+# exclusive one, so a worker still starting or still mapping its buffers never has the folder
+# removed under it. A worker that is stopped (SIGSTOP) is waited for at most KEEPER_WAIT seconds.
+# From the moment the folder exists, its keeper exists: no moment leaves it behind.
+KEEPER_WAIT = 60.0
+KEEPER = r"""
+import fcntl, os, sys, tempfile, time, shutil
+try:
+    folder = tempfile.mkdtemp(prefix='alexnet-2gpu-', dir=sys.argv[1] or None)  # mode 0700
+except OSError as e:
+    print(f'error: cannot make a private folder in {sys.argv[1] or tempfile.gettempdir()}: {e}',
+          flush=True)
+    sys.exit(1)
+print(folder, flush=True)
+sys.stdin.buffer.read()  # EOF: the launcher has ended (or is ending)
+try:
+    fd = os.open(folder, os.O_RDONLY)
+except OSError:
+    sys.exit(0)  # the launcher removed it
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no worker holds the folder
+        break
+    except BlockingIOError:
+        time.sleep(0.1)
+shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def start_keeper(root, wait=KEEPER_WAIT):
+    """The keeper (above) of a new private folder in root: (its process, the folder)."""
+    keeper = subprocess.Popen([sys.executable, '-I', '-c', KEEPER, root or '', str(wait)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    line = ''
+    if select.select([keeper.stdout], [], [], 60.0)[0]:
+        line = keeper.stdout.readline().decode().strip()
+    keeper.stdout.close()
+    if not line.startswith(os.sep):
+        code = keeper.poll()
+        keeper.kill()
+        keeper.wait()
+        raise UserError(line.removeprefix('error: ') or (
+            f"the keeper of the launcher's private folder (pid {keeper.pid}) "
+            + ('did not answer within 60 s' if code is None else f'exited with code {code}')))
+    return keeper, line
+
+
+def hold(run_dir):
+    """Hold a shared lock on the launcher's folder for this worker's life (see KEEPER). False
+    when the folder is gone: the launcher has ended already."""
+    import fcntl  # POSIX: one host needs unix sockets anyway (Windows runs --worker, no folder)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)  # left open: the lock lasts as long as the process
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return os.path.samestat(os.fstat(fd), os.stat(run_dir))  # not removed before the lock
+    except OSError:
+        return False
+
+
+def launcher_gone():
+    print('worker: the launcher is gone; stopping', file=sys.stderr, flush=True)
+    os._exit(3)
+
+
 def watch_parent(parent):
     """Exit when the launcher is gone (killed -9): a worker never outlives it."""
     def watch():
         while os.getppid() == parent:
             time.sleep(1.0)
-        print('worker: the launcher is gone; stopping', file=sys.stderr, flush=True)
-        os._exit(3)
+        launcher_gone()
     threading.Thread(target=watch, daemon=True, name='watch-launcher').start()
 
 
@@ -74,6 +147,8 @@ def worker_main(rank, cfg, transport, run_dir, parent=None):
     The link: tcp to exchange_host (two hosts, CURVE), else a socket in run_dir (one host)."""
     if parent is not None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not hold(run_dir):
+            launcher_gone()
         watch_parent(parent)
     device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
     if device.type == 'cpu' and 'OMP_NUM_THREADS' not in os.environ:  # two workers share the cores
@@ -122,8 +197,7 @@ def stop(procs, grace):
 def launch(cfg):
     """Start both workers on this host and wait for them; the exit code of the run."""
     transport = exchange.transport_for(cfg['exchange_transport'], devices(cfg))
-    shm_root = '/dev/shm' if os.path.isdir('/dev/shm') else None
-    run_dir = tempfile.mkdtemp(prefix='alexnet-2gpu-', dir=shm_root)  # mode 0700
+    keeper, run_dir = start_keeper('/dev/shm' if os.path.isdir('/dev/shm') else '')
     ctx = multiprocessing.get_context('spawn')
     procs = [ctx.Process(target=_child, name=f'alexnet-worker{r}',
                          args=(r, cfg, transport, run_dir, os.getpid())) for r in (0, 1)]
@@ -141,6 +215,11 @@ def launch(cfg):
     finally:
         stop(procs, 5.0)
         shutil.rmtree(run_dir, ignore_errors=True)
+        keeper.stdin.close()  # it finds the folder gone and exits
+        try:
+            keeper.wait(5.0)
+        except subprocess.TimeoutExpired:  # a worker that SIGKILL could not end (it waits for it)
+            pass
 
 
 def wait(procs, peer_timeout):

@@ -6,16 +6,23 @@ Latest answer: none yet (no GPU run); how to run it and what it reports: docs/gp
     python -m benchmarks.gpu OUT_DIR --cpu-smoke           # every part, tiny sizes, on the CPU (CI)
 
 It writes OUT_DIR/gpu_report.md and gpu_report.json, rewritten after every row (a run cut short
-keeps what it measured), and OUT_DIR/cuda_tests.log. First an import check (one line naming what
-is missing, exit 2), then the environment table (sandbox, /dev/shm, GPU compute mode, allocator
-settings, driver, CUDA, cuDNN, NCCL, GPUs, cores, commit: from git, else $GIT_COMMIT), then the
+keeps what it measured), and OUT_DIR/cuda_tests.log. First an import check: without torch, numpy
+or yaml one line naming them, exit 2; any other missing module skips only the parts that need it
+(UNIT_MODULES: "skipped: missing X"). Then the environment table (sandbox, /dev/shm, CUDA and why
+not, GPU compute mode, allocator settings, driver, CUDA, cuDNN, NCCL, GPUs, cores, what each missing
+module skips, commit: from git, else $GIT_COMMIT), written even where CUDA is unusable (exit 2
+then: a driver too old for the build looks like no GPU, and only this table says so). Then the
 parts, in order of value, so that a run cut anywhere holds the most important answers:
 
-  preflight  a matmul, 1 MB shared with a second process over CUDA IPC, cudaHostRegister of a
-             1 MB /dev/shm mapping: what the platform allows. A refusal is a finding ("refused by
-             the platform: ..."), apart from a wrong result; the run goes on with the fallbacks
+  preflight  a matmul, 1 MB shared with a second process over CUDA IPC, cudaHostRegister of an
+             empty 1 MB /dev/shm mapping then filled by a second process (the loader's order), the
+             tcp exchange's 488 MB pin_memory=True buffer: what the platform allows. A refusal is a
+             finding ("refused by the platform: ..."), apart from a wrong result; the run goes on
+             with the fallbacks
   tests      the CUDA-marked tests of tests/test_cuda.py but compile's, each stopped after 120 s,
-             each result in the report as it ends; without CUDA (--cpu-smoke) they all skip
+             each result in the report as it ends; a test the platform refuses what it needs reads
+             "REFUSED by the platform: ...", apart from failures; with --cpu-smoke they all skip
+             (pytest does not see the GPU)
   steps      AlexNet 227, synthetic input, batch 256 and 128 x fp32 / bf16 x NCHW / channels_last,
              eager, cuDNN autotuning on (as train.py): forward / backward / update / step ms (CUDA
              events) and img/s; then the best batch-256 row with autotuning off, in a fresh process
@@ -24,13 +31,16 @@ parts, in order of value, so that a run cut anywhere holds the most important an
   e2e        the best configuration end to end: train.py from hkl files on local disk, loader
              process + use_data_layer against in-process loading: img/s, data wait (the loader not
              ready) and copy wait (the device copy not done) per step
-  profile    torch.profiler of the best batch-256 step: the kernels with the most device time
+  profile    torch.profiler of the best batch-256 step: the kernels with the most device time, each
+             as a share of their summed time; no kernel events at all is the part's error
   cifar      alexnet_cifar at 32 px, for scale
   compile    compile's CUDA test, then the batch-256 rows with torch.compile (a row starts only
              with 150 s of the budget left: a cold compile of AlexNet takes about a minute)
 
-Rows that would start past --budget-s are marked skipped. --cpu-smoke: tiny batches, compile with
-the 'eager' backend, the exchange over shm with alexnet_cifar, the profile's CPU operators.
+Where the GPU's compute mode is Exclusive_Process, what starts a second process on it (MULTI_PROCESS)
+is skipped. Rows that would start past --budget-s are marked skipped. --cpu-smoke: tiny batches,
+compile with the 'eager' backend, the exchange over shm with alexnet_cifar, the profile's CPU
+operators.
 """
 import argparse
 import datetime
@@ -55,14 +65,36 @@ from benchmarks.common import ROOT, epoch_img_s, iter_lines, step_marks, train_l
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
 # not imported by this command: demo data, ImageNet devkit, serve.py's browser test, the linter
-# (tests/test_lint.py is not among the CUDA tests), and pytest_timeout (used where installed, else
-# a fallback stops a hung test)
-NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'ruff', 'pytest_timeout'}
+# (tests/test_lint.py is not among the CUDA tests), pytest_timeout (used where installed, else
+# a fallback stops a hung test) and matplotlib (train.py skips its training.png without it)
+NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'ruff', 'pytest_timeout', 'matplotlib'}
+CORE = ('torch', 'numpy', 'yaml')  # without them nothing runs: the import check stops (exit 2)
+# What each part, preflight check or row imports besides CORE (import names). Where one of them
+# is missing, that part is marked "skipped: missing ..." and the others run; the steps, profile,
+# cifar and compiled rows need CORE only. tests/test_benchmark_gpu.py runs the command with every
+# other module of the requirements unimportable, in every process it starts.
+TESTS_MODULES = ('zmq', 'hickle', 'h5py', 'PIL', 'tqdm', 'werkzeug', 'pytest')
+UNIT_MODULES = {
+    'check_matmul': (), 'check_share': ('zmq',), 'check_register': ('zmq', 'h5py'),
+    'check_pinned': ('zmq',),
+    'tests': TESTS_MODULES,
+    'steps': (), 'autotune': (),
+    'exchange': ('zmq',),
+    'e2e': ('zmq', 'hickle', 'h5py', 'tqdm'),  # the batch files; train.py and its loader process
+    'profile': (), 'cifar': (),
+    'compile test': TESTS_MODULES, 'compile': (),
+}
+# what starts a second process on the GPU: skipped where the GPU's compute mode lets one process
+# at a time use it (Exclusive_Process), since this command's own process holds it
+MULTI_PROCESS = {'check_share', 'tests', 'autotune', 'exchange', 'e2e', 'compile test'}
+EXCLUSIVE = ('the GPU\'s compute mode is Exclusive_Process (one process at a time, and this '
+             'command holds it): a second process on the GPU would fail')
 MIN_TORCH = (2, 11)
 PARTS = ('preflight', 'tests', 'steps', 'exchange', 'e2e', 'profile', 'cifar', 'compile')
 TEST_TIMEOUT = 120.0     # s per CUDA test: one hang must not take the others' time
 TESTS_S = 240.0          # s at most for the tests part (about 100 s when none hangs)
 COMPILE_MIN_LEFT = 150.0  # s of budget a compiled row needs to start
+ALEXNET_FLAT_BYTES = 2 * 60_965_224 * 4  # AlexNet's float32 [params | momentum], as exchanged
 SHM = '/dev/shm' if os.path.isdir('/dev/shm') else None
 
 
@@ -90,18 +122,43 @@ def needed(files=REQUIREMENTS):
     return [r for r in requirements(files) if r[2] not in NOT_NEEDED_HERE]
 
 
-def import_problem(files=REQUIREMENTS):
-    """None, or one line naming the missing modules and how to install them."""
-    missing = []
+def missing_modules(files=REQUIREMENTS):
+    """{module: 'module (distribution==version)'} of the needed modules that do not import."""
+    missing = {}
     for dist, version, module in needed(files):
         try:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001 -- ImportError, or a broken install: missing either way
-            missing.append(f'{module} ({dist}=={version})' if version else module)
-    if not missing:
+            missing[module] = f'{module} ({dist}=={version})' if version else module
+    return missing
+
+
+def import_problem(missing, core=CORE):
+    """None, or one line naming the missing modules among `core` and how to install them."""
+    lacking = [missing[m] for m in core if m in missing]
+    if not lacking:
         return None
-    return (f'error: missing Python modules: {", ".join(missing)}. Install them: '
+    return (f'error: missing Python modules: {", ".join(lacking)}. Install them: '
             f'pip install -r requirements.txt -r requirements-test.txt')
+
+
+def skip_reason(unit, missing, exclusive):
+    """None, or why `unit` (a key of UNIT_MODULES) cannot run here: 'skipped: ...'."""
+    why = []
+    lacking = [missing[m] for m in UNIT_MODULES[unit] if m in missing]
+    if lacking:
+        why.append(f'missing {", ".join(lacking)}')
+    if exclusive and unit in MULTI_PROCESS:
+        why.append(EXCLUSIVE)
+    return 'skipped: ' + '; '.join(why) if why else None
+
+
+def what_missing_costs(missing):
+    """The environment table's line: each missing module and the parts it skips."""
+    if not missing:
+        return 'none'
+    return '; '.join(f'{text}: skips {", ".join(u for u, m in UNIT_MODULES.items() if module in m)}'
+                     for module, text in missing.items())
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -134,6 +191,8 @@ class Report:
             lines += ['', f'## {p["title"]}', '']
             if p.get('error'):
                 lines += [f'**failed:** {p["error"]}', '']
+            if p.get('skipped'):
+                lines += [f'**{p["skipped"]}**', '']
             if p['columns'] and p['rows']:
                 lines.append('| ' + ' | '.join(p['columns']) + ' |')
                 lines.append('|' + '---|' * len(p['columns']))
@@ -162,7 +221,19 @@ def read(path):
         return ''
 
 
-def environment(args, torch):
+def cuda_state(torch):
+    """'available', or why not: torch.cuda.is_available() says only False, and a driver too
+    old for the build looks like no GPU at all."""
+    if torch.cuda.is_available():
+        return 'available'
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 -- AssertionError for a CPU build, RuntimeError for a driver
+        return f'unavailable: {type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:300]}'
+    return 'unavailable'
+
+
+def environment(args, torch, missing):
     """What a platform refusal or a figure may depend on, recorded before anything runs."""
     def smi(query):
         try:
@@ -170,7 +241,7 @@ def environment(args, torch):
                                   capture_output=True, text=True, timeout=30
                                   ).stdout.strip().replace('\n', ', ') or '?'
         except (OSError, subprocess.SubprocessError):
-            return '?'
+            return '? (no nvidia-smi)'
     cuda = torch.cuda.is_available()
     release, cmdline = platform.release(), read('/proc/cmdline')
     sandbox = ('gVisor (uname -r 4.4.0)' if release.startswith('4.4.0') else
@@ -198,6 +269,9 @@ def environment(args, torch):
             f'({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)'
             for i in range(torch.cuda.device_count())] if cuda else []
     memory = re.search(r'MemTotal:\s+(\d+)', read('/proc/meminfo'))
+    mode = '- (cpu-smoke)' if args.cpu_smoke else smi('compute_mode')
+    if 'exclusive_process' in mode.lower():
+        mode += f': {EXCLUSIVE}; the parts that start one are skipped'
     return {
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         'command': 'python -m benchmarks.gpu ' + ' '.join(args.argv),
@@ -205,9 +279,10 @@ def environment(args, torch):
         'commit': commit or os.environ.get('GIT_COMMIT') or '?',
         'sandbox': f'{sandbox}; uname -r {release}',
         '/dev/shm': shm,
+        'CUDA': cuda_state(torch),
         'GPUs': ', '.join(gpus) or 'none',
-        'compute mode': smi('compute_mode') if cuda else '-',
-        'driver': smi('driver_version') if cuda else '-',
+        'compute mode': mode,
+        'driver': smi('driver_version'),  # also without CUDA: a driver too old for the build
         'torch / CUDA / cuDNN / NCCL': f'{torch.__version__} / {torch.version.cuda or "-"} / '
                                        f'{torch.backends.cudnn.version() if cuda else "-"} / {nccl}',
         'PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF':
@@ -218,6 +293,7 @@ def environment(args, torch):
         'CPU cores (usable)': f'{os.cpu_count()} ({len(os.sched_getaffinity(0))})',
         'memory': f'{int(memory.group(1)) / 2**20:.0f} GiB' if memory else '?',
         'python': platform.python_version(),
+        'missing modules': what_missing_costs(missing),
     }
 
 
@@ -229,14 +305,15 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
-def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT):
+def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT, env=None):
     """(output, exit code or 'timeout' or 'quiet') of cmd, run in its own process group, which is
     killed when it ends or is stopped: what a test started and left behind (workers, loaders,
     servers) would otherwise hold the GPU and its memory while the next part runs. on_line(line)
     sees each line as it comes; with quiet_s, cmd is also stopped ('quiet') when on_line has
-    returned nothing true for that long (a hung test)."""
+    returned nothing true for that long (a hung test). env: variables set for cmd."""
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                         start_new_session=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})))
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in p.stdout], daemon=True).start()
     out, t0 = [], time.monotonic()
@@ -274,6 +351,11 @@ def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT):
 REFUSED = 'refused by the platform: '
 
 
+def refusal(e):
+    """'refused by the platform: <error>' on one line (CUDA's errors run to several)."""
+    return REFUSED + f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0][:300]}'
+
+
 def share_child(info, out):
     """In a second process: open the parent's 1 MB (CUDA IPC handle, or a /dev/shm file on the
     CPU), check it holds 7s, write 8s for the parent to see."""
@@ -286,7 +368,7 @@ def share_child(info, out):
         else:
             t = torch.from_numpy(np.memmap(info['path'], np.uint8, 'r+', shape=(info['numel'],)))
     except Exception as e:  # noqa: BLE001 -- cudaIpcOpenMemHandle's refusal, say
-        out.put(REFUSED + f'{type(e).__name__}: {e}')
+        out.put(refusal(e))
         return
     ok = bool((t == 7).all())
     t.fill_(8)
@@ -307,7 +389,7 @@ def check_share(torch, device):
             try:
                 info = exchange.ipc_share(t)  # cudaIpcGetMemHandle
             except Exception as e:  # noqa: BLE001
-                return REFUSED + f'{type(e).__name__}: {e}'
+                return refusal(e)
             torch.cuda.synchronize()
         else:
             info = {'path': os.path.join(folder, 'buf'), 'numel': n}
@@ -336,15 +418,35 @@ def check_share(torch, device):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+FILL = ('import os, sys, numpy as np; '
+        'm = np.memmap(sys.argv[1], np.uint8, "r+", shape=(int(sys.argv[2]),)); '
+        'm[:] = int(sys.argv[3]); m.flush(); print(os.getpid())')
+
+
+def fill_slot(path, numel, value):
+    """Fill the slot file at path with `value` from a second process, as the loader process
+    writes the trainer's slots; returns that process's pid."""
+    r = subprocess.run([sys.executable, '-c', FILL, path, str(numel), str(value)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f'the process filling the slot exited {r.returncode}: '
+                           f'{(r.stderr.strip().splitlines() or ["?"])[-1][:200]}')
+    return int(r.stdout.split()[-1])
+
+
 def check_register(torch, device):
+    """In the loader's order: the slot is page-locked (cudaHostRegister) while still empty, a
+    second process fills it, and only then is it copied to the device: where the registration
+    pinned other pages than the ones the other process writes, the copy reads stale bytes."""
     import numpy as np
     from lib import loader
     folder = tempfile.mkdtemp(prefix='bench-gpu-register-', dir=SHM)
     try:
-        slots = loader.map_slots(folder, (np.uint8, (1 << 20,)), 1, create=True)
-        slots[0].fill_(5)
+        n = 1 << 20
+        slots = loader.map_slots(folder, (np.uint8, (n,)), 1, create=True)  # zeros
         feed = loader.SlotFeed(slots, device)  # cudaHostRegister of the mapping, as the loader's
         try:
+            fill_slot(os.path.join(folder, 'slot0'), n, 5)
             x = feed.to_device(0)
             right = bool((x == 5).all())
             feed.consumed(0)
@@ -352,7 +454,8 @@ def check_register(torch, device):
         finally:
             feed.close()
         if not right:
-            return 'WRONG: the device copy of the slot holds other bytes'
+            return ('WRONG: the device copy of the slot holds other bytes than the second '
+                    'process wrote')
         if device.type == 'cuda' and not feed.pinned:
             try:
                 cudart = torch.cuda.cudart()  # the binding takes its cudaError enum, not an int
@@ -366,6 +469,27 @@ def check_register(torch, device):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def check_pinned(torch, device, nbytes):
+    """The tcp exchange's host buffer (lib.exchange.host_buffer: pin_memory=True, cudaHostAlloc,
+    pageable where that is refused), filled and copied to the device."""
+    from lib import exchange
+    buf, refusal = exchange.host_buffer(nbytes, torch.uint8)
+    try:
+        buf.fill_(3)
+        right = bool((buf.to(device, non_blocking=buf.is_pinned()) == 3).all())
+    finally:
+        del buf
+        if device.type == 'cuda' and hasattr(torch._C, '_host_emptyCache'):
+            torch._C._host_emptyCache()  # not held for the rest of the run
+    size = f'{nbytes / 1e6:.0f} MB' if nbytes >= 1e6 else f'{nbytes} bytes'
+    if not right:
+        return f'WRONG: the device copy of the {size} host buffer holds other bytes'
+    if refusal:
+        return REFUSED + f'{refusal} (the tcp exchange falls back to pageable memory, which gave ' \
+                         'the right bytes)'
+    return 'ok' if device.type == 'cuda' else f'ok (pageable memory on the CPU, {size})'
+
+
 def check_matmul(torch, device):
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(1024, 1024, generator=gen) for _ in range(2))
@@ -374,38 +498,55 @@ def check_matmul(torch, device):
     return 'ok' if err < 1e-2 else f'WRONG: relative error {err:.1e} against float64 on the CPU'
 
 
-def preflight(torch, device, report):
-    """{check: result}: a few seconds that say what the platform allows before anything needs it."""
+def preflight(torch, device, report, pinned_bytes, skip=lambda check: None):
+    """{check: result}: a few seconds that say what the platform allows before anything needs it.
+    skip(check name): None, or why that check cannot run here ('skipped: ...')."""
     part = report.add('Preflight: what the platform allows', ['check', 'result', 'ms'], notes=[
         '"refused by the platform" is the platform saying no (the run goes on with the fallbacks: '
-        'the exchange over tcp, synchronous loader copies); "WRONG" is a wrong result.'])
+        'the exchange over tcp, synchronous loader copies, pageable exchange buffers); "WRONG" is '
+        'a wrong result; "failed" an error of the check itself.'])
     checks = [('matmul 1024 x 1024 fp32, against float64 on the CPU', check_matmul),
               ('1 MB shared with a second process (CUDA IPC; on the CPU a /dev/shm file)', check_share),
-              ('cudaHostRegister of a 1 MB /dev/shm mapping, copied to the device', check_register)]
+              ('cudaHostRegister of an empty 1 MB /dev/shm mapping, filled by a second process, '
+               'copied to the device', check_register),
+              (f'pin_memory=True host buffer of {pinned_bytes / 1e6:.0f} MB (the tcp exchange\'s, '
+               'cudaHostAlloc), copied to the device', check_pinned)]
     results = {}
     for name, check in checks:
         t0 = time.perf_counter()
-        try:
-            results[check.__name__] = result = check(torch, device)
-        except Exception as e:  # noqa: BLE001 -- the report says what failed; the rest goes on
-            results[check.__name__] = result = failure(e)
+        result = skip(check.__name__)
+        if result is None:
+            try:
+                result = (check(torch, device, pinned_bytes) if check is check_pinned
+                          else check(torch, device))
+            except Exception as e:  # noqa: BLE001 -- the report says what failed; the rest goes on
+                result = failure(e)
+        results[check.__name__] = result
         part['rows'].append({'check': name, 'result': result, 'ms': 1000 * (time.perf_counter() - t0)})
         report.write()
     return results
 
 
 # --- the CUDA tests --------------------------------------------------------------------------------
-RESULT = re.compile(r'^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b')
+# a result line of pytest -v: the test, its outcome, and a skip's reason (in full: COLUMNS below)
+RESULT = re.compile(r'^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b(?: \((.*)\))?')
+PLATFORM = 'REFUSED by the platform'  # a test skipped for the platform's refusal, not a defect
 
 
-def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cwd=ROOT):
+def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cwd=ROOT, checks=None):
     """The tests `select` picks, in one pytest process, each result written to the report as it
     ends. Each test is stopped after test_timeout s: by pytest-timeout where it is installed (the
     run goes on), else by stopping pytest (a quarter later) and starting it again on the tests
-    not yet run, as after a test that crashed pytest."""
+    not yet run, as after a test that crashed pytest. checks: the preflight's results, which the
+    tests read (BENCHMARKS_GPU_PREFLIGHT) to skip what the platform refused; a test skipped
+    "refused by the platform: ..." reads "REFUSED by the platform: ...", apart from failures.
+    With --cpu-smoke, pytest does not see the GPU (CUDA_VISIBLE_DEVICES empty)."""
     log = os.path.join(args.out_dir, 'cuda_tests.log')
     base = [sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider']
-    text, code = run_group(base + ['--collect-only', '-q'] + select, 120, cwd=cwd)
+    env = {'COLUMNS': '1000', 'BENCHMARKS_GPU_PREFLIGHT': json.dumps(checks or {})}
+    if args.cpu_smoke:
+        env['CUDA_VISIBLE_DEVICES'] = ''
+    text, code = run_group(base + ['--collect-only', '-q'] + select, 120, cwd=cwd, env=env)
     ids = [line for line in text.splitlines() if re.match(r'^\S+::\S+$', line)]
     part = report.add(title, ['test', 'result', 's'], notes=[])
     if not ids:
@@ -424,8 +565,11 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
         if not m or m.group(1) not in rows:
             return False
         row, now = rows[m.group(1)], time.monotonic()
+        result = m.group(2)
+        if result == 'SKIPPED' and (m.group(3) or '').startswith(REFUSED):
+            result = PLATFORM + ': ' + m.group(3)[len(REFUSED):]
         if row['result'] == 'not run':
-            row.update(result=m.group(2), s=now - last[0])
+            row.update(result=result, s=now - last[0])
         else:  # an error in teardown, after the test's own result
             row['result'] += f', then {m.group(2)}'
         last[0] = now
@@ -438,7 +582,7 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
             break
         last[0] = time.monotonic()
         text, code = run_group(base + ['-v', '-rs'] + extra + todo, max(10.0, budget.left()),
-                               on_line, quiet_s=1.25 * test_timeout, cwd=cwd)
+                               on_line, quiet_s=1.25 * test_timeout, cwd=cwd, env=env)
         with open(log, 'a') as f:
             f.write(text)
         todo = [i for i in todo if rows[i]['result'] == 'not run']
@@ -460,6 +604,10 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
     part['notes'] = [f'{", ".join(f"{n} {k}" for k, n in counts.items())} in '
                      f'{time.monotonic() - t0:.0f} s; each test stopped after {test_timeout:.0f} s '
                      f'({how}); full log in cuda_tests.log']
+    if PLATFORM in counts:
+        part['notes'].append(f'{PLATFORM}: the test needs what the platform refuses here (the '
+                             'preflight\'s row, or the test\'s own first call, says so); not a '
+                             'defect of the code, and not counted as a failure.')
     report.write()
     return part
 
@@ -607,7 +755,7 @@ def profile_table(torch, sizes, report, device, row, top=12):
     what = 'kernel' if cuda else 'CPU operator'
     part = report.add(f'Profile: AlexNet batch {row["batch"]} {row["precision"]} {row["layout"]} '
                       f'eager, the {what}s with the most {"device" if cuda else "self CPU"} time',
-                      [what, 'ms per step', '% of the step', 'calls per step'])
+                      [what, 'ms per step', f'% of summed {what} time', 'calls per step'])
     fmt_ = torch.channels_last if row['layout'] == 'channels_last' else torch.contiguous_format
     torch.backends.cudnn.benchmark = True
     net = model.build('alexnet', 1000, 0.5, 227, 1).to(device, memory_format=fmt_)
@@ -631,14 +779,26 @@ def profile_table(torch, sizes, report, device, row, top=12):
             step()
         if cuda:
             torch.cuda.synchronize()
-    events = device_events(prof.key_averages(), DeviceType.CUDA if cuda else DeviceType.CPU)
-    total = sum(t for _, t in events) or 1
-    part['rows'] = [{what: e.key[:100], 'ms per step': t / 1000 / n, '% of the step': 100 * t / total,
+    profile_rows(part, device_events(prof.key_averages(), DeviceType.CUDA if cuda else DeviceType.CPU),
+                 what, n, sizes['warmup'], top)
+    report.write()
+
+
+def profile_rows(part, events, what, n, warmup, top=12):
+    """The profile table's rows from device_events() over n steps: the `top` events by time,
+    each as a share of their summed time (a step's time holds gaps between kernels too); no
+    events at all (kernel tracing unavailable, say) is the part's error, not an empty table."""
+    if not events:
+        part['error'] = (f'the profiler recorded no {what} events over {n} steps (on a GPU: '
+                         'kernel tracing, CUPTI, unavailable here?)')
+        return
+    total = sum(t for _, t in events)
+    part['rows'] = [{what: e.key[:100], 'ms per step': t / 1000 / n, part['columns'][2]: 100 * t / total,
                      'calls per step': e.count / n}
                     for e, t in sorted(events, key=lambda et: et[1], reverse=True)[:top]]
-    part['notes'] = [f'torch.profiler over {n} steps after {sizes["warmup"]} warm-up; the top {top} '
-                     f'of {len(events)} {what}s ({total / 1000 / n:.1f} ms per step in all).']
-    report.write()
+    part['notes'] = [f'torch.profiler over {n} steps after {warmup} warm-up; the top {top} of '
+                     f'{len(events)} {what}s, {total / 1000 / n:.1f} ms per step in all ({what} '
+                     f'time summed: a step\'s time also holds the gaps between them).']
 
 
 # --- end to end from hkl files, the exchange -------------------------------------------------------
@@ -751,11 +911,20 @@ def exchange_table(sizes, budget, report, device, steps, transport):
 FULL = {'alexnet_batches': (256, 128), 'alexnet_cifar_batches': (256, 128), 'steps': 20,
         'warmup': 3, 'backend': 'inductor', 'compile_keep': lambda precision, layout: True,
         'e2e': dict(model='alexnet', crop=227, size=256, batch=256, files=48, epochs=2, classes=1000),
-        'exchange': dict(net='alexnet', repeats=10)}
+        'exchange': dict(net='alexnet', repeats=10), 'pinned_bytes': ALEXNET_FLAT_BYTES}
 SMOKE = {'alexnet_batches': (2,), 'alexnet_cifar_batches': (4,), 'steps': 1, 'warmup': 1,
          'backend': 'eager', 'compile_keep': lambda precision, layout: (precision, layout) == ('fp32', 'nchw'),
          'e2e': dict(model='alexnet_cifar', crop=32, size=36, batch=8, files=4, epochs=1, classes=10),
-         'exchange': dict(net='alexnet_cifar', repeats=2)}
+         'exchange': dict(net='alexnet_cifar', repeats=2), 'pinned_bytes': 1 << 20}
+TITLES = {'tests': 'CUDA tests (tests/test_cuda.py, marker cuda)',
+          'steps': 'AlexNet 227, synthetic input: step times (eager)',
+          'autotune': 'cuDNN autotuning (config cudnn_benchmark)',
+          'exchange': 'Exchange of [params | momentum] between two processes',
+          'e2e': 'End to end from hkl files (train.py)',
+          'profile': 'Profile of the best step',
+          'cifar': 'alexnet_cifar 32 px (CIFAR-size), synthetic input, for scale',
+          'compile test': 'CUDA test of compile (tests/test_cuda.py)',
+          'compile': 'Compiled: AlexNet 227, torch.compile'}
 
 
 def guarded(report, title, fn, *args):
@@ -791,7 +960,8 @@ def main(argv=None):
     p.add_argument('--work-dir', help='where the e2e batch files go (default: the temporary folder)')
     args = p.parse_args(argv)
     args.argv = argv
-    problem = import_problem()
+    missing = missing_modules()
+    problem = import_problem(missing)
     if problem:
         print(problem, file=sys.stderr)
         return 2
@@ -800,19 +970,31 @@ def main(argv=None):
     if version < MIN_TORCH:
         print(f'notice: torch {torch.__version__} is older than {MIN_TORCH[0]}.{MIN_TORCH[1]}, '
               'which the project is checked with', file=sys.stderr)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print('error: no CUDA device here (torch.cuda.is_available() is False); use --cpu-smoke '
-              'to check the command on the CPU', file=sys.stderr)
-        return 2
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, 'cuda_tests.log'), 'w'):
         pass
+    report = Report(args.out_dir, environment(args, torch, missing))
+    report.write()  # the environment, before anything that may fail or hang
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        report.add('No CUDA device', error=f'torch.cuda.is_available() is False ({report.env["CUDA"]})')
+        print(f'error: no CUDA device here (torch.cuda.is_available() is False; the environment '
+              f'is in {os.path.join(args.out_dir, "gpu_report.md")}); use --cpu-smoke to check the '
+              'command on the CPU', file=sys.stderr)
+        return 2
     budget = Budget(args.budget_s)
     device = torch.device('cpu' if args.cpu_smoke else 'cuda:0')
     sizes = SMOKE if args.cpu_smoke else FULL
-    report = Report(args.out_dir, environment(args, torch))
-    report.write()  # the environment, before anything that may fail or hang
+    exclusive = 'exclusive_process' in report.env['compute mode'].lower()
+    skip = lambda unit: skip_reason(unit, missing, exclusive)  # noqa: E731
     say = lambda text: print(f'[{args.budget_s - budget.left():5.0f} s] {text}', flush=True)  # noqa: E731
+
+    def skipped(unit, title=None):
+        """Whether `unit` cannot run here; if so, a part saying why."""
+        why = skip(unit)
+        if why:
+            report.add(title or TITLES[unit], skipped=why)
+            say(f'{unit}: {why}')
+        return bool(why)
     run = set(args.parts)
     big = sizes['alexnet_batches'][0]
     # without the step table (not among --parts, or no row ran), the later parts take this one
@@ -820,62 +1002,63 @@ def main(argv=None):
     steps, checks = None, {}
     if 'preflight' in run:
         say('preflight ...')
-        checks = guarded(report, 'Preflight', preflight, torch, device, report) or {}
+        checks = guarded(report, 'Preflight', preflight, torch, device, report,
+                         sizes['pinned_bytes'], skip) or {}
         say('; '.join(checks.values()))
-    if 'tests' in run:
+    if 'tests' in run and not skipped('tests'):
         say('CUDA tests ...')
-        title = 'CUDA tests (tests/test_cuda.py, marker cuda)'
+        title = TITLES['tests']
         part = guarded(report, title, run_tests, args, Budget(min(budget.left(), TESTS_S)), report,
-                       title, ['tests/test_cuda.py', '-m', 'cuda', '-k', 'not compile'])
+                       title, ['tests/test_cuda.py', '-m', 'cuda', '-k', 'not compile'],
+                       TEST_TIMEOUT, ROOT, checks)
         say(((part or {}).get('notes') or ['failed'])[0])
-    if 'steps' in run:
+    if 'steps' in run and not skipped('steps'):
         say('step table, alexnet (eager) ...')
         steps = step_table(torch, args, sizes, budget, report, device, 'alexnet', 227, 1000,
-                           'AlexNet 227, synthetic input: step times (eager)',
-                           configs(sizes['alexnet_batches'], False))
+                           TITLES['steps'], configs(sizes['alexnet_batches'], False))
         if best_row(steps, big):
             best = best_row(steps, big)
             say(f'best batch-{big} row: {best["precision"]} {best["layout"]}, {best["img/s"]:.0f} '
                 'img/s; cuDNN autotuning off, in a fresh process ...')
-            guarded(report, 'cuDNN autotuning', autotune_table, args, sizes, budget, report, device,
-                    best)
+            if not skipped('autotune'):
+                guarded(report, TITLES['autotune'], autotune_table, args, sizes, budget, report,
+                        device, best)
     note = ('the best row of the step table' if best['img/s'] else
             'no step table in this run: the configuration expected to be best')
-    if 'exchange' in run:
+    if 'exchange' in run and not skipped('exchange'):
         say('exchange ...')
         step_ms = [(b, r['step ms']) for b in sizes['alexnet_batches']
                    if steps and (r := best_row(steps, b))]
         refused = checks.get('check_share', '').startswith(REFUSED)
         transport = 'shm' if device.type == 'cpu' else 'tcp' if refused else 'ipc'
         if budget.left() > 45 * (not args.cpu_smoke):
-            guarded(report, 'Exchange', exchange_table, sizes, budget, report, device, step_ms,
-                    transport)
+            guarded(report, TITLES['exchange'], exchange_table, sizes, budget, report, device,
+                    step_ms, transport)
         else:
-            report.add('Exchange', error='skipped (time budget)')
-    if 'e2e' in run:
+            report.add(TITLES['exchange'], skipped='skipped (time budget)')
+    if 'e2e' in run and not skipped('e2e'):
         say('end to end from hkl files ...')
         same_model = sizes['e2e']['model'] == 'alexnet'  # --cpu-smoke: alexnet_cifar, no ratio
-        guarded(report, 'End to end', e2e_table, args, sizes, budget, report, device, best, note,
+        guarded(report, TITLES['e2e'], e2e_table, args, sizes, budget, report, device, best, note,
                 best['img/s'] if same_model else None)
-    if 'profile' in run:
+    if 'profile' in run and not skipped('profile'):
         say('profile ...')
-        guarded(report, 'Profile', profile_table, torch, sizes, report, device, best)
-    if 'cifar' in run:
+        guarded(report, TITLES['profile'], profile_table, torch, sizes, report, device, best)
+    if 'cifar' in run and not skipped('cifar'):
         say('step table, alexnet_cifar ...')
         step_table(torch, args, sizes, budget, report, device, 'alexnet_cifar', 32, 10,
-                   'alexnet_cifar 32 px (CIFAR-size), synthetic input, for scale',
-                   configs(sizes['alexnet_cifar_batches'], False))
+                   TITLES['cifar'], configs(sizes['alexnet_cifar_batches'], False))
     if 'compile' in run:  # last: a cold compile takes about a minute per row
         say('compile: its CUDA test, then the step table ...')
-        if budget.left() >= COMPILE_MIN_LEFT * (not args.cpu_smoke):
-            title = 'CUDA test of compile (tests/test_cuda.py)'
+        if budget.left() >= COMPILE_MIN_LEFT * (not args.cpu_smoke) and not skipped('compile test'):
+            title = TITLES['compile test']
             guarded(report, title, run_tests, args, budget, report, title,
-                    ['tests/test_cuda.py', '-m', 'cuda', '-k', 'compile'])
-        first = (best['precision'], best['layout'])  # the most likely to be used, first
-        runs = sorted(configs([big], True, sizes['compile_keep']), key=lambda r: r[1:3] != first)
-        step_table(torch, args, sizes, budget, report, device, 'alexnet', 227, 1000,
-                   f'Compiled: AlexNet 227, batch {big}, torch.compile', runs,
-                   eager=steps or {})
+                    ['tests/test_cuda.py', '-m', 'cuda', '-k', 'compile'], TEST_TIMEOUT, ROOT, checks)
+        if not skipped('compile'):
+            first = (best['precision'], best['layout'])  # the most likely to be used, first
+            runs = sorted(configs([big], True, sizes['compile_keep']), key=lambda r: r[1:3] != first)
+            step_table(torch, args, sizes, budget, report, device, 'alexnet', 227, 1000,
+                       f'Compiled: AlexNet 227, batch {big}, torch.compile', runs, eager=steps or {})
     say(f'done: {os.path.join(args.out_dir, "gpu_report.md")}')
     return 0
 

@@ -10,8 +10,9 @@ for its own b images only (as one worker does, and as every worker did before).
     .venv/bin/python -m benchmarks.shared_draws --batch 128 --workers 2 8 --device cuda:0
 
 Prints a markdown table: median ms of a training step (forward, backward, update; fp32 NCHW, the
-default alexnet with dropout 0.5) and of drawing an epoch's plan of 100 steps, rounds of baseline
-and shared steps interleaved, and the shared step's time over the baseline's.
+default alexnet with dropout 0.5; rounds of baseline and shared steps interleaved) and the shared
+step's time over the baseline's; then, measured alone, the two dropout layers' mask draws and the
+drawing of an epoch's plan of 100 steps.
 """
 import argparse
 import statistics
@@ -21,6 +22,22 @@ import torch
 
 from benchmarks.common import header, step_marks
 from lib import data, model, optim, trainer
+
+
+def masks_ms(net, x, repeat=20):
+    """Median ms of the dropout layers' mask draws alone: one forward of each Dropout layer on
+    its input (b x 4096), as share_dropout left it."""
+    layers = [m for m in net.modules() if isinstance(m, model.Dropout)]
+    times = []
+    with torch.no_grad():
+        for _ in range(repeat):
+            t = time.perf_counter()
+            for layer in layers:
+                layer(x)
+            if x.device.type == 'cuda':
+                torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
 
 
 def plan_ms(batch, rows, repeat=5):
@@ -64,14 +81,18 @@ def main():
         for n in settings:
             times[n] += step_ms(n)
     base = statistics.median(times[1])
-    base_plan = plan_ms(b, None)
-    print('| workers N | draws for | step ms | vs own draws | plan of 100 steps ms |')
-    print('|---|---|---|---|---|')
+    fc = torch.randn(b, 4096, device=device)
+    print('| workers N | draws for | step ms | vs own draws | fc6 + fc7 masks ms | plan of 100 steps ms |')
+    print('|---|---|---|---|---|---|')
     for n in settings:
         step = statistics.median(times[n])
         what = f'its own {b} images' if n == 1 else f'the step: {n} x {b} images'
-        plan = base_plan if n == 1 else plan_ms(n * b, ((n - 1) * b, n * b))
-        print(f'| {n} | {what} | {step:.1f} | {step / base:.3f}x | {plan:.2f} |', flush=True)
+        model.share_dropout(net, (n - 1) * b, n * b if n > 1 else None)
+        net.train()
+        masks = masks_ms(net, fc)
+        plan = plan_ms(n * b, None if n == 1 else ((n - 1) * b, n * b))
+        print(f'| {n} | {what} | {step:.1f} | {step / base:.3f}x | {masks:.2f} | {plan:.2f} |',
+              flush=True)
 
 
 if __name__ == '__main__':

@@ -66,7 +66,7 @@ CONFIG = {
     'rand_crop': Key(True, 'random crop (offsets in [0, 2·⌊(S−crop)/2⌋], 0..28 for 256→227) and mirror; '
                      '`False`: centre crop, no mirror, in training too'),
     'shuffle': Key(False, 'shuffle the order of the training batch files every epoch (one order for all '
-                   'workers, drawn from `seed`; crops stay per worker)'),
+                   'workers, drawn from `seed`)'),
     'para_load': Key(False, 'a separate loader process reads, crops and mirrors the next batch while '
                      'the trainer computes'),
     'loader_timeout': Key(60.0, '`para_load`: seconds to wait for one batch before stopping with an '
@@ -104,7 +104,8 @@ CONFIG = {
     'cudnn_benchmark': Key(True, 'on CUDA: cuDNN times its convolution algorithms once for the run\'s '
                            'fixed shapes and keeps the fastest (`torch.backends.cudnn.benchmark`); '
                            '`False`: its heuristics. No effect on the CPU'),
-    'seed': Key(23455, 'initial weights (identical in every worker), dropout, crop/mirror/shuffle draws'),
+    'seed': Key(23455, 'initial weights, dropout masks, crop/mirror/shuffle draws: drawn for the whole '
+                'step alike in every worker, each keeping its images\' rows (docs/distributed.md)'),
     'lib_conv': Key('', "the original's convolution library switch: accepted and ignored, with a notice"),
     # --- several workers (train_2gpu.py, torchrun) --------------------------------------------
     'exchange': Key('average', 'torchrun: `average` (parameters + momentum every `exchange_freq` '

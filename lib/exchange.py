@@ -114,7 +114,11 @@ def ipc_share(t):
 
 
 def ipc_open(info):
-    """The peer's flat tensor from its ipc_share() description (opened once)."""
+    """The peer's flat tensor from its ipc_share() description (opened once). Initialises CUDA
+    first: _new_shared_cuda goes straight to C++ and uses the caching allocator's per-device
+    state, which only torch.cuda._lazy_init() sets up (torch's own rebuild_cuda_tensor does the
+    same); in a fresh process that has not touched the GPU yet it would crash without it."""
+    torch.cuda._lazy_init()
     event = bytes.fromhex(info['event']) if info['event'] else None
     storage = torch.UntypedStorage._new_shared_cuda(
         info['device'], bytes.fromhex(info['handle']), info['size'], info['offset'],
@@ -122,6 +126,22 @@ def ipc_open(info):
     typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=getattr(torch, info['dtype']),
                                        _internal=True)
     return torch._utils._rebuild_tensor(typed, info['storage_offset'], (info['numel'],), (1,))
+
+
+def host_buffer(numel, dtype):
+    """(buffer, refusal): a host buffer of numel values for the tcp exchange, page-locked
+    (cudaHostAlloc) where CUDA is, so that its copies to and from the device are DMAs; where the
+    platform refuses to page-lock that much (e.g. a sandbox), pageable memory instead, with a
+    notice, and refusal holds the error. On the CPU, pageable memory and refusal None."""
+    if not torch.cuda.is_available():
+        return torch.empty(numel, dtype=dtype), None
+    try:
+        return torch.empty(numel, dtype=dtype, pin_memory=True), None
+    except RuntimeError as e:  # torch's CUDA error check has reset the runtime's last error
+        error = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f'notice: page-locking {numel * dtype.itemsize / 1e6:.0f} MB of host memory for the '
+              f'exchange was refused ({error}); it uses pageable memory', flush=True)
+        return torch.empty(numel, dtype=dtype), error
 
 
 def chunks(lo, hi, size=CHUNK):
@@ -196,8 +216,7 @@ class Pair(Periodic):
             if self.peer_flat.device != self.flat.device:  # two GPUs: a peer-to-peer copy first
                 self.scratch = torch.empty(self.own[1] - self.own[0], dtype=dtype, device=device)
         else:
-            self.host = (self.flat if device.type == 'cpu'
-                         else torch.empty(n, dtype=dtype, pin_memory=torch.cuda.is_available()))
+            self.host = self.flat if device.type == 'cpu' else host_buffer(n, dtype)[0]
             self.scratch = torch.empty(self.own[1] - self.own[0], dtype=dtype)
         self.exchange()  # start from bitwise identical weights, whatever happened before
         if own_file:     # both buffers are mapped now: nothing is left on /dev/shm if we are killed

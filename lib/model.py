@@ -94,27 +94,26 @@ class Dropout(nn.Module):
     (nn.Dropout scales by 1/(1-p) while training instead, which changes the effective step size
     of the layers after it under the original's learning rates.)
 
-    rows = (lo, step), set by share_dropout for one of several workers: the mask is drawn for
-    the whole step of `step` images, from a generator in the same state in every worker, and
-    this worker keeps rows lo.. of it, so each image gets the mask it gets in a one-worker run.
+    The mask is drawn for the whole step: rows = (lo, step), set by share_dropout for one of
+    several workers, draws it for all `step` images, from torch's generator of the device (in the
+    same state in every worker), and this worker keeps rows lo.. of it; so each image gets the
+    mask it gets in a one-worker run. The mask is uniform >= p, drawn in float32 whatever the
+    precision (the same masks in fp32 and fp64 runs), and applied exactly: x * mask.
     """
 
     def __init__(self, p):
         super().__init__()
         self.p = p
-        self.rows = None
+        self.rows = None  # (lo, step); None: the step is this worker's images
 
     def forward(self, x):
         if self.p == 0:
             return x
         if not self.training:
             return x * (1 - self.p)
-        if self.rows is None:  # mask/(1-p) * (1-p) == mask, with torch's fused dropout kernel
-            return F.dropout(x, self.p, training=True) * (1 - self.p)
-        # the draw F.dropout makes for the whole step's input (same kernel, same generator use)
-        lo, step = self.rows
-        keep = F.dropout(x.new_ones((step, *x.shape[1:])), self.p, training=True)[lo:lo + len(x)]
-        return x * keep * (1 - self.p)
+        lo, step = self.rows or (0, len(x))
+        keep = torch.rand((step, *x.shape[1:]), device=x.device)[lo:lo + len(x)] >= self.p
+        return x * keep
 
     def extra_repr(self):
         return f'p={self.p}, non-inverted'

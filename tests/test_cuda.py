@@ -9,7 +9,13 @@ cuDNN's autotuning is off (cudnn_benchmark=False: it may pick other algorithms i
 "N ways of training give the same weights" runs in float64 (cuDNN may pick other algorithms per
 batch size, its weight-gradient reductions are not deterministic, and in float32 one max-pool
 near-tie flip is a 2e-3 jump: see tests/test_train_2gpu.py's EXACT). Not cuDNN's deterministic
-mode: it may find no algorithm for a float64 grouped convolution, and float64 needs none."""
+mode: it may find no algorithm for a float64 grouped convolution, and float64 needs none.
+
+Where the platform refuses what a test needs (CUDA IPC, cudaHostRegister: some sandboxes do), the
+test skips with "refused by the platform: <error>" instead of failing: correct code must never
+read as a defect. The refusal is the one benchmarks.gpu's preflight found (handed over in
+BENCHMARKS_GPU_PREFLIGHT), else the one the same check, or the test's own first call, finds."""
+import functools
 import http.client
 import io
 import json
@@ -37,6 +43,28 @@ SCHEMA = {**config.CONFIG, **config.SPEC_1GPU}
 ENV = dict(os.environ, NVIDIA_TF32_OVERRIDE='0')
 
 
+REFUSED = 'refused by the platform: '  # as benchmarks.gpu's preflight words it
+
+
+@functools.cache
+def refusal(check, probe=True):
+    """The platform's refusal ('refused by the platform: ...') of benchmarks.gpu's preflight check
+    `check` ('check_share': CUDA IPC with a second process; 'check_register': cudaHostRegister of
+    a /dev/shm mapping), or None. From the preflight's results where the command ran it; else, with
+    probe, from running that check now (a few seconds)."""
+    found = json.loads(os.environ.get('BENCHMARKS_GPU_PREFLIGHT') or '{}').get(check) or ''
+    if probe and not found.startswith(('ok', 'WRONG', 'failed', REFUSED)):  # not run, or skipped
+        from benchmarks import gpu
+        found = getattr(gpu, check)(torch, torch.device('cuda:0'))
+    return found if found.startswith(REFUSED) else None
+
+
+def skip_if_refused(check, probe=True):
+    found = refusal(check, probe)
+    if found:
+        pytest.skip(' '.join(found.split()))  # one line: benchmarks.gpu reads pytest's -v line
+
+
 def script(name, values, cwd, timeout=100):
     r = subprocess.run([sys.executable, os.path.join(ROOT, name)] + args(values), cwd=cwd,
                        capture_output=True, text=True, timeout=timeout, env=ENV)
@@ -60,6 +88,7 @@ def no_tf32():
 
 
 def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
+    skip_if_refused('check_share')
     # seed 1: data without max-pool near-ties (see tests/test_torchrun.py)
     batch = 8
     full = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=batch, size=36, seed=1)
@@ -77,7 +106,26 @@ def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
     same_state(a, b, EXACT_TOLERANCE)
 
 
+def test_two_workers_over_cuda_ipc_train_alexnet_with_dropout_as_one_worker(tmp_path):
+    """The default network, its fc6 / fc7 dropout masks drawn on the GPU for the whole step by
+    each worker's CUDA generator (seeded alike), random crops and mirrors, shuffled: two workers
+    on rows of whole files = one worker (tests/test_exact.py is the CPU twin)."""
+    skip_if_refused('check_share')
+    keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=4, size=240)
+    common = dict(keys, model='alexnet', crop_size=227, dropout=0.5, rand_crop=True, shuffle=True,
+                  precision='fp64', n_epochs=1, print_freq=1, cudnn_benchmark=False)
+    script('train.py', dict(common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
+    script('train_2gpu.py', dict(common, batch_size=2, gpu0='cuda:0', gpu1='cuda:0',
+                                 exchange_transport='ipc', sock_gpu=free_port(), peer_timeout=60.0,
+                                 weights_dir=str(tmp_path / 'w2')), tmp_path)
+    a = torch.load(tmp_path / 'w1' / 'model_1.pt', weights_only=True)
+    b = torch.load(tmp_path / 'w2' / 'model_1.pt', weights_only=True)
+    assert b['config']['dropout'] == 0.5
+    same_state(a, b, EXACT_TOLERANCE)
+
+
 def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
+    skip_if_refused('check_register')
     keys = make_batches(str(tmp_path), n_train=6, n_val=2, batch=8, size=36)
     sources = [data.BatchFolder(data.batch_files(keys[f'{s}_folder']),
                                 os.path.join(keys['label_folder'], f'{s}_labels.npy'), 8)
@@ -107,9 +155,13 @@ def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
 
 
 def test_a_failed_registration_falls_back_to_plain_copies_and_leaves_no_error(capsys):
+    skip_if_refused('check_register', probe=False)  # the preflight's finding, if it ran
     slots = [torch.zeros(1 << 20, dtype=torch.uint8) for _ in range(2)]
     cudart = torch.cuda.cudart()
-    assert int(cudart.cudaHostRegister(slots[0].data_ptr(), slots[0].numel(), 0)) == 0
+    err = int(cudart.cudaHostRegister(slots[0].data_ptr(), slots[0].numel(), 0))
+    if err:  # this test's own first call: the platform refuses to page-lock memory
+        loader.clear_last_cuda_error()
+        pytest.skip(f'{REFUSED}cudaHostRegister gave cudaError {err}')
     try:  # slot 0 is registered already: SlotFeed's registration fails
         feed = loader.SlotFeed(slots, torch.device('cuda:0'))
         assert 'cudaHostRegister of the loader slots failed' in capsys.readouterr().out
@@ -148,23 +200,35 @@ def test_para_load_and_data_layer_on_cuda_train_as_in_process_loading(tmp_path):
     same_state(finals[False], finals[True], EXACT_TOLERANCE)
 
 
+# alexnet_cifar on make_batches' 3 learnable classes, 3 epochs of 100 steps of 32 images, cuDNN
+# autotuning off (it may pick other algorithms per run: as every comparing test here)
+STEPS300 = dict(model='alexnet_cifar', crop_size=32, n_epochs=3, print_freq=50, learning_rate=0.003,
+                shuffle=True, lr_step=[], cudnn_benchmark=False)
+
+
+def steps300_config(data_keys, precision, weights_dir, gpu='cuda:0'):
+    return config.merge(SCHEMA, [('test', dict(data_keys, **STEPS300, gpu=gpu, precision=precision,
+                                               weights_dir=weights_dir), None)])
+
+
 @pytest.fixture(scope='module')
 def steps300(tmp_path_factory):
-    """alexnet_cifar, 3 epochs of 100 steps of 32 images, fp32 on cuda:0: the reference."""
+    """STEPS300 on cuda:0; fp32, the reference, first."""
     root = tmp_path_factory.mktemp('steps300')
     keys = make_batches(str(root / 'data'), n_train=100, n_val=4, batch=32, size=36)
-    values = dict(keys, model='alexnet_cifar', crop_size=32, gpu='cuda:0', n_epochs=3,
-                  print_freq=50, learning_rate=0.003, shuffle=True, lr_step=[])
 
     def run(precision):
-        cfg = config.merge(SCHEMA, [('test', dict(values, precision=precision,
-                                                  weights_dir=str(root / precision)), None)])
-        return training.run(cfg), torch.load(root / precision / 'model_3.pt', weights_only=True)
+        history = training.run(steps300_config(keys, precision, str(root / precision)))
+        return history, torch.load(root / precision / 'model_3.pt', weights_only=True)
     return run, run('fp32')
 
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
 def test_bf16_and_fp16_train_300_steps_to_finite_losses_close_to_fp32(steps300, precision):
+    # calibrated on the CPU (steps300_config with gpu='cpu', torch 2.13, 2 cores): fp32, bf16
+    # and fp16 alike, train loss 0.164 in epoch 1 and 0.0000 in epochs 2 and 3, val loss 0.0000
+    # and val error 0 in every epoch: the task is learned in the first epoch, so each bound
+    # below holds with its whole margin, and only a precision that does not train fails it
     run, (ref, _) = steps300
     got, state = run(precision)
     losses = [h[k] for h in got for k in ('train_loss', 'val_loss')]

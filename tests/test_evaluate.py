@@ -37,6 +37,23 @@ def test_validate_reproduces_the_val_record_row(trained):
         assert top5 == history[epoch - 1]['val_top5_error']  # (top-5 itself: the hand computation)
 
 
+@pytest.mark.parametrize('loading', [dict(para_load=True), dict(para_load=True, use_data_layer=True)],
+                         ids=['para_load', 'para_load+use_data_layer'])
+def test_validate_reproduces_the_val_record_row_of_a_para_load_run(tmp_path, loading):
+    """A run that validated through its loader process (crops made by the loader, or on the
+    device by the data layer) gets its rows back bit for bit from validate_performance.py, which
+    loads in-process with its defaults: the same plan, pixels, network and precision (fp32, NCHW,
+    eager, one worker, CPU: what README and docs/training.md claim exact)."""
+    cfg = tiny_config(str(tmp_path), n_epochs=2, learning_rate=0.003, **loading)
+    training.run(cfg)
+    record = np.load(tmp_path / 'w' / 'val_record.npy')
+    plain = dict(cfg, para_load=False, use_data_layer=False)
+    for epoch in (1, 2):
+        top1, _, loss, _, _ = validate_performance.validate(
+            dict(plain, load_epoch=epoch, **config.defaults(config.EVALUATE)))
+        assert (top1, loss) == (record[epoch - 1, 0], record[epoch - 1, 1])  # bit for bit
+
+
 def test_validate_cli_prints_six_significant_digits_and_ten_crop(trained):
     root, cfg = trained
     args = [sys.executable, os.path.join(ROOT, 'validate_performance.py')] + [

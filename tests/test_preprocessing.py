@@ -193,7 +193,7 @@ def imagenet(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         # not ours: hickle 5.0.3 sets an array's dtype in place, deprecated from numpy 2.5 (the
-        # lent GPU machine's numpy; requirements.txt pins 2.4)
+        # numpy a CUDA machine may have; requirements.txt pins 2.4)
         warnings.filterwarnings('ignore', 'Setting the dtype', DeprecationWarning, r'hickle\.')
         run(paths)
     return root, train, val, bad

@@ -67,6 +67,26 @@ def run_2gpu(tmp_path, halves, timeout=300, **over):
                           text=True, timeout=timeout, cwd=tmp_path)
 
 
+def launcher_folder(proc):
+    """The launcher's private folder, from its first line (the link's socket is in it)."""
+    line = next(line for line in proc.stdout if ' link ' in line)
+    return os.path.dirname(line.split(' link ')[1].strip().removeprefix('ipc://'))
+
+
+def family(pid):
+    """The live children of pid and theirs: workers, loaders, the folder's keeper, the resource
+    tracker."""
+    out = children(pid)
+    return out + [c for p in out for c in children(p)]
+
+
+def removed_within(path, seconds):
+    deadline = time.monotonic() + seconds
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not os.path.exists(path)
+
+
 def started(proc):
     """The worker pids [worker 0, worker 1] once training runs in both."""
     pids = None
@@ -194,8 +214,9 @@ def test_a_killed_worker_stops_the_other_and_the_launcher(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
+        folder = launcher_folder(proc)
         victim = started(proc)[1]
-        workers = children(proc.pid)  # both workers (and multiprocessing's resource tracker)
+        workers = children(proc.pid)  # both workers, the folder's keeper, the resource tracker
         t0 = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         out, err = proc.communicate(timeout=60)
@@ -209,6 +230,7 @@ def test_a_killed_worker_stops_the_other_and_the_launcher(tmp_path):
     assert 'alexnet-worker1 exit code -9' in err
     for pid in workers:
         assert gone_within(pid, 5)
+    assert not os.path.exists(folder)
 
 
 def test_a_stalled_worker_is_named_within_peer_timeout(tmp_path):
@@ -431,9 +453,9 @@ def test_ctrl_c_stops_everything(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
     try:
+        folder = launcher_folder(proc)
         started(proc)
-        everyone = children(proc.pid)
-        everyone += [c for pid in everyone for c in children(pid)]  # the loader processes
+        everyone = family(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         out, err = proc.communicate(timeout=60)
     finally:
@@ -441,9 +463,75 @@ def test_ctrl_c_stops_everything(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert 'interrupted' in err
-    assert len(everyone) >= 4  # 2 workers + 2 loaders (+ the resource tracker)
+    assert len(everyone) >= 5  # 2 workers + 2 loaders + the folder's keeper (+ the resource tracker)
     for pid in everyone:
         assert gone_within(pid, 10), pid
+    assert not os.path.exists(folder)
+
+
+def test_sigterm_to_the_launcher_stops_everything(tmp_path):
+    """SIGTERM to the launcher alone (what a service manager or `kill PID` sends): the launcher
+    stops its workers (and so their loader processes) as Ctrl-C does, removes its folder and
+    exits 130."""
+    _, halves = dataset(tmp_path, n_train=400)
+    values = settings(tmp_path, halves, n_epochs=50, para_load=True)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        folder = launcher_folder(proc)
+        started(proc)
+        everyone = family(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert 'interrupted' in err
+    assert len(everyone) >= 5  # 2 workers + 2 loaders + the folder's keeper (+ the resource tracker)
+    for pid in everyone:
+        assert gone_within(pid, 10), pid
+    assert not os.path.exists(folder)
+
+
+def test_a_killed_launcher_leaves_no_process_and_no_folder(tmp_path):
+    """The launcher killed with SIGKILL (none of its code runs): the workers and their loader
+    processes stop by themselves, and the folder (the link's socket) is removed by its keeper,
+    but only once no worker holds it: worker 1 is stopped (SIGSTOP) before the kill, and the
+    folder outlives worker 0 until worker 1, continued, is gone too."""
+    _, halves = dataset(tmp_path, n_train=400)
+    values = settings(tmp_path, halves, n_epochs=50, para_load=True)
+    proc = subprocess.Popen([sys.executable, SCRIPT] + args(values), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    everyone, folder = [], None
+    try:
+        folder = launcher_folder(proc)
+        w0, w1 = started(proc)
+        everyone = family(proc.pid)
+        os.kill(w1, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert gone_within(w0, 20), 'worker 0 outlives its killed launcher'
+        time.sleep(1.0)  # time enough for a keeper that does not wait for worker 1 to remove it
+        assert os.path.isdir(folder), 'the folder was removed while worker 1 held it'
+        os.kill(w1, signal.SIGCONT)
+        assert gone_within(w1, 20), 'worker 1 outlives its killed launcher'
+        assert removed_within(folder, 15), f'{folder} left behind'
+        for pid in everyone:
+            assert gone_within(pid, 10), pid
+        err = proc.stderr.read()  # every writer (the workers) has ended
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in everyone:  # a failed check leaves nothing running (nor stopped) ...
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if folder:  # ... nor the folder
+            shutil.rmtree(folder, ignore_errors=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert err.count('worker: the launcher is gone; stopping') == 2, err
 
 
 @pytest.mark.parametrize('transport', ['tcp', 'shm'])
