@@ -107,13 +107,14 @@ def check_batch_split(B, world, launch):
     if launch is not None:
         from torch.distributed import run as torchrun
         lo, hi = torchrun.parse_min_max_nnodes(launch.nnodes)
+    if lo is not None and lo < hi:  # (a fixed --nnodes: this world size, whatever each node runs)
         sizes |= {k * local for k in range(lo, hi + 1)}
     bad = sorted(n for n in sizes if B % n)
     if not bad:
         return
     what = ('(under torchrun batch_size is the images of all ranks together, as many as a batch '
             'file holds: not per rank)')
-    if bad == [world] and lo == hi:
+    if len(sizes) == 1:
         raise config.ConfigError(f'batch_size {B} does not split over {world} torchrun ranks {what}')
     n = bad[0]
     allowed = ', '.join(map(str, sorted(sizes)))
