@@ -78,6 +78,9 @@ MUTANTS = [
            "if saved.get('learning_rate', cfg['learning_rate']) != cfg['learning_rate']:", 'if False:',
            ('tests/test_train.py::test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_'
             'nothing_to_train_writes_nothing',)),
+    Mutant('another n_epochs accepted under cosine', 'lib/training.py',
+           'if changed := [k for k in curve if saved[k] != cfg[k]]:', 'if changed := []:',
+           ('tests/test_evaluate.py::test_a_cosine_run_resumes_only_along_its_own_cosine',)),
     Mutant('top-5 computed as top-1', 'lib/trainer.py',
            '(top5 != y[:, None]).all(1)', '(top5[:, :1] != y[:, None]).all(1)',
            ('tests/test_evaluate.py::test_top1_top5_and_loss_against_a_hand_computation',)),
@@ -167,6 +170,14 @@ MUTANTS = [
            'except Exception as e:  # noqa: BLE001  (a truncated zip',
            'except OSError as e:  # noqa: BLE001  (a truncated zip',
            ('tests/test_train.py::test_a_damaged_snapshot_is_a_one_line_error_on_resume',)),
+    # --- serve.py
+    Mutant('serve.py starts a thread for every connection, uncapped', 'serve.py',
+           'full = self.n_open >= self.max_connections', 'full = False',
+           ('tests/test_serve.py::test_a_flood_of_idle_connections_is_held_to_the_cap',)),
+    Mutant('serve.py never closes the connections it refused', 'serve.py',
+           '            if done:\n                sock.close()',
+           '            if False:\n                sock.close()',
+           ('tests/test_serve.py::test_a_flood_of_idle_connections_is_held_to_the_cap',)),
     # --- config (lib/config.py)
     Mutant('a config range dropped', 'lib/config.py',
            "before it stops with an error',\n                        ABOVE_0),",
