@@ -625,17 +625,18 @@ def test_a_flood_of_idle_connections_is_held_to_the_cap(snapshot, tmp_path):
         assert threads <= before[0] + 8, (before, threads)
         status, r, answer = upload(port, IMAGES['png'])  # a full request, refused the same way
         assert status == 503 and r.getheader('Retry-After') == '1' and 'busy' in answer['error']
-    finally:
         for s in flood:
             s.close()
-    try:
         deadline = time.monotonic() + 30
         while _threads_and_fds(proc.pid) != before:  # the held threads end as their clients go
             assert time.monotonic() < deadline, (before, _threads_and_fds(proc.pid))
             time.sleep(0.1)
         assert_serving(port)
     finally:
-        assert stop_server(proc) == 0
+        for s in flood:
+            s.close()
+        stopped = stop_server(proc)
+    assert stopped == 0
 
 
 def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapshot, tmp_path, capsys):
