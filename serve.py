@@ -342,14 +342,28 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """Threads per connection (stalled clients hold only their own); what they hold at once is
-    bounded: max_inflight x max_bytes bytes of request bodies, max_inflight images decoded."""
+    """A thread per connection (stalled clients hold only their own), at most max_connections of
+    them: one more is answered 503 by the accepting thread itself, which holds it without a thread
+    for up to LINGER_S, reading what its client still sends, before closing it (closing with
+    unread data would reset the connection, and the client could lose the reply). What the
+    threads hold at once is bounded: max_inflight x max_bytes bytes of request bodies,
+    max_inflight images decoded."""
     daemon_threads = True
     request_queue_size = 128  # listen backlog (socketserver's 5 makes a burst of clients wait)
+    LINGER_S = 2
+    closing = ()  # (socket, when to close it): refused connections, in the serving thread
 
-    def bound(self, max_bytes, max_inflight):
+    def bound(self, max_bytes, max_inflight, max_connections=128):
         self.max_inflight, self.slots = max_inflight, threading.BoundedSemaphore(max_inflight)
         self.room, self.room_lock = [max_inflight * max_bytes] * 2, threading.Lock()  # left, all
+        self.max_connections, self.n_open, self.open_lock = max_connections, 0, threading.Lock()
+        self.closing = []
+        error = json.dumps({'error': f'busy: {max_connections} connections are open, try again '
+                                     'shortly'}).encode()
+        self.busy_reply = ('HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
+                           f'Content-Length: {len(error)}\r\nCache-Control: no-store\r\n'
+                           + ''.join(f'{k}: {v}\r\n' for k, v in BUSY)
+                           + 'Connection: close\r\n\r\n').encode() + error
 
     def reserve(self, n):
         """Takes n bytes of room for a body if that much is left (n < 0 gives them back)."""
@@ -358,6 +372,70 @@ class Server(ThreadingHTTPServer):
                 return False
             self.room[0] -= n
             return True
+
+    # --- the connection cap (process_request runs in serve_forever's thread)
+    def process_request(self, request, client_address):
+        with self.open_lock:
+            full = self.n_open >= self.max_connections
+            self.n_open += not full
+        if full:
+            return self._turn_away(request)
+        try:
+            return super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._closed()
+
+    def _closed(self):
+        with self.open_lock:
+            self.n_open -= 1
+
+    def _turn_away(self, sock):
+        """503 without a thread: the reply fits the socket's send buffer, so nothing blocks."""
+        sock.setblocking(False)
+        try:
+            sock.sendall(self.busy_reply)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # BlockingIOError (a full buffer), reset: nothing more to do for it
+            sock.close()
+            return
+        if len(self.closing) >= self.request_queue_size:  # the longest held goes first
+            self.closing.pop(0)[0].close()
+        self.closing.append((sock, time.monotonic() + self.LINGER_S))
+
+    def service_actions(self):
+        """After each accept and every poll (0.5 s): reads what the refused clients sent, and
+        closes those that hung up or were held LINGER_S."""
+        now, keep = time.monotonic(), []
+        for sock, until in self.closing:
+            try:
+                for _ in range(16):  # a client that keeps sending does not hold this thread
+                    if not sock.recv(65536):
+                        break  # it hung up
+                else:
+                    raise BlockingIOError
+                done = True
+            except BlockingIOError:
+                done = now > until
+            except OSError:
+                done = True
+            if done:
+                sock.close()
+            else:
+                keep.append((sock, until))
+        self.closing = keep
+
+    def server_close(self):
+        super().server_close()
+        for sock, _ in self.closing:
+            sock.close()
+        self.closing = []
 
 
 class Server6(Server):
@@ -375,13 +453,14 @@ def render_page(classifier):
     return page.replace('{{title}}', title).encode()
 
 
-def make_server(classifier, host, port, max_bytes, max_inflight=32, deadline=60.0):
+def make_server(classifier, host, port, max_bytes, max_inflight=32, deadline=60.0,
+                max_connections=128):
     """The bound server (raises OSError when the address is taken)."""
     handler = type('BoundHandler', (Handler,), {
         'classifier': classifier, 'max_bytes': max_bytes, 'deadline_s': deadline,
         'page': render_page(classifier)})
     server = (Server6 if ':' in host else Server)((host, port), handler)
-    server.bound(max_bytes, max_inflight)
+    server.bound(max_bytes, max_inflight, max_connections)
     return server
 
 
@@ -403,8 +482,11 @@ def main(argv=None):
                         'this x --max-bytes; more get 503 (default 32)')
     p.add_argument('--deadline', type=float, default=60.0,
                    help='seconds a client has to send a whole request (default 60)')
+    p.add_argument('--max-connections', type=int, default=128,
+                   help='connections open at once, each with its thread (an idle keep-alive one '
+                        'too, for up to --deadline); more get 503 at once (default 128)')
     args = p.parse_args(argv)
-    for flag in ('max_bytes', 'max_pixels', 'max_inflight', 'deadline'):
+    for flag in ('max_bytes', 'max_pixels', 'max_inflight', 'deadline', 'max_connections'):
         if getattr(args, flag) <= 0:
             p.error(f'--{flag.replace("_", "-")} must be positive')
     try:
@@ -415,7 +497,7 @@ def main(argv=None):
         return 2
     try:
         server = make_server(classifier, args.host, args.port, args.max_bytes, args.max_inflight,
-                             args.deadline)
+                             args.deadline, args.max_connections)
     except SetupError as e:  # the page
         print(f'error: {e}', file=sys.stderr)
         return 2

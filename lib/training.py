@@ -64,6 +64,19 @@ def check_snapshot(cfg, state, net, images_per_step):
             f"{saved['learning_rate']:g}, and a resume continues its lr ({float(state['lr']):g} "
             f"after epoch {int(state['epoch'])}); the schedule keys lr_policy, lr_step, "
             'lr_adapt_threshold, warmup_epochs and n_epochs may change')
+    # a cosine's length is n_epochs (after warmup_epochs): another one moves the lr at once
+    curve = ('lr_policy', 'n_epochs', 'warmup_epochs')
+    if 'cosine' in (saved.get('lr_policy'), cfg['lr_policy']) and all(k in saved for k in curve):
+        if changed := [k for k in curve if saved[k] != cfg[k]]:
+            epoch, lr = int(state['epoch']), float(state['lr'])
+            was, now = (lr * optim.lr_scale(epoch, c['n_epochs'], c['lr_policy'], c['warmup_epochs'])
+                        for c in (saved, cfg))
+            raise config.ConfigError(
+                f"{changed[0]} {cfg[changed[0]]}: {path} was trained under lr_policy "
+                f"{saved['lr_policy']}, n_epochs {saved['n_epochs']}, warmup_epochs "
+                f"{saved['warmup_epochs']}, which set a cosine's lr: after epoch {epoch} it is "
+                f"{was:g}, this run's {now:g} (a cosine cannot be extended or cut: train a fresh "
+                'run with the n_epochs wanted)')
     if saved.get('seed', cfg['seed']) != cfg['seed']:
         raise config.ConfigError(
             f"seed {cfg['seed']}: {path} was trained with seed {saved['seed']}, and a resume "

@@ -39,9 +39,12 @@ def batch_names(k, n):
 
 
 def save_hkl(path, array):
+    """A hickle 5 file that the original's hickle (1.x, 2.x) reads too: theirs reads an array
+    from the root datasets `data` (hickle 5's own) and `type` (['ndarray'], added here)."""
     def write(tmp):
         with h5py.File(tmp, 'w') as f:  # through h5py: hickle.dump(arr, filename) wants a .hkl name
             hickle.dump(array, f)
+            f.create_dataset('type', data=np.array([b'ndarray']))
     atomic_write(path, write)
 
 

@@ -67,6 +67,61 @@ def test_generate_data_runs_in_the_venv_it_sets_up(tmp_path):
     assert (repo / '.venv' / '.installed-requirements.txt').exists()
 
 
+LOGGING_PYTHON3 = '''#!/bin/sh
+# a system python3 whose `-m venv DIR` makes a venv python that logs its arguments; `pip show
+# torch` there succeeds once a `pip install` named torch
+if [ "$1 $2" = "-m venv" ]; then
+    mkdir -p "$3/bin"
+    cat > "$3/bin/python" <<'END'
+#!/bin/sh
+here=$(dirname "$0")
+echo "$*" >> "$here/log"
+case "$*" in
+    "-m pip show"*) test -f "$here/has-torch" ;;
+    *torch==*) touch "$here/has-torch" ;;
+esac
+END
+    chmod +x "$3/bin/python"
+    exit 0
+fi
+exit 1
+'''
+
+
+def test_torch_index_url_installs_the_pinned_torch_from_that_index_first(tmp_path):
+    """TORCH_INDEX_URL (e.g. PyTorch's CPU-only builds) takes the pinned torch from that index
+    before the requirements (whose pin it then satisfies), once; another index replaces the build
+    in the venv (pip would call it satisfied); unset, pip is asked for the requirements alone."""
+    repo = tmp_path / 'repo'
+    for name in ('tools/venv.sh', 'requirements.txt', 'requirements-test.txt'):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, repo / name)
+    (tmp_path / 'bin').mkdir()
+    (tmp_path / 'bin' / 'python3').write_text(LOGGING_PYTHON3)
+    (tmp_path / 'bin' / 'python3').chmod(0o755)
+    pin = next(line for line in (REPO / 'requirements.txt').read_text().splitlines()
+               if line.startswith('torch=='))
+    log, req, test_req = repo / '.venv' / 'bin' / 'log', repo / 'requirements.txt', repo / 'requirements-test.txt'
+    pip = '-m pip install --disable-pip-version-check -q'
+    cpu, cuda = 'https://download.pytorch.org/whl/cpu', 'https://download.pytorch.org/whl/cu128'
+    calls = []
+    for url, file, want in (
+            (cpu, req, ['-m pip show -q torch', f'{pip} {pin} --index-url {cpu}', f'{pip} -r {req}']),
+            (cpu, req, []),                                     # up to date: pip not run
+            (cpu, test_req, [f'{pip} -r {test_req}']),          # torch is there already
+            (None, req, []),
+            (cuda, req, ['-m pip show -q torch',
+                         f'{pip} --force-reinstall --no-deps {pin} --index-url {cuda}'])):
+        env = {k: v for k, v in os.environ.items() if k != 'TORCH_INDEX_URL'}
+        env.update(PATH=f'{tmp_path / "bin"}:/usr/bin:/bin', **({'TORCH_INDEX_URL': url} if url else {}))
+        proc = subprocess.run(['sh', str(repo / 'tools' / 'venv.sh'), file.name],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        done = log.read_text().splitlines() if log.exists() else []
+        assert done[len(calls):] == want, (url, file.name, done)
+        calls = done
+
+
 def test_every_shell_entry_point_uses_the_venv():
     """No shell script runs a bare python3 except tools/venv.sh, which makes .venv with it."""
     scripts = [p for d in ('', 'preprocessing', 'tools', 'benchmarks', 'recipes') for p in (REPO / d).glob('*.sh')

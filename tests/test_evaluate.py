@@ -135,6 +135,26 @@ def test_cosine_run_logs_the_scheduled_lr_and_label_smoothing_changes_the_loss(t
     assert smooth[0]['val_loss'] != plain[0]['val_loss']
 
 
+def test_a_cosine_run_resumes_only_along_its_own_cosine(tmp_path):
+    """The cosine's length is n_epochs (after warmup_epochs): a resume to another n_epochs, or
+    into or out of lr_policy cosine, would move the lr at once (at the end of a cosine, from 0
+    back up), so it is refused in one line; the same cosine resumes and gives the fresh run's lr."""
+    cfg = tiny_config(str(tmp_path), n_epochs=2, learning_rate=0.004, lr_policy='cosine',
+                      snapshot_freq=1)
+    fresh = training.run(cfg)
+    snap = os.path.join(cfg['weights_dir'], 'model_2.pt')
+    tail = (': {} was trained under lr_policy cosine, n_epochs 2, warmup_epochs 0, which set a '
+            "cosine's lr: after epoch 2 it is 0, this run's {} (a cosine cannot be extended or "
+            'cut: train a fresh run with the n_epochs wanted)')
+    for over, msg in ((dict(n_epochs=4), 'n_epochs 4' + tail.format('{}', 0.002)),
+                      (dict(n_epochs=3, lr_policy='step'), 'lr_policy step' + tail.format('{}', 0.004))):
+        with pytest.raises(config.ConfigError) as e:
+            training.run(dict(cfg, resume_train=True, load_epoch=2, **over))
+        assert str(e.value) == msg.format(snap)
+    again = training.run(dict(cfg, resume_train=True, load_epoch=1))  # the same cosine: accepted
+    assert [h['lr'] for h in again] == [h['lr'] for h in fresh] and fresh[1]['lr'] < fresh[0]['lr']
+
+
 def test_ten_crop_loss_is_finite_when_a_probability_underflows():
     """The ten views' probabilities are averaged in log space (log-sum-exp): a true class whose
     float32 softmax underflows to 0 in every view gives its true loss, not inf."""

@@ -19,6 +19,7 @@ import scipy.io
 import yaml
 from PIL import Image
 
+from lib.data import read_hkl
 from preprocessing import layouts, make_data, make_demo_data, mean, writer
 from preprocessing.images import load_rgb, to_rgb
 from preprocessing.paths import KEYS
@@ -167,6 +168,23 @@ def batches(folder, part=None):
     return [hickle.load(folder / n) for n in names]
 
 
+def original_hickle_load(path):
+    """A batch file as the original reads it: theano_alexnet (Python 2) calls hkl.load(name) -
+    img_mean with the hickle of its time, 1.x or 2.x. This is the path those versions' load takes
+    for such a file, step for step (hickle 2.1.0's hickle.load and hickle_legacy.load; 1.x's load is
+    the latter): a root with attributes CLASS and VERSION is hickle 2's own layout, read otherwise
+    (none of ours); else the object's kind is h5f['type'][0], and an 'ndarray' is h5f['data'][:].
+    A KeyError where a dataset is missing, as theirs. Python 2's str is bytes: compared as bytes.
+    Checked against the real hickle 1.1.0 and 2.1.0 under Python 2.7 and h5py 2.10 (docs/data.md)."""
+    with h5py.File(path, 'r') as h5f:
+        if 'CLASS' in h5f.attrs and 'VERSION' in h5f.attrs:
+            raise AssertionError(f'{path}: hickle 2 would read this as its own layout, not ours')
+        kind = h5f['type'][0]
+        if kind != b'ndarray':
+            raise AssertionError(f'{path}: hickle 1.x / 2.x would load a {kind!r}, not an ndarray')
+        return h5f['data'][:]
+
+
 def decode(batch, table):
     """Files whose colour each image of a (3, S, S, b) batch shows. The pixel is taken near the top
     right corner: there the EXIF test image shows EXIF_TOP only if it was turned upright."""
@@ -229,6 +247,31 @@ def test_writes_exactly_the_reference_files(imagenet):
     assert info['counts'] == {'train_images': 28, 'train_batches': 7, 'train_dropped': 0,
                               'val_images': 12, 'val_batches': 3, 'val_dropped': 1}
     assert info['bad_files'] == {'train': 3, 'val': 1}
+
+
+def test_the_originals_hickle_reads_our_batch_files(imagenet):
+    """Every batch file written (whole batches and halves) gives the original's reader (hickle
+    1.x / 2.x, original_hickle_load) the array it gives hickle 5 and lib.data.read_hkl."""
+    files = sorted((imagenet[0] / 'out').rglob('*.hkl'))
+    assert len(files) == 30
+    for f in files:
+        ours = read_hkl(str(f))
+        np.testing.assert_array_equal(original_hickle_load(f), ours)
+        np.testing.assert_array_equal(hickle.load(f), ours)
+
+
+def test_batch_files_the_originals_hickle_wrote_are_read(tmp_path):
+    """The other way: the layouts hickle 1.x and 2.1.0 write an ndarray in (as seen in files the
+    real ones wrote under Python 2.7) are read by lib.data.read_hkl, pixel for pixel."""
+    x = np.random.RandomState(0).randint(0, 256, (3, S, S, 4)).astype(np.uint8)
+    with h5py.File(tmp_path / 'v1.hkl', 'w') as f:  # hickle 1.x: the array and its kind
+        f.create_dataset('data', data=x)
+        f.create_dataset('type', data=np.array([b'ndarray']))
+    with h5py.File(tmp_path / 'v2.hkl', 'w') as f:  # hickle 2.1.0: versioned, one node per object
+        f.attrs.update({'CLASS': b'hickle', 'VERSION': 3, 'type': np.array([b'hickle'])})
+        f.create_dataset('data_0', data=x).attrs['type'] = np.array([b'ndarray'])
+    for name in ('v1.hkl', 'v2.hkl'):
+        np.testing.assert_array_equal(read_hkl(str(tmp_path / name)), x)
 
 
 def test_train_order_is_the_seed_1_shuffle(imagenet):

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -570,6 +571,72 @@ def test_fifty_stalled_clients_do_not_block_a_request(server):
     finally:
         for s in stalled:
             s.close()
+
+
+def _threads_and_fds(pid):
+    return len(os.listdir(f'/proc/{pid}/task')), len(os.listdir(f'/proc/{pid}/fd'))
+
+
+def _settled(pid):
+    """The threads and files of an idle process, once the same for a second (a connection just
+    closed may still hold its thread a moment)."""
+    last, deadline = _threads_and_fds(pid), time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        if (now := _threads_and_fds(pid)) == last:
+            return now
+        last = now
+    pytest.fail(f'threads and files of process {pid} still changing after 30 s: {last}')
+
+
+def _read_all(s):
+    """What the server sent before it closed (b'' if it sent nothing and closed)."""
+    reply = b''
+    while chunk := s.recv(65536):
+        reply += chunk
+    return reply
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
+def test_a_flood_of_idle_connections_is_held_to_the_cap(snapshot, tmp_path):
+    """serve.py --max-connections 8 under 40 idle connections: 8 hold a thread each (until they
+    hang up, or --deadline), the other 32 are answered at once 503 with Retry-After, without a
+    thread; so is an upload sent during the flood (its reply arrives whole). Once the flood hangs
+    up, uploads are served and the server holds as many threads and files as before it."""
+    proc, port, _, _ = start_server([snapshot['path'], '--port', '0', '--device', 'cpu',
+                                     '--max-connections', '8'], str(tmp_path))
+    flood = []
+    try:
+        assert_serving(port)
+        before = _settled(proc.pid)
+        flood = [socket.create_connection(('127.0.0.1', port), timeout=30) for _ in range(40)]
+        pending, refused, deadline = set(flood), [], time.monotonic() + 30
+        while len(refused) < 32 and time.monotonic() < deadline:  # the first 8 are held
+            for s in select.select(list(pending), [], [], 1)[0]:
+                pending.discard(s)
+                refused.append(_read_all(s))
+        assert not select.select(list(pending), [], [], 0.5)[0]  # the held ones hear nothing
+        assert len(refused) == 32, f'{len(refused)} of 40 connections refused with --max-connections 8'
+        for reply in refused:
+            head, _, body = reply.partition(b'\r\n\r\n')
+            assert head.startswith(b'HTTP/1.1 503 ') and b'\r\nRetry-After: 1\r\n' in head, reply
+            assert 'busy: 8 connections' in json.loads(body)['error'], reply
+        threads = _threads_and_fds(proc.pid)[0]
+        assert threads <= before[0] + 8, (before, threads)
+        status, r, answer = upload(port, IMAGES['png'])  # a full request, refused the same way
+        assert status == 503 and r.getheader('Retry-After') == '1' and 'busy' in answer['error']
+        for s in flood:
+            s.close()
+        deadline = time.monotonic() + 30
+        while _threads_and_fds(proc.pid) != before:  # the held threads end as their clients go
+            assert time.monotonic() < deadline, (before, _threads_and_fds(proc.pid))
+            time.sleep(0.1)
+        assert_serving(port)
+    finally:
+        for s in flood:
+            s.close()
+        stopped = stop_server(proc)
+    assert stopped == 0
 
 
 def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapshot, tmp_path, capsys):

@@ -221,9 +221,11 @@ def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
 
 
 def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
-    """Two 'nodes' with their own weights_dir (ranks started by hand, as torchrun's restart 1):
-    rank 0 holds snapshots 1 and 2, rank 1 only 1. Rank 0 decides (epoch 2); rank 1 cannot
-    resume from it, so both stop with one line instead of averaging different epochs."""
+    """Two 'nodes' with their own weights_dir (ranks started by hand, as torchrun's restart 1,
+    with no torchrun command line, so no rendezvous store, to read): rank 0 holds snapshots 1
+    and 2, rank 1 only 1. Rank 0's node was started again (its restart count is 0, rank 1's 1):
+    a restart of one rank is a restart for all, so rank 0 decides to resume (epoch 2); rank 1
+    cannot resume from it, so both stop with one line instead of averaging different epochs."""
     keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=8, size=36)
     base = dict(keys, **dict(COMMON, n_epochs=2), gpu='cpu', peer_timeout=30.0)
     training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
@@ -234,8 +236,8 @@ def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), TORCHELASTIC_RESTART_COUNT='1',
-                   OMP_NUM_THREADS='1')
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                   TORCHELASTIC_RESTART_COUNT=str(rank), OMP_NUM_THREADS='1')
         values = dict(base, n_epochs=3, weights_dir=str(tmp_path / f'w{rank}'))
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + args(values),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
