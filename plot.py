@@ -10,9 +10,11 @@ import argparse
 import sys
 
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
+from lib import UserError, command
 from lib.plot import write
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('weights_dir')
@@ -20,10 +22,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(write(args.weights_dir, args.out))
-    except (ValueError, OSError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    except (ValueError, OSError) as e:  # no records, a damaged one, a PNG that cannot be written
+        raise UserError(str(e)) from None
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ import html
 import io
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -32,7 +31,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
-from lib import UserError, model as models
+from lib import UserError, command, model as models
 from lib.checkpoint import load_net, read as read_snapshot
 from lib.data import crop_mirror, dataset_yaml, load_mean, make_plan
 from lib.trainer import resolve_device
@@ -49,7 +48,8 @@ MULTIPART_FAULT = {'PREAMBLE': 'no boundary found', 'PART': 'bad part headers',
 
 
 class SetupError(UserError):
-    """A missing or unusable input file (mean, classes); the message names it."""
+    """A missing or unusable input (the mean, the classes, the page, the address to listen on);
+    the message names it."""
 
 
 class BadRequest(Exception):
@@ -464,6 +464,7 @@ def make_server(classifier, host, port, max_bytes, max_inflight=32, deadline=60.
     return server
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('checkpoint', help='a snapshot written by train.py (model_<epoch>.pt)')
@@ -489,37 +490,23 @@ def main(argv=None):
     for flag in ('max_bytes', 'max_pixels', 'max_inflight', 'deadline', 'max_connections'):
         if getattr(args, flag) <= 0:
             p.error(f'--{flag.replace("_", "-")} must be positive')
-    try:
-        classifier = Classifier(args.checkpoint, args.mean, args.classes, args.device,
-                                args.max_pixels)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    classifier = Classifier(args.checkpoint, args.mean, args.classes, args.device, args.max_pixels)
     try:
         server = make_server(classifier, args.host, args.port, args.max_bytes, args.max_inflight,
                              args.deadline, args.max_connections)
-    except SetupError as e:  # the page
-        print(f'error: {e}', file=sys.stderr)
-        return 2
     except (OSError, OverflowError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f'error: cannot listen on {args.host} port {args.port}: {reason}', file=sys.stderr)
-        return 2
+        raise SetupError(f'cannot listen on {args.host} port {args.port}: {reason}') from None
     host, port = server.server_address[:2]
     shown = f'[{host}]' if ':' in host else host
     print(f'{classifier.name} ({classifier.num_classes} classes, {classifier.device}) from '
           f'{args.checkpoint}\nserving on http://{shown}:{port}/  (Ctrl-C stops)', flush=True)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (SIGTERM too): how a server is stopped, not a failure
         print('stopped', flush=True)
     finally:
         server.server_close()
-    return 0
 
 
 if __name__ == '__main__':

@@ -30,7 +30,7 @@ import lib.env  # noqa: F401  first: without the packages, one line instead of a
 import torch
 import torch.distributed as dist
 
-from lib import UserError, checkpoint, config, exchange
+from lib import UserError, checkpoint, command, config, exchange
 from lib.training import Worker, run, summary
 
 
@@ -217,9 +217,13 @@ def torchrun_worker(cfg):
                   port=cfg['sock_data'] + local, started=started)
 
 
+# Under torchrun a SIGTERM is its agent stopping the ranks of a round (a restart, a change of
+# nodes): the rank ends at once, as torchrun expects; without torchrun it stops as Ctrl-C does.
+RANK = os.environ.get('RANK')
+
+
+@command(who=f'rank {RANK}: ' if RANK is not None else '', sigterm=RANK is None)
 def main(argv=None):
-    rank = os.environ.get('RANK')
-    who = f'rank {rank}: ' if rank is not None else ''
     try:
         cfg = config.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
         worker = torchrun_worker(cfg) or Worker()
@@ -231,24 +235,18 @@ def main(argv=None):
         history = run(cfg, worker)
         if dist.is_initialized():  # no rank tears its connections down while a peer still
             dist.barrier()         # writes its snapshot (gloo aborted once at such a teardown)
-    except UserError as e:
-        print(f'{who}error: {e}', file=sys.stderr)
-        return 2
+    except UserError:
+        raise
     except RuntimeError as e:  # DistError, or gloo's plain RuntimeError: a peer rank died or stalled
         if not (isinstance(e, dist.DistError) or 'gloo' in str(e).lower()):
             raise  # a bug, not a peer: keep the traceback
-        print(f'{who}error: a peer rank died, stalled or failed (torch.distributed: '
-              f'{str(e).strip().splitlines()[0]})', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        return 130
+        raise UserError('a peer rank died, stalled or failed (torch.distributed: '
+                        f'{str(e).strip().splitlines()[0]})') from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if not quiet:
         print(summary(cfg, history))
-    return 0
 
 
 if __name__ == '__main__':

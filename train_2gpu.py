@@ -39,7 +39,7 @@ import time
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
-from lib import UserError, checkpoint, config, exchange, link, model, trainer, training
+from lib import SHM, UserError, checkpoint, command, config, exchange, link, model, trainer, training
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 
@@ -143,8 +143,14 @@ def watch_parent(parent):
 
 
 def worker_main(rank, cfg, transport, run_dir, parent=None):
-    """One worker: training.run on its half with the Pair exchanger. Returns the exit code.
+    """One worker: training.run on its half with the Pair exchanger. Returns the exit code
+    (`command`'s, its lines naming the worker; Ctrl-C: the launcher says it).
     The link: tcp to exchange_host (two hosts, CURVE), else a socket in run_dir (one host)."""
+    return command(work, who=f'worker {rank}: ', interrupted=None, sigterm=False)(
+        rank, cfg, transport, run_dir, parent)
+
+
+def work(rank, cfg, transport, run_dir, parent):
     if parent is not None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if not hold(run_dir):
@@ -163,18 +169,16 @@ def worker_main(rank, cfg, transport, run_dir, parent=None):
         history = training.run(cfg, worker)
         if rank == 0:
             print(training.summary(cfg, history), flush=True)
-    except UserError as e:
-        print(f'worker {rank}: error: {e}', file=sys.stderr, flush=True)
+    except UserError as e:  # the peer learns why this worker stops
         pair.close(reason=e)
-        return 2
+        raise
     except KeyboardInterrupt:
         pair.close(reason='interrupted')
-        return 130
+        raise
     except BaseException as e:
         pair.close(reason=f'{type(e).__name__}: {e}')
         raise
     pair.close()
-    return 0
 
 
 def _child(rank, cfg, transport, run_dir, parent):
@@ -197,7 +201,7 @@ def stop(procs, grace):
 def launch(cfg):
     """Start both workers on this host and wait for them; the exit code of the run."""
     transport = exchange.transport_for(cfg['exchange_transport'], devices(cfg))
-    keeper, run_dir = start_keeper('/dev/shm' if os.path.isdir('/dev/shm') else '')
+    keeper, run_dir = start_keeper(SHM)
     ctx = multiprocessing.get_context('spawn')
     procs = [ctx.Process(target=_child, name=f'alexnet-worker{r}',
                          args=(r, cfg, transport, run_dir, os.getpid())) for r in (0, 1)]
@@ -210,8 +214,7 @@ def launch(cfg):
         return wait(procs, cfg['peer_timeout'])
     except KeyboardInterrupt:
         stop(procs, 10.0)
-        print('interrupted', file=sys.stderr)
-        return 130
+        raise
     finally:
         stop(procs, 5.0)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -256,6 +259,7 @@ def make_keys(folder):
     print(f'wrote CURVE keys worker0/worker1 to {folder}')
 
 
+@command
 def main(argv=None):
     p = config.parser(__doc__, spec='spec_2gpu.yaml')
     p.add_argument('--worker', type=int, choices=(0, 1),
@@ -266,41 +270,29 @@ def main(argv=None):
         make_keys(args.make_keys)
         return 0
     rank = args.worker  # None: both workers, on this host
-    try:
-        cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
-        if cfg['lib_conv']:
-            print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
-        if rank is None:
-            if cfg['exchange_host']:
-                raise config.ConfigError('exchange_host is for two hosts: start each worker with '
-                                         '--worker 0 / --worker 1, with curve_dir (see '
-                                         'train_2gpu.py --help)')
-            devices(cfg)  # a bad device or setting is a one-line error before anything starts
-            check_start(cfg)
-            print('config:\n' + config.describe(cfg), flush=True)
-            return launch(cfg)
-        if not (cfg['exchange_host'] and cfg['curve_dir']):
-            raise config.ConfigError('--worker needs exchange_host and curve_dir (the link '
-                                     'between hosts is always authenticated and encrypted)')
-        link.curve_keys(cfg['curve_dir'], rank)  # unreadable keys: an error now
-        device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
-        transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
-                                           same_host=False)
-        if rank == 0:
-            print('config:\n' + config.describe(cfg), flush=True)
-        return worker_main(rank, cfg, transport, '')
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        return 130
-
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM stops the workers as Ctrl-C does
+    cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
+    if cfg['lib_conv']:
+        print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
+    if rank is None:
+        if cfg['exchange_host']:
+            raise config.ConfigError('exchange_host is for two hosts: start each worker with '
+                                     '--worker 0 / --worker 1, with curve_dir (see '
+                                     'train_2gpu.py --help)')
+        devices(cfg)  # a bad device or setting is a one-line error before anything starts
+        check_start(cfg)
+        print('config:\n' + config.describe(cfg), flush=True)
+        return launch(cfg)
+    if not (cfg['exchange_host'] and cfg['curve_dir']):
+        raise config.ConfigError('--worker needs exchange_host and curve_dir (the link '
+                                 'between hosts is always authenticated and encrypted)')
+    link.curve_keys(cfg['curve_dir'], rank)  # unreadable keys: an error now
+    device = trainer.resolve_device(cfg[f'gpu{rank}'], key=f'gpu{rank}')
+    transport = exchange.transport_for(cfg['exchange_transport'], [device, device],
+                                       same_host=False)
+    if rank == 0:
+        print('config:\n' + config.describe(cfg), flush=True)
+    return worker_main(rank, cfg, transport, '')
 
 
 if __name__ == '__main__':
-    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

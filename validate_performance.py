@@ -18,7 +18,7 @@ import sys
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
-from lib import UserError, checkpoint, config, data, model, trainer, training
+from lib import checkpoint, command, config, data, model, trainer, training
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 
 
@@ -41,19 +41,15 @@ def validate(cfg):
     return top1, top5, loss, len(val) * cfg['batch_size'], path
 
 
+@command
 def main(argv=None):
-    try:
-        cfg = config.command_line(__doc__, argv, SCHEMA)
-        top1, top5, loss, n, path = validate(cfg)
-    except UserError as e:
-        print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-        return 2
+    cfg = config.command_line(__doc__, argv, SCHEMA)
+    top1, top5, loss, n, path = validate(cfg)
     views = 'ten crops' if cfg['ten_crop'] else 'centre crop'
     print(f'{path}: {n} images, {views}')
     print(f'top-1 error {top1:.6f} ({100 * (1 - top1):.4f} % accuracy)')
     print(f'top-5 error {top5:.6f} ({100 * (1 - top5):.4f} % accuracy)')
     print(f'loss {loss:.6f}')
-    return 0
 
 
 if __name__ == '__main__':

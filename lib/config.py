@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import yaml
 
-from lib import UserError
+from lib import ROOT, UserError
 from lib.atomic import atomic_write
 
 REQUIRED = object()  # the default of a key that every file must set
@@ -275,11 +275,8 @@ def merge(schema, sources, error=ConfigError):
         raise error(f"{', '.join(w for w, _, _ in sources)}: missing config key(s) {', '.join(missing)}")
     for key, entry in schema.items():
         if entry.path and cfg[key] and not os.path.isabs(cfg[key]):
-            cfg[key] = os.path.normpath(os.path.join(REPO_ROOT, cfg[key]))
+            cfg[key] = os.path.normpath(os.path.join(ROOT, cfg[key]))
     return cfg
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def yaml_source(path, error=ConfigError):
@@ -420,8 +417,8 @@ def parser(doc, spec='spec_1gpu.yaml'):
     being the repo's config.yaml and `spec`; a script may add options of its own."""
     p = argparse.ArgumentParser(description=doc.split('\n')[0],
                                 epilog='key=value overrides any config key (values are YAML)')
-    p.add_argument('--config', default=os.path.join(REPO_ROOT, 'config.yaml'))
-    p.add_argument('--spec', default=os.path.join(REPO_ROOT, spec))
+    p.add_argument('--config', default=os.path.join(ROOT, 'config.yaml'))
+    p.add_argument('--spec', default=os.path.join(ROOT, spec))
     p.add_argument('overrides', nargs='*', metavar='key=value')
     return p
 

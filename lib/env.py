@@ -4,7 +4,7 @@ line saying which python to use, instead of a ModuleNotFoundError traceback."""
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lib import ROOT
 
 
 def explain_missing_packages():

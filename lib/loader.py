@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import zmq
 
-from lib import UserError, data
+from lib import SHM, UserError, data
 
 MAGIC, VERSION = b'ALXL', 1
 LOAD, STOP, READY, ERROR, HELLO = 1, 2, 3, 4, 5
@@ -262,16 +262,15 @@ class LoaderProcess:
         self.image_size = sources[0].image_size()
         mean = data.load_mean(mean_file, self.image_size)  # checked here: errors name the file
         self.mean = mean.to(self.device) if on_device else None
-        shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
         spec = slot_spec(sources[0].batch_size, self.image_size, crop_size, on_device)
         need = N_SLOTS * np.dtype(spec[0]).itemsize * int(np.prod(spec[1]))
-        free = shm_free(shm or tempfile.gettempdir())
+        folder = SHM or tempfile.gettempdir()
+        free = shm_free(folder)
         if free < need:  # else the loader dies of SIGBUS (exit code -7) when a slot fills up
             raise LoaderError(f'para_load needs {need / 2**20:.1f} MiB of shared memory for its '
-                              f'{N_SLOTS} slots, {shm or tempfile.gettempdir()} has '
-                              f'{free / 2**20:.1f} MiB free (enlarge it, e.g. docker --shm-size, '
-                              f'or set para_load=False)')
-        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=shm)  # mode 0700
+                              f'{N_SLOTS} slots, {folder} has {free / 2**20:.1f} MiB free '
+                              f'(enlarge it, e.g. docker --shm-size, or set para_load=False)')
+        self.dir = tempfile.mkdtemp(prefix='alexnet-loader-', dir=folder)  # mode 0700
         self.slots = map_slots(self.dir, spec, N_SLOTS, create=True)
         self.feed = SlotFeed(self.slots, self.device) if on_device else None
         self.ctx = zmq.Context()

@@ -25,7 +25,6 @@ the list of valid ones; 2) write batches of valid files. An interrupted run resu
 """
 import argparse
 import os
-import signal
 import sys
 import time
 from functools import partial
@@ -34,6 +33,7 @@ import lib.env  # noqa: F401  first: without the packages, one line instead of a
 import numpy as np
 import yaml
 
+from lib import command
 from lib.atomic import save_npy
 from preprocessing import PrepError
 from preprocessing.layouts import list_dataset
@@ -291,10 +291,7 @@ def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
+@command(interrupted='interrupted: run the same command again to resume')
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m preprocessing.make_data',
                                      description=__doc__.split('\n\n')[0])
@@ -302,16 +299,7 @@ def main(argv=None):
     parser.add_argument('--toy', action='store_true', help=f'only the first {TOY_BATCHES} batches')
     parser.add_argument('--workers', type=int, default=None, help='processes (default: paths file)')
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)  # `kill`: stop as cleanly as Ctrl-C
-    try:
-        make_data(args.paths, toy=args.toy, workers=args.workers)
-    except PrepError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('interrupted: run the same command again to resume', file=sys.stderr)
-        return 130
-    return 0
+    make_data(args.paths, toy=args.toy, workers=args.workers)
 
 
 if __name__ == '__main__':

@@ -9,11 +9,15 @@ OUT_DIR/train/<digit>/NNNN.png and OUT_DIR/val/<digit>/NNNN.png, NNNN = index in
 """
 import argparse
 import os
+import sys
 
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
+
+from lib import command
+from preprocessing import PrepError
 
 VAL_EVERY = 6
 
@@ -36,14 +40,18 @@ def make_demo_data(out_dir):
     return written
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m preprocessing.make_demo_data',
                                      description='write the digits demo dataset as PNG class folders')
     parser.add_argument('out_dir', help='e.g. data/demo/raw (what preprocessing/demo_paths.yaml reads)')
     args = parser.parse_args(argv)
-    written = make_demo_data(args.out_dir)
+    try:
+        written = make_demo_data(args.out_dir)
+    except OSError as e:  # a folder that cannot be made or written
+        raise PrepError(f'cannot write the demo data to {args.out_dir}: {e}') from None
     print(f'{args.out_dir}: wrote {written} images' if written else f'{args.out_dir}: already complete')
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

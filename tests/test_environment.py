@@ -1,15 +1,19 @@
 """Every entry point runs in the project's environment (.venv): the shell scripts set it up with
 tools/venv.sh, and a python entry point run by a python without the packages says which python to use
 in one line instead of a ModuleNotFoundError traceback; a missing module of the project keeps
-its traceback."""
+its traceback. Every entry point ends alike (lib.command): a bad value is one line and exit code 2,
+SIGTERM stops it as Ctrl-C does (exit code 130)."""
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import make_batches
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON3 = '''#!/bin/sh
@@ -36,6 +40,59 @@ def test_a_python_without_the_packages_is_told_which_python_to_use(args):
     assert proc.returncode == 1 and len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
     assert lines[0].startswith(f'error: {sys.executable} has no module ') and 'requirements.txt' in lines[0]
     assert str(REPO / '.venv' / 'bin' / 'python') in lines[0] and 'sh tools/venv.sh' in lines[0]
+
+
+@pytest.mark.parametrize('args, says', [
+    (['train.py', 'n_ephocs=3'], "unknown config key 'n_ephocs' in command-line overrides"),
+    (['train_2gpu.py', 'exchange_freq=0'], "'exchange_freq' in command-line overrides must be at least 1"),
+    (['validate_performance.py', 'checkpoint={tmp}/none.pt'], 'no snapshot {tmp}/none.pt'),
+    (['serve.py', '{tmp}/none.pt'], 'no snapshot {tmp}/none.pt'),
+    (['plot.py', '{tmp}'], 'neither history.csv nor val_record.npy in {tmp}'),
+    (['-m', 'preprocessing.make_data', '{tmp}/none.yaml'], 'cannot read config file {tmp}/none.yaml'),
+    (['-m', 'preprocessing.make_demo_data', '{tmp}/file/raw'], 'cannot write the demo data to {tmp}/file/raw'),
+    (['pretrained/convert.py', 'export', '{tmp}/none.pt', '{tmp}/out', '1'], 'no snapshot {tmp}/none.pt')])
+def test_every_entry_point_says_a_bad_value_in_one_line_and_exits_2(tmp_path, args, says):
+    (tmp_path / 'file').write_text('')
+    proc = subprocess.run([sys.executable, *(a.format(tmp=tmp_path) for a in args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr
+    assert proc.stderr.startswith('error: ') and says.format(tmp=tmp_path) in proc.stderr, proc.stderr
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_names_its_process(capsys):
+    from lib import UserError, command
+
+    def fail(error):
+        raise error
+    with pytest.raises(ZeroDivisionError):  # a bug: not caught
+        command(fail)(ZeroDivisionError('x'))
+    assert command(fail, who='worker 1: ')(UserError('bad\n value')) == 2
+    assert capsys.readouterr().err == 'worker 1: error: bad value\n'  # one line, its process named
+    assert command(fail, interrupted=None)(KeyboardInterrupt()) == 130 and not capsys.readouterr().err
+    assert command(lambda: None)() == 0 and command(lambda: 3)() == 3
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
+    """`kill PID` (SIGTERM) to train.py in the middle of an epoch: `interrupted`, exit code 130, no
+    traceback. (train_2gpu.py's launcher: test_train_2gpu.py; under torchrun its agent's SIGTERM
+    ends a rank at once.)"""
+    keys = make_batches(str(tmp_path / 'data'), n_train=300, n_val=2, batch=8, size=36)
+    values = dict(keys, model='alexnet_cifar', crop_size=32, gpu='cpu', n_epochs=50, print_freq=1,
+                  weights_dir=str(tmp_path / 'w'))
+    proc = subprocess.Popen([sys.executable, 'train.py'] + [f'{k}={v}' for k, v in values.items()],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith('epoch 1 iter'):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1:] == ['interrupted'], err
+    assert 'Traceback' not in err
 
 
 def test_a_missing_module_of_the_project_keeps_its_traceback(tmp_path):

@@ -30,6 +30,13 @@ class Mutant:
 
 T2 = 'tests/test_train_2gpu.py::'
 MUTANTS = [
+    # --- how every command ends (lib.command)
+    Mutant('a bad value ends in a traceback, not one line and exit code 2', 'lib/__init__.py',
+           """print(f'{who}error: {" ".join(str(e).split())}', file=sys.stderr, flush=True)""", 'raise',
+           ('tests/test_environment.py::test_every_entry_point_says_a_bad_value_in_one_line_and_exits_2',)),
+    Mutant('a bug taken for a bad value (its traceback lost)', 'lib/__init__.py',
+           'except UserError as e:', 'except Exception as e:',
+           ('tests/test_environment.py::test_a_bug_keeps_its_traceback_and_a_user_error_names_its_process',)),
     # --- the two-worker link (lib/link.py) and exchange (lib/exchange.py)
     Mutant('CURVE switched off between hosts', 'lib/link.py',
            '        if curve_dir:\n            self._curve(curve_dir)',
@@ -52,9 +59,10 @@ MUTANTS = [
     Mutant('workers outlive a killed launcher', 'train_2gpu.py',
            'while os.getppid() == parent:', 'while True:',
            (T2 + 'test_a_killed_launcher_leaves_no_process_and_no_folder',)),
-    Mutant('SIGTERM kills the launcher alone (workers and folder left to themselves)', 'train_2gpu.py',
-           'signal.signal(signal.SIGTERM, _terminate)', 'pass',
-           (T2 + 'test_sigterm_to_the_launcher_stops_everything',)),
+    Mutant('SIGTERM kills the launcher alone (workers and folder left to themselves)', 'lib/__init__.py',
+           'before = signal.signal(signal.SIGTERM, _interrupt) if own else None', 'before = None',
+           (T2 + 'test_sigterm_to_the_launcher_stops_everything',
+            'tests/test_environment.py::test_sigterm_stops_a_command_as_ctrl_c_does')),
     Mutant('worker 0 reads messages of clients other than worker 1', 'lib/link.py',
            'if ident != self.peer_id:', 'if False:',
            (T2 + 'test_hostile_clients_are_rejected_and_training_goes_on',)),
