@@ -24,7 +24,8 @@ Both maps are exact (no arithmetic), so export and import are each other's inver
 Dropout is non-inverted in both (test time multiplies by 0.5), so no weight is rescaled.
 
 It writes the state_dict keys of lib.model.AlexNet by name (numpy and torch, plus lib.atomic's
-writes, so that a file is complete or absent).
+writes, so that a file is complete or absent); it reads our snapshots as every command does
+(lib.checkpoint.read).
 tests/test_pretrained.py checks the keys against lib.model.AlexNet and the whole mapping against an
 independent numpy forward pass written the way the original computes.
 """
@@ -37,7 +38,7 @@ import lib.env  # noqa: E402,F401  first: without the packages, one line instead
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lib import UserError  # noqa: E402
+from lib import UserError, checkpoint, command  # noqa: E402
 from lib.atomic import atomic_write, save_npy  # noqa: E402
 
 # (original layer index, our module, groups, whole-layer shape in the original's layout:
@@ -154,20 +155,6 @@ def import_original(src_dir, epoch):
 
 
 # --- our checkpoint -> original files -----------------------------------------------------------
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ConvertError(f'missing checkpoint {path}')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises many kinds for a corrupt or foreign file
-        raise ConvertError(f'{path}: not a readable checkpoint ({type(e).__name__})') from None
-    if isinstance(state, dict) and 'model' not in state and 'features.0.weight' in state:
-        state = {'model': state}  # a bare state_dict
-    if not isinstance(state, dict) or not isinstance(state.get('model'), dict):
-        raise ConvertError(f'{path}: no state_dict under key "model"')
-    return state
-
-
 def original_arrays(tensors, path, what):
     """{file stem: array} in the original's layout from a dict of our tensors, checking shapes."""
     w8 = tensors.get('classifier.6.weight')
@@ -191,7 +178,7 @@ def original_arrays(tensors, path, what):
 
 def export_original(ckpt_path, dst_dir, epoch):
     """Write the checkpoint as the original's snapshot `epoch` in dst_dir; return the file names."""
-    state = load_checkpoint(ckpt_path)
+    state = checkpoint.read(ckpt_path)
     files = [(f'{stem}_{epoch}.npy', arr)
              for stem, arr in original_arrays(state['model'], ckpt_path, 'model')]
     if isinstance(state.get('momentum'), dict):
@@ -212,6 +199,7 @@ def save_checkpoint(state, path):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(prog='.venv/bin/python pretrained/convert.py',
                                 description=__doc__.split('\n')[0])
@@ -225,20 +213,15 @@ def main(argv=None):
     exp.add_argument('dst_dir')
     exp.add_argument('epoch', type=int)
     args = p.parse_args(argv)
-    try:
-        if args.cmd == 'import':
-            state = import_original(args.src_dir, args.epoch)
-            save_checkpoint(state, args.out)
-            extras = [k for k in ('momentum', 'lr', 'val_record') if k in state]
-            print(f'wrote {args.out}: AlexNet, {state["config"]["num_classes"]} classes, '
-                  f'epoch {args.epoch}' + (f', with {", ".join(extras)}' if extras else ''))
-        else:
-            names = export_original(args.checkpoint, args.dst_dir, args.epoch)
-            print(f'wrote {len(names)} files to {args.dst_dir}')
-    except ConvertError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    if args.cmd == 'import':
+        state = import_original(args.src_dir, args.epoch)
+        save_checkpoint(state, args.out)
+        extras = [k for k in ('momentum', 'lr', 'val_record') if k in state]
+        print(f'wrote {args.out}: AlexNet, {state["config"]["num_classes"]} classes, '
+              f'epoch {args.epoch}' + (f', with {", ".join(extras)}' if extras else ''))
+    else:
+        names = export_original(args.checkpoint, args.dst_dir, args.epoch)
+        print(f'wrote {len(names)} files to {args.dst_dir}')
 
 
 if __name__ == '__main__':
