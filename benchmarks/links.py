@@ -1,7 +1,7 @@
 """How long does the weight exchange between two hosts take on links of real speed?
 Latest answer: docs/benchmarks.md#the-exchange-on-links-of-real-speed
 
-Two hosts made of network namespaces (tests/cluster.py; needs root), the link between them
+Two hosts made of network namespaces (benchmarks/cluster.py; needs root), the link between them
 limited with tc tbf.
 
     .venv/bin/python -m benchmarks.links                         # 1, 5, 10 gbit and no limit
@@ -30,8 +30,8 @@ import torch
 
 from benchmarks.common import header
 from benchmarks.exchange import exchange_worker
-from lib import exchange, model
-from tests.cluster import Cluster, _bits
+from lib import ROOT, exchange, model
+from benchmarks.cluster import Cluster, rate_bits
 
 PORT = 5002
 
@@ -71,7 +71,7 @@ def run_pair(hosts, way, repeats, keys):
                '--host', hosts[0].addr, '--repeats', str(repeats),
                '--curve-dir', keys if way == 'curve' else '']
         procs.append(host.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                cwd=ROOT,
                                 env=dict(os.environ, GLOO_SOCKET_IFNAME='eth0', OMP_NUM_THREADS='1')))
     outs = [p.communicate(timeout=1800) for p in procs]
     if any(p.returncode for p in procs):
@@ -125,7 +125,7 @@ def main(argv=None):
     plain = {rate: s for rate, way, s, _ in rows if way == 'tcp'}
     for rate, way, s, nbytes in rows:
         mb_s = nbytes / s / 1e6
-        of_link = f'{mb_s * 8e6 / _bits(rate):.2f}' if rate != 'none' else '-'
+        of_link = f'{mb_s * 8e6 / rate_bits(rate):.2f}' if rate != 'none' else '-'
         print(f'| {rate} | {names[way]} | {s:.2f} | {mb_s:.0f} | {of_link} | {s / plain[rate]:.2f} |')
 
 
