@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the repository root, a free port, a CUDA/CPU clock, synthetic
-batch files, running train.py and reading its log, and the machine header of a table.
+"""What the benchmark scripts share: a free port, a CUDA/CPU clock, the marks of training steps,
+synthetic batch files, running train.py and reading its log, and the machine header of a table.
 
 Standard library only at import: benchmarks/gpu.py imports this module before it has checked that
 torch and the other requirements import (torch is passed in, or imported where it is used).
@@ -11,7 +11,7 @@ import socket
 import subprocess
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lib import ROOT
 
 
 def free_port():
@@ -41,27 +41,18 @@ class Clock:
             self.torch.cuda.synchronize()
 
 
-def step_marks(torch, forward, opt, x, y, dtype, steps, warmup, device):
-    """(clock, marks, last loss) of `steps` back-to-back training steps after `warmup`, as the
-    train loop runs them: autocast forward in dtype (None or float32: off), cross-entropy,
-    backward, the optimiser's step. Marks: (start, forward done, backward done, update done)."""
-    import torch.nn.functional as F
+def step_marks(torch, step, x, y, steps, warmup, device):
+    """(clock, marks, last loss) of `steps` back-to-back training steps after `warmup`: the
+    trainer's own step (lib.step.Step: forward in its precision, cross-entropy, backward, the
+    optimiser's update). Marks: (start, forward done, backward done, update done)."""
     clock, marks = Clock(torch, device), []
     for i in range(warmup + steps):
         if i == warmup:
             clock.sync()
-        m0 = clock.mark()
-        with torch.autocast(device.type, dtype=dtype or torch.float32,
-                            enabled=dtype not in (None, torch.float32)):
-            loss = F.cross_entropy(forward(x).float(), y)
-        m1 = clock.mark()
-        opt.zero_grad()
-        loss.backward()
-        m2 = clock.mark()
-        opt.step()
-        m3 = clock.mark()
+        m = [clock.mark()]
+        _, loss = step(x, y, mark=lambda m=m: m.append(clock.mark()))
         if i >= warmup:
-            marks.append((m0, m1, m2, m3))
+            marks.append(tuple(m))
     clock.sync()
     return clock, marks, loss
 

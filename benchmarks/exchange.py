@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks.common import Clock, epoch_img_s, header, train_log
-from lib import exchange, model
+from lib import SHM, exchange, model
 
 
 def sync(device):
@@ -68,7 +68,7 @@ def exchange_worker(rank, transport, device, endpoint, shm_dir, repeats, out, ne
 def time_exchange(transport, device, repeats, net='alexnet', timeout=600.0):
     """(ms per exchange: the slower worker's median, bytes per worker) of two processes averaging
     `net`'s [params | momentum] with lib/exchange.Pair over `transport`, within `timeout` s."""
-    shm_dir = tempfile.mkdtemp(prefix='bench-exchange-', dir='/dev/shm' if os.path.isdir('/dev/shm') else None)
+    shm_dir = tempfile.mkdtemp(prefix='bench-exchange-', dir=SHM)
     ctx = multiprocessing.get_context('spawn')
     out = ctx.Queue()
     procs = [ctx.Process(target=exchange_worker,

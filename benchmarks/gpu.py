@@ -60,7 +60,8 @@ import tempfile
 import threading
 import time
 
-from benchmarks.common import ROOT, epoch_img_s, iter_lines, step_marks, train_log, write_batches
+from benchmarks.common import epoch_img_s, iter_lines, step_marks, train_log, write_batches
+from lib import ROOT, SHM
 
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
@@ -95,7 +96,6 @@ TEST_TIMEOUT = 120.0     # s per CUDA test: one hang must not take the others' t
 TESTS_S = 240.0          # s at most for the tests part (about 100 s when none hangs)
 COMPILE_MIN_LEFT = 150.0  # s of budget a compiled row needs to start
 ALEXNET_FLAT_BYTES = 2 * 60_965_224 * 4  # AlexNet's float32 [params | momentum], as exchanged
-SHM = '/dev/shm' if os.path.isdir('/dev/shm') else None
 
 
 # --- imports ---------------------------------------------------------------------------------------
@@ -616,9 +616,10 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
 def time_steps(torch, name, size, classes, batch, precision, layout, compiled, steps, warmup,
                device, backend, cudnn_benchmark=True):
     """Median forward / backward / update ms and the mean step ms over `steps` back-to-back steps
-    (the train loop's operations: autocast forward, cross-entropy, backward, MomentumSGD), with
-    cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
+    (the trainer's step, lib.step.Step: autocast forward, cross-entropy, backward, MomentumSGD),
+    with cuDNN's autotuning on as the trainer sets it (config key cudnn_benchmark)."""
     from lib import model, optim
+    from lib.step import Step
     device = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
@@ -628,13 +629,13 @@ def time_steps(torch, name, size, classes, batch, precision, layout, compiled, s
     opt = optim.MomentumSGD(net.named_parameters(), 0.01)
     x = (torch.randn(batch, 3, size, size, device=device) * 50).contiguous(memory_format=fmt)
     y = torch.randint(0, classes, (batch,), device=device)
-    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[precision]
-    clock, marks, loss = step_marks(torch, forward, opt, x, y, dtype, steps, warmup, device)
+    train_step = Step(forward, opt, precision, device, memory_format=fmt)
+    clock, marks, loss = step_marks(torch, train_step, x, y, steps, warmup, device)
     if not torch.isfinite(loss):
         raise RuntimeError(f'{name} {precision} {layout}: the loss is not finite')
     fwd, bwd, upd = (statistics.median(clock.ms(m[j], m[j + 1]) for m in marks) for j in range(3))
     step = clock.ms(marks[0][0], marks[-1][3]) / len(marks)
-    del net, opt, forward, x, y
+    del net, opt, forward, train_step, x, y
     if device.type == 'cuda':
         torch.cuda.empty_cache()
     return fwd, bwd, upd, step
@@ -747,10 +748,10 @@ def device_events(events, device_type):
 def profile_table(torch, sizes, report, device, row, top=12):
     """Where a step of `row`'s configuration (eager) spends its time: torch.profiler, the
     kernels with the most device time (the operators' CPU time on the CPU) over a few steps."""
-    import torch.nn.functional as F
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from lib import model, optim
+    from lib.step import Step
     cuda = device.type == 'cuda'
     what = 'kernel' if cuda else 'CPU operator'
     part = report.add(f'Profile: AlexNet batch {row["batch"]} {row["precision"]} {row["layout"]} '
@@ -762,21 +763,14 @@ def profile_table(torch, sizes, report, device, row, top=12):
     opt = optim.MomentumSGD(net.named_parameters(), 0.01)
     x = (torch.randn(row['batch'], 3, 227, 227, device=device) * 50).contiguous(memory_format=fmt_)
     y = torch.randint(0, 1000, (row['batch'],), device=device)
-    dtype = torch.bfloat16 if row['precision'] == 'bf16' else torch.float32
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=row['precision'] != 'fp32'):
-            loss = F.cross_entropy(net(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    step = Step(net, opt, row['precision'], device, memory_format=fmt_)
     for _ in range(sizes['warmup']):
-        step()
+        step(x, y)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     n = max(1, sizes['steps'] // 4)
     with profile(activities=activities) as prof:
         for _ in range(n):
-            step()
+            step(x, y)
         if cuda:
             torch.cuda.synchronize()
     profile_rows(part, device_events(prof.key_averages(), DeviceType.CUDA if cuda else DeviceType.CPU),

@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import header, step_marks
 from lib import data, model, optim, trainer
+from lib.step import Step
 
 
 def masks_ms(net, x, repeat=20):
@@ -68,11 +69,12 @@ def main():
     opt = optim.MomentumSGD(net.named_parameters(), 0.01)
     x = torch.randn(b, 3, 227, 227, device=device) * 50
     y = torch.randint(0, 1000, (b,), device=device)
+    train_step = Step(net, opt, 'fp32', device)
 
     def step_ms(n):
         """ms of this worker's steps as the last of n workers (n 1: drawing its own images only)."""
         model.share_dropout(net, (n - 1) * b, n * b if n > 1 else None)
-        clock, marks, _ = step_marks(torch, net, opt, x, y, None, args.steps, 1, device)
+        clock, marks, _ = step_marks(torch, train_step, x, y, args.steps, 1, device)
         return [clock.ms(m[0], m[3]) for m in marks]
 
     settings = [1] + args.workers

@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.common import header, step_marks
 from lib import model, optim, trainer
+from lib.step import Step
 
 SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
 
@@ -38,9 +39,10 @@ def use_torch_lrn(net):
     return net
 
 
-def time_steps(net, opt, x, y, steps, warmup, device, dtype=None):
+def time_steps(net, opt, x, y, steps, warmup, device, precision='fp32', memory_format=None):
     """Median ms of forward, backward, update, and of the whole step, over back-to-back steps."""
-    clock, marks, _ = step_marks(torch, net, opt, x, y, dtype, steps, warmup, device)
+    step = Step(net, opt, precision, device, memory_format=memory_format or torch.preserve_format)
+    clock, marks, _ = step_marks(torch, step, x, y, steps, warmup, device)
     return [statistics.median(clock.ms(m[a], m[b]) for m in marks)
             for a, b in ((0, 1), (1, 2), (2, 3), (0, 3))]
 
@@ -84,9 +86,8 @@ def main():
             else:
                 opt = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9, weight_decay=5e-4,
                                       foreach=True)
-            dtype = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}[precision]
             fwd, bwd, upd, step = time_steps(net, opt, x.contiguous(memory_format=fmt), y,
-                                             args.steps, args.warmup, device, dtype)
+                                             args.steps, args.warmup, device, precision, fmt)
             base = base or step
             print(f'| {name} | {batch} | {precision} | {layout} | {lrn} | {label} | {fwd:.1f} | '
                   f'{bwd:.1f} | {upd:.2f} | {step:.1f} | {1000 * batch / step:.0f} | '

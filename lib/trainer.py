@@ -16,6 +16,7 @@ from tqdm import tqdm
 from lib import checkpoint, data, optim
 from lib import model as lib_model
 from lib.config import ConfigError
+from lib.step import Step
 
 
 def resolve_device(name, key='gpu'):
@@ -44,16 +45,6 @@ class Trainer:
         self.cfg, self.model, self.opt, self.device = cfg, model, optimizer, device
         self.train_data, self.val_data = loaders
         self.exchanger = exchanger
-        precision = cfg['precision']
-        # fp64: parameters, inputs and the loss in float64 (train.py builds the model so)
-        self.dtype = next(model.parameters()).dtype
-        self.autocast = dict(device_type=device.type, enabled=precision in ('bf16', 'fp16'),
-                             dtype=torch.float16 if precision == 'fp16' else torch.bfloat16)
-        self.scaler = optim.LossScaler(device) if precision == 'fp16' else None
-        # fp16 overflow: one decision for all workers where their gradients differ (under DDP
-        # they are the same everywhere, and so is the decision: no collective per step)
-        self.overflow_average = None if exchanger.same_gradients else exchanger.average
-        self.memory_format = torch.channels_last if cfg['channels_last'] else torch.preserve_format
         if cfg['channels_last']:
             model.to(memory_format=torch.channels_last)
         if device.type == 'cuda':  # shapes are fixed (whole batch files, one crop size)
@@ -62,6 +53,16 @@ class Trainer:
         # 'module.' prefix); the exchanger may wrap it (DistributedDataParallel)
         net = exchanger.wrap(model)
         self.forward = torch.compile(net) if cfg['compile'] else net
+        self.step = Step(
+            self.forward, optimizer, cfg['precision'], device,
+            # fp64: parameters, inputs and the loss in float64 (train.py builds the model so)
+            dtype=next(model.parameters()).dtype,
+            memory_format=torch.channels_last if cfg['channels_last'] else torch.preserve_format,
+            label_smoothing=cfg['label_smoothing'],
+            # fp16 overflow: one decision for all workers where their gradients differ (under DDP
+            # they are the same everywhere, and so is the decision: no collective per step)
+            overflow_average=None if exchanger.same_gradients else exchanger.average)
+        self.scaler = self.step.scaler  # fp16's loss scale: in the snapshot
         # The random draws belong to the step, not to the worker: every worker draws the crops,
         # mirrors and dropout masks of the step's images of all workers, from streams in the same
         # state everywhere (these generators; torch's default ones, seeded by model.build and
@@ -151,16 +152,7 @@ class Trainer:
                                           cfg['lr_policy'], cfg['warmup_epochs'])
             if it == 1:
                 first_lr = opt.lr * opt.lr_scale
-            with torch.autocast(**self.autocast):
-                logits = self.forward(x.to(self.dtype).contiguous(memory_format=self.memory_format))
-                loss = F.cross_entropy(logits.to(self.dtype), y, label_smoothing=cfg['label_smoothing'])
-            opt.zero_grad()
-            if self.scaler is None:
-                loss.backward()
-                opt.step()
-            else:
-                (loss * self.scaler.scale).backward()
-                self.scaler.step(opt, self.overflow_average)
+            logits, loss = self.step(x, y)
             t = time.perf_counter()
             self.exchanger.after_step()
             exch += time.perf_counter() - t
@@ -196,8 +188,7 @@ class Trainer:
         return evaluate(self.predict, self.val_data, plan, group, self.exchanger.average)
 
     def predict(self, x):
-        with torch.autocast(**self.autocast):
-            return self.forward(x.to(self.dtype).contiguous(memory_format=self.memory_format)).float()
+        return self.step.logits(x).float()
 
     def log(self, text, bar=None):
         if not self.exchanger.is_main:

@@ -124,7 +124,7 @@ MUTANTS = [
     Mutant('top-5 computed as top-1', 'lib/trainer.py',
            '(top5 != y[:, None]).all(1)', '(top5[:, :1] != y[:, None]).all(1)',
            ('tests/test_evaluate.py::test_top1_top5_and_loss_against_a_hand_computation',)),
-    Mutant('autocast switched off', 'lib/trainer.py',
+    Mutant('autocast switched off', 'lib/step.py',
            "enabled=precision in ('bf16', 'fp16')", 'enabled=False',
            ('tests/test_precision.py::test_the_forward_runs_in_the_precision_asked_for',)),
     Mutant('compile ignored: the network runs eager', 'lib/trainer.py',
