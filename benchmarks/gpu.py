@@ -59,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 
 from benchmarks.common import epoch_img_s, iter_lines, step_marks, train_log, write_batches
 from lib import ROOT, SHM
@@ -162,6 +163,10 @@ def what_missing_costs(missing):
 
 
 # --- the report ------------------------------------------------------------------------------------
+def failure(e):
+    return f'failed: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
+
+
 class Report:
     """The environment and the tables of one run, rewritten as markdown + JSON after every row."""
 
@@ -174,6 +179,21 @@ class Report:
         self.parts.append(part)
         self.write()
         return part
+
+    def measure(self, row, work, skipped=None, key='img/s', errors=Exception, failed=failure):
+        """work()'s result for `row` (of one of the tables), or None: then row[key] says why
+        there is none, `skipped` (a reason: work not run) or failed(error) where work raises one
+        of `errors` (one bad row, an OOM or a compiler error, stays one row: the rest of its
+        table goes on), and the report is written."""
+        if skipped:
+            row[key] = skipped
+        else:
+            try:
+                return work()
+            except errors as e:
+                row[key] = failed(e)
+        self.write()
+        return None
 
     def write(self):
         """Both files, each replaced whole (a run stopped mid-write keeps the previous one)."""
@@ -207,10 +227,6 @@ def fmt(v):
     if isinstance(v, float):
         return f'{v:.0f}' if abs(v) >= 1000 else f'{v:.2f}' if abs(v) < 100 else f'{v:.1f}'
     return str(v)
-
-
-def failure(e):
-    return f'failed: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
 
 
 def read(path):
@@ -297,12 +313,38 @@ def environment(args, torch, missing):
     }
 
 
+OUT_OF_TIME = 'skipped (time budget)'
+
+
 class Budget:
-    def __init__(self, seconds):
-        self.deadline = time.monotonic() + seconds
+    """The run's time (--budget-s): a row starts only with the seconds it needs left (with
+    --cpu-smoke, smoke=True: while any is left, whatever it needs)."""
+
+    def __init__(self, seconds, smoke=False):
+        self.start, self.smoke = time.monotonic(), smoke
+        self.deadline = self.start + seconds
 
     def left(self):
         return self.deadline - time.monotonic()
+
+    def elapsed(self):
+        return time.monotonic() - self.start
+
+    def allows(self, need):
+        """Whether what needs `need` seconds may start."""
+        return self.left() >= need * (not self.smoke)
+
+    def short(self, need):
+        """None, or why what needs `need` seconds does not start (OUT_OF_TIME)."""
+        return None if self.allows(need) else OUT_OF_TIME
+
+    def timeout(self, low, high=float('inf')):
+        """The seconds a command may run: what is left, at least `low` (at most `high`)."""
+        return min(high, max(low, self.left()))
+
+    def part(self, seconds):
+        """A budget of at most `seconds` within this one."""
+        return Budget(min(self.left(), seconds), self.smoke)
 
 
 def run_group(cmd, timeout, on_line=None, quiet_s=None, cwd=ROOT, env=None):
@@ -514,15 +556,14 @@ def preflight(torch, device, report, pinned_bytes, skip=lambda check: None):
     results = {}
     for name, check in checks:
         t0 = time.perf_counter()
-        result = skip(check.__name__)
-        if result is None:
-            try:
-                result = (check(torch, device, pinned_bytes) if check is check_pinned
-                          else check(torch, device))
-            except Exception as e:  # noqa: BLE001 -- the report says what failed; the rest goes on
-                result = failure(e)
-        results[check.__name__] = result
-        part['rows'].append({'check': name, 'result': result, 'ms': 1000 * (time.perf_counter() - t0)})
+        row = {'check': name}
+        part['rows'].append(row)
+        args = (torch, device, pinned_bytes) if check is check_pinned else (torch, device)
+        result = report.measure(row, partial(check, *args), skip(check.__name__), key='result')
+        if result is not None:
+            row['result'] = result
+        row['ms'] = 1000 * (time.perf_counter() - t0)
+        results[check.__name__] = row['result']
         report.write()
     return results
 
@@ -577,11 +618,11 @@ def run_tests(args, budget, report, title, select, test_timeout=TEST_TIMEOUT, cw
         return True
     todo, t0 = ids, time.monotonic()
     while todo:
-        if budget.left() < 10 * (not args.cpu_smoke):
+        if not budget.allows(10):
             code = 'timeout'
             break
         last[0] = time.monotonic()
-        text, code = run_group(base + ['-v', '-rs'] + extra + todo, max(10.0, budget.left()),
+        text, code = run_group(base + ['-v', '-rs'] + extra + todo, budget.timeout(10.0),
                                on_line, quiet_s=1.25 * test_timeout, cwd=cwd, env=env)
         with open(log, 'a') as f:
             f.write(text)
@@ -677,18 +718,13 @@ def step_table(torch, args, sizes, budget, report, device, name, size, classes, 
         row = dict(batch=batch, precision=precision, layout=layout,
                    mode='compile' if compiled else 'eager')
         part['rows'].append(row)
-        if budget.left() < (COMPILE_MIN_LEFT if compiled else 20) * (not args.cpu_smoke):
-            row['img/s'] = 'skipped (time budget)'
-            report.write()
+        times = report.measure(row, partial(time_steps, torch, name, size, classes, batch, precision,
+                                            layout, compiled, sizes['steps'],
+                                            sizes['warmup'] + 2 * compiled, device, sizes['backend']),
+                               budget.short(COMPILE_MIN_LEFT if compiled else 20))
+        if times is None:
             continue
-        try:
-            fwd, bwd, upd, step = time_steps(torch, name, size, classes, batch, precision, layout,
-                                             compiled, sizes['steps'], sizes['warmup'] + 2 * compiled,
-                                             device, sizes['backend'])
-        except Exception as e:  # noqa: BLE001 -- one bad row (OOM, compiler) stays one row
-            row['img/s'] = failure(e)
-            report.write()
-            continue
+        fwd, bwd, upd, step = times
         if eager is None:
             done[batch, precision, layout] = step
         base = done.get((batch, 'fp32', 'nchw'))
@@ -714,20 +750,16 @@ def autotune_table(args, sizes, budget, report, device, best):
                'mean the heuristics are faster. No effect on the CPU (--cpu-smoke).'])
     part['rows'] = [{'cudnn_benchmark': True, 'step ms': best['step ms'], 'img/s': best['img/s'],
                      'x autotuned': '1.00x'}, row]
-    if budget.left() < 30 * (not args.cpu_smoke):
-        row['img/s'] = 'skipped (time budget)'
-    else:
-        try:
-            step = steps_in_fresh_process(
-                min(120.0, max(30.0, budget.left())), name='alexnet', size=227, classes=1000,
-                batch=best['batch'], precision=best['precision'], layout=best['layout'],
-                compiled=False, steps=sizes['steps'], warmup=sizes['warmup'], device=str(device),
-                backend=sizes['backend'], cudnn_benchmark=False)[3]
-            row.update({'step ms': step, 'img/s': 1000 * best['batch'] / step,
-                        'x autotuned': f'{best["step ms"] / step:.2f}x'})
-        except Exception as e:  # noqa: BLE001
-            row['img/s'] = failure(e)
-    report.write()
+    times = report.measure(row, lambda: steps_in_fresh_process(
+        budget.timeout(30.0, 120.0), name='alexnet', size=227, classes=1000, batch=best['batch'],
+        precision=best['precision'], layout=best['layout'], compiled=False, steps=sizes['steps'],
+        warmup=sizes['warmup'], device=str(device), backend=sizes['backend'],
+        cudnn_benchmark=False), budget.short(30))
+    if times is not None:
+        step = times[3]
+        row.update({'step ms': step, 'img/s': 1000 * best['batch'] / step,
+                    'x autotuned': f'{best["step ms"] / step:.2f}x'})
+        report.write()
 
 
 def best_row(part, batch):
@@ -848,18 +880,16 @@ def e2e_table(args, sizes, budget, report, device, best, which, synthetic_img_s)
                             ('in-process loading, use_data_layer', False)):
             row = {'input': label}
             rows.append(row)
-            if budget.left() < 60 * (not args.cpu_smoke):
-                row['img/s'] = 'skipped (time budget)'
-                report.write()
+            figures = report.measure(
+                row, partial(run_train, dict(common, para_load=para,
+                                             weights_dir=os.path.join(work, f'w{para}')),
+                             timeout=budget.timeout(60.0, 150.0)),
+                budget.short(60), errors=(RuntimeError, subprocess.TimeoutExpired, IndexError,
+                                          statistics.StatisticsError),
+                failed=lambda e: f'failed: {str(e)[:300]}')
+            if figures is None:
                 continue
-            try:
-                img_s, wait, copy = run_train(dict(common, para_load=para,
-                                                   weights_dir=os.path.join(work, f'w{para}')),
-                                              timeout=min(150.0, max(60.0, budget.left())))
-            except (RuntimeError, subprocess.TimeoutExpired, IndexError, statistics.StatisticsError) as ex:
-                row['img/s'] = f'failed: {str(ex)[:300]}'
-                report.write()
-                continue
+            img_s, wait, copy = figures
             step = 1000 * e['batch'] / img_s
             row.update({'img/s': img_s, 'step ms': step, 'data wait ms': wait, 'copy wait ms': copy,
                         'data wait % of step': 100 * wait / step,
@@ -882,7 +912,7 @@ def exchange_table(sizes, budget, report, device, steps, transport):
     from benchmarks import exchange as bx
     x = sizes['exchange']
     ms, nbytes = bx.time_exchange(transport, str(device), x['repeats'], x['net'],
-                                  timeout=min(120.0, max(30.0, budget.left())))
+                                  timeout=budget.timeout(30.0, 120.0))
     copy = bx.time_copy(nbytes, device, x['repeats'])
     rows = [{'what': f'device copy of the same {nbytes / 1e6:.0f} MB, 1 process (floor)', 'ms': copy,
              'x copy': '1.00'},
@@ -975,12 +1005,12 @@ def main(argv=None):
               f'is in {os.path.join(args.out_dir, "gpu_report.md")}); use --cpu-smoke to check the '
               'command on the CPU', file=sys.stderr)
         return 2
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, smoke=args.cpu_smoke)
     device = torch.device('cpu' if args.cpu_smoke else 'cuda:0')
     sizes = SMOKE if args.cpu_smoke else FULL
     exclusive = 'exclusive_process' in report.env['compute mode'].lower()
     skip = lambda unit: skip_reason(unit, missing, exclusive)  # noqa: E731
-    say = lambda text: print(f'[{args.budget_s - budget.left():5.0f} s] {text}', flush=True)  # noqa: E731
+    say = lambda text: print(f'[{budget.elapsed():5.0f} s] {text}', flush=True)  # noqa: E731
 
     def skipped(unit, title=None):
         """Whether `unit` cannot run here; if so, a part saying why."""
@@ -1002,7 +1032,7 @@ def main(argv=None):
     if 'tests' in run and not skipped('tests'):
         say('CUDA tests ...')
         title = TITLES['tests']
-        part = guarded(report, title, run_tests, args, Budget(min(budget.left(), TESTS_S)), report,
+        part = guarded(report, title, run_tests, args, budget.part(TESTS_S), report,
                        title, ['tests/test_cuda.py', '-m', 'cuda', '-k', 'not compile'],
                        TEST_TIMEOUT, ROOT, checks)
         say(((part or {}).get('notes') or ['failed'])[0])
@@ -1025,11 +1055,11 @@ def main(argv=None):
                    if steps and (r := best_row(steps, b))]
         refused = checks.get('check_share', '').startswith(REFUSED)
         transport = 'shm' if device.type == 'cpu' else 'tcp' if refused else 'ipc'
-        if budget.left() > 45 * (not args.cpu_smoke):
+        if budget.allows(45):
             guarded(report, TITLES['exchange'], exchange_table, sizes, budget, report, device,
                     step_ms, transport)
         else:
-            report.add(TITLES['exchange'], skipped='skipped (time budget)')
+            report.add(TITLES['exchange'], skipped=OUT_OF_TIME)
     if 'e2e' in run and not skipped('e2e'):
         say('end to end from hkl files ...')
         same_model = sizes['e2e']['model'] == 'alexnet'  # --cpu-smoke: alexnet_cifar, no ratio
@@ -1044,7 +1074,7 @@ def main(argv=None):
                    TITLES['cifar'], configs(sizes['alexnet_cifar_batches'], False))
     if 'compile' in run:  # last: a cold compile takes about a minute per row
         say('compile: its CUDA test, then the step table ...')
-        if budget.left() >= COMPILE_MIN_LEFT * (not args.cpu_smoke) and not skipped('compile test'):
+        if budget.allows(COMPILE_MIN_LEFT) and not skipped('compile test'):
             title = TITLES['compile test']
             guarded(report, title, run_tests, args, budget, report, title,
                     ['tests/test_cuda.py', '-m', 'cuda', '-k', 'compile'], TEST_TIMEOUT, ROOT, checks)

@@ -419,7 +419,8 @@ def test_rows_are_written_as_they_end_and_a_compiled_row_starts_only_with_150_s_
         return 1.0, 2.0, 3.0, 10.0
     monkeypatch.setattr(gpu, 'time_steps', fake_time_steps)
     args = types.SimpleNamespace(cpu_smoke=False)
-    budget = types.SimpleNamespace(left=lambda: 149.0)
+    budget = gpu.Budget(0)
+    budget.left = lambda: 149.0
     eager = gpu.step_table(None, args, gpu.FULL, budget, report, None, 'alexnet', 227, 1000, 'eager',
                            gpu.configs([256], False))
     assert seen == [0, 1, 2, 3] and all(r['img/s'] == 25600.0 for r in eager['rows'])
@@ -430,6 +431,29 @@ def test_rows_are_written_as_they_end_and_a_compiled_row_starts_only_with_150_s_
     compiled = gpu.step_table(None, args, gpu.FULL, budget, report, None, 'alexnet', 227, 1000, 'c',
                               gpu.configs([256], True), eager=eager)
     assert all(r['img/s'] == 25600.0 and r['x eager'] == '1.00x' for r in compiled['rows'])
+
+
+def test_a_row_out_of_time_is_skipped_and_a_failed_row_stays_one_row(tmp_path, monkeypatch):
+    budget = gpu.Budget(100)
+    assert budget.short(50) is None and budget.short(200) == gpu.OUT_OF_TIME == 'skipped (time budget)'
+    assert 99 < budget.timeout(30.0, 120.0) <= 100 and budget.timeout(30.0, 60.0) == 60.0
+    assert budget.part(10).left() <= 10 and budget.elapsed() < 5
+    assert gpu.Budget(1, smoke=True).allows(1000)  # --cpu-smoke: a row needs no more than time left
+    assert not gpu.Budget(-1, smoke=True).allows(0)
+
+    def time_steps(torch, name, size, classes, batch, precision, *rest):
+        if precision == 'bf16':
+            raise RuntimeError('CUDA out of memory. Tried to allocate 2 GiB\n(more lines)')
+        return 1.0, 2.0, 3.0, 10.0
+    monkeypatch.setattr(gpu, 'time_steps', time_steps)
+    args, report = types.SimpleNamespace(cpu_smoke=False), gpu.Report(str(tmp_path), {})
+    part = gpu.step_table(None, args, gpu.FULL, gpu.Budget(100), report, None, 'alexnet', 227, 1000,
+                          'eager', gpu.configs([256], False))
+    assert [r['img/s'] for r in part['rows']] == [25600.0, 25600.0] + [
+        'failed: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB'] * 2
+    assert json.loads((tmp_path / 'gpu_report.json').read_text())['parts'][-1]['rows'] == part['rows']
+    with pytest.raises(ValueError):  # not one of the errors a row stands for: the part's error
+        report.measure({}, lambda: int('x'), errors=(RuntimeError,))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the refusal without CUDA')
