@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
-import yaml
 from PIL import Image, UnidentifiedImageError
 from werkzeug.http import parse_options_header
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -33,7 +32,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from lib import UserError, command, model as models
 from lib.checkpoint import load_net, read as read_snapshot
-from lib.data import crop_mirror, dataset_yaml, load_mean, make_plan
+from lib.data import crop_mirror, dataset_yaml, load_mean, make_plan, read_dataset
 from lib.trainer import resolve_device
 from preprocessing.images import load_rgb
 
@@ -63,12 +62,7 @@ def _dataset_info(path, n):
     class_words, the ImageNet devkit's words in label order; pad, the black frame of the images."""
     if not os.path.isfile(path):
         raise SetupError(f'class names file {path} not found (give --classes DATASET_YAML)')
-    try:
-        with open(path) as f:
-            meta = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise SetupError(f'cannot read class names from {path}: {" ".join(str(e).split())}') from None
-    meta = meta if isinstance(meta, dict) else {'class_names': meta}
+    meta = read_dataset(path)
     names, words, pad = meta.get('class_names'), meta.get('class_words'), meta.get('pad', 0)
     for key, value in (('class_names', names), ('class_words', words)):
         if (value is not None or key == 'class_names') and (

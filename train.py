@@ -30,7 +30,7 @@ import lib.env  # noqa: F401  first: without the packages, one line instead of a
 import torch
 import torch.distributed as dist
 
-from lib import UserError, checkpoint, command, config, exchange
+from lib import UserError, checkpoint, command, config, exchange, runs
 from lib.training import Worker, run, summary
 
 
@@ -213,7 +213,7 @@ def torchrun_worker(cfg):
             rounds.set(f'{key}/ranks', str(world))
             rounds.add(key, 1)
     return Worker(exchange.Distributed(cfg['exchange'], cfg['exchange_freq']),
-                  share=(rank, world, B // world), gpu=gpu,
+                  share=(rank, world), gpu=gpu,
                   port=cfg['sock_data'] + local, started=started)
 
 
@@ -225,7 +225,7 @@ RANK = os.environ.get('RANK')
 @command(who=f'rank {RANK}: ' if RANK is not None else '', sigterm=RANK is None)
 def main(argv=None):
     try:
-        cfg = config.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
+        cfg = runs.command_line(__doc__, argv, {**config.CONFIG, **config.SPEC_1GPU})
         worker = torchrun_worker(cfg) or Worker()
         quiet = worker.exchanger is not None and not worker.exchanger.is_main
         if cfg['lib_conv'] and not quiet:

@@ -39,7 +39,7 @@ import time
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
 import torch
 
-from lib import SHM, UserError, checkpoint, command, config, exchange, link, model, trainer, training
+from lib import SHM, UserError, checkpoint, command, config, exchange, link, runs, trainer, training
 
 SCHEMA = {**config.CONFIG, **config.SPEC_2GPU}
 
@@ -51,13 +51,12 @@ def devices(cfg):
 
 def check_start(cfg):
     """The workers' start-up checks that cost little, once before they start (one error line,
-    not one per worker and the launcher's): the network's crop, both workers' data (headers,
-    labels and the mean; not synthetic batches, which are made whole), and that a fresh run does
-    not mix with another run's snapshots (moving them aside with overwrite is left to worker 0).
-    The workers check again (two hosts: only they can)."""
-    model.check_crop(cfg['model'], cfg['crop_size'])
+    not one per worker and the launcher's): both workers' data (headers, labels and the mean; not
+    synthetic batches, which are made whole), and that a fresh run does not mix with another
+    run's snapshots (moving them aside with overwrite is left to worker 0). The workers check
+    again (two hosts: only they can). The network's crop was checked with the config."""
     for r in () if cfg['synthetic'] else (0, 1):
-        training.checked_data(cfg, training.Worker(share=(r, 2, cfg['batch_size'])), quiet=True)
+        training.checked_data(cfg, training.Worker(share=(r, 2)), quiet=True)
     if not cfg['resume_train']:
         checkpoint.check_fresh_start(cfg['weights_dir'], cfg['overwrite'], move=False)
 
@@ -164,7 +163,7 @@ def work(rank, cfg, transport, run_dir, parent):
     pair = exchange.Pair(rank, transport, endpoint, freq=cfg['exchange_freq'],
                          timeout=cfg['peer_timeout'], curve_dir=cfg['curve_dir'], shm_dir=run_dir)
     try:
-        worker = training.Worker(pair, share=(rank, 2, cfg['batch_size']), gpu=cfg[f'gpu{rank}'],
+        worker = training.Worker(pair, share=(rank, 2), gpu=cfg[f'gpu{rank}'],
                                  port=cfg[f'sock_data{rank}'])
         history = training.run(cfg, worker)
         if rank == 0:
@@ -270,7 +269,7 @@ def main(argv=None):
         make_keys(args.make_keys)
         return 0
     rank = args.worker  # None: both workers, on this host
-    cfg = config.load(args.config, args.spec, args.overrides, SCHEMA)
+    cfg = runs.load(args.config, args.spec, args.overrides, SCHEMA)
     if cfg['lib_conv']:
         print('notice: lib_conv is ignored (PyTorch picks the convolution library)')
     if rank is None:

@@ -16,9 +16,8 @@ range, each also mirrored.
 import sys
 
 import lib.env  # noqa: F401  first: without the packages, one line instead of a traceback
-import torch
 
-from lib import checkpoint, command, config, data, model, trainer, training
+from lib import checkpoint, command, config, data, model, runs, trainer, training
 SCHEMA = {**config.CONFIG, **config.SPEC_1GPU, **config.EVALUATE}
 
 
@@ -31,19 +30,17 @@ def validate(cfg):
     cfg = dict(cfg, **settings)
     val, = training.data_sources(cfg, splits=('val',))
     size = val.image_size()
-    mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
-            else data.load_mean(cfg['mean_file'], size))
+    mean = training.mean_image(cfg, size)
     loader = data.InProcessLoader(val, mean, cfg['crop_size'], device, cfg['use_data_layer'])
     training.check_labels(model.output_classes(state['model']), [val], where=f'{path} has classes')
-    plan, group = data.eval_plan(len(val), cfg['batch_size'], size, cfg['crop_size'],
-                                 cfg['ten_crop'])
+    plan, group = data.eval_plan(len(val), val.batch_size, size, cfg['crop_size'], cfg['ten_crop'])
     top1, top5, loss = trainer.evaluate(lambda x: net(x).float(), loader, plan, group)
-    return top1, top5, loss, len(val) * cfg['batch_size'], path
+    return top1, top5, loss, len(val) * val.batch_size, path
 
 
 @command
 def main(argv=None):
-    cfg = config.command_line(__doc__, argv, SCHEMA)
+    cfg = runs.command_line(__doc__, argv, SCHEMA)
     top1, top5, loss, n, path = validate(cfg)
     views = 'ten crops' if cfg['ten_crop'] else 'centre crop'
     print(f'{path}: {n} images, {views}')

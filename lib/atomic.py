@@ -22,3 +22,10 @@ def save_npy(path, array):
         with open(tmp, 'wb') as f:  # a file object: np.save(name) would append '.npy' to the temp name
             np.save(f, array)
     atomic_write(path, write)
+
+
+def save_text(path, text):
+    def write(tmp):
+        with open(tmp, 'w', encoding='utf-8', errors='surrogateescape', newline='\n') as f:
+            f.write(text)
+    atomic_write(path, write)

@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 import torch
 
-from lib import UserError
+from lib import UserError, model
 from lib.atomic import atomic_write, save_npy
 
 HISTORY_FIELDS = ('epoch', 'train_loss', 'train_error', 'val_error', 'val_top5_error',
@@ -96,15 +96,10 @@ def check_exists(weights_dir, epoch):
     return path
 
 
-def load(weights_dir, epoch):
-    return read(check_exists(weights_dir, epoch))
-
-
 def load_net(state, path, device='cpu'):
     """The network of a snapshot dict (read from `path`), in eval mode on `device`: its model,
     crop_size and dropout from the snapshot's own config, the classes from its weights.
     (net, the settings used)."""
-    from lib import model
     saved = state.get('config', {})
     name = saved.get('model', 'alexnet')
     settings = {'model': name,
@@ -163,12 +158,16 @@ def set_rng_state(state, gen, device, order_gen):
         torch.cuda.set_rng_state(state['cuda'], device)
 
 
-def write_records(weights_dir, history):
-    """val_record.npy (float64 (epochs, 2) [top-1 error, loss], as the original's) and
-    history.csv from the list of per-epoch dicts."""
+def val_record(history):
+    """float64 (epochs, 2): [top-1 error, loss] per epoch of the list of per-epoch dicts, as the
+    original's val_record.npy (and a snapshot's val_record)."""
     record = np.array([[h['val_error'], h['val_loss']] for h in history], dtype=np.float64)
-    record = record.reshape(len(history), 2)
+    return record.reshape(len(history), 2)
 
+
+def write_records(weights_dir, history):
+    """val_record.npy and history.csv from the list of per-epoch dicts."""
+    record = val_record(history)
     save_npy(os.path.join(weights_dir, 'val_record.npy'), record)
 
     def write_csv(tmp):

@@ -1,5 +1,6 @@
 """Config keys and their checking: the training config (YAML merging, `key=value` overrides) and
-the schema mechanism that preprocessing's paths files use too.
+the schema mechanism that preprocessing's paths files use too. A leaf: it imports no torch and no
+other module of lib/ (what a run is made of, from a merged config, is lib/runs.py's).
 
 A run's config is  config.yaml  <-  spec file  <-  command-line overrides.  Every key is declared
 once as a Key (default, meaning, allowed values); its default fixes its type, and an unknown key is
@@ -16,7 +17,6 @@ from typing import NamedTuple
 import yaml
 
 from lib import ROOT, UserError
-from lib.atomic import atomic_write
 
 REQUIRED = object()  # the default of a key that every file must set
 
@@ -227,14 +227,21 @@ def check_value(key, value, schema, where, error=ConfigError):
     return value
 
 
-def load_yaml(path, error=ConfigError):
+def read_yaml(path, error=ConfigError, what='config file'):
+    """The YAML document of the file at path (None when it is empty); `error`, one line naming
+    the file, when it cannot be read or is not YAML."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
-        raise error(f"cannot read config file {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise error(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def load_yaml(path, error=ConfigError):
+    """A YAML file of `key: value` (a config, spec or paths file) as a dict."""
+    data = read_yaml(path, error)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -284,127 +291,9 @@ def yaml_source(path, error=ConfigError):
     return str(path), load_yaml(path, error), os.path.dirname(os.path.abspath(path))
 
 
-def load(config_file, spec_file, overrides, schema):
-    """The merged config: config_file <- spec_file <- [saved run] <- overrides (a list of
-    'key=value'), then the data keys left empty taken from `data` (with_data).
-
-    The saved run is the config of the run a command continues (saved_run): a resume
-    (resume_train, load_epoch 0 = the newest snapshot) or the snapshot validate_performance.py
-    evaluates. Only the command line overrides it."""
-    files = [yaml_source(config_file), yaml_source(spec_file)]
-    command = ('command-line overrides', parse_overrides(overrides), None)
-    cfg = merge(schema, files + [command])
-    from lib import checkpoint
-    if cfg['load_epoch'] == 0 and (cfg['resume_train'] or cfg.get('checkpoint') == ''):
-        cfg['load_epoch'] = checkpoint.latest_epoch(cfg['weights_dir'])
-    saved = saved_run(cfg, schema)
-    if saved is None:
-        return with_data(cfg, files + [command], schema)
-    epoch = cfg['load_epoch']
-    cfg = dict(merge(schema, files + [saved, command]), load_epoch=epoch)
-    return with_data(cfg, files + [saved, command], schema)
-
-
-# Keys `data` sets where they are empty (0): the batch folders, labels, mean and batch size.
-DATA_KEYS = ('train_folder', 'val_folder', 'label_folder', 'mean_file', 'batch_size')
-# What validate_performance.py takes from the run of the snapshot it evaluates.
-EVAL_KEYS = ('data',) + DATA_KEYS + ('num_classes', 'synthetic', 'synthetic_batches', 'seed',
-                                     'model', 'crop_size')
-# What a resumed run never takes from the run it continues.
-RUN_LOCAL = ('resume_train', 'load_epoch', 'weights_dir', 'overwrite')
-
-
-def per_worker(keys):
-    """Workers that share one batch file where batch_size is per worker: 2 for train_2gpu.py's
-    keys, else 1 (train.py; under torchrun batch_size is the total of all ranks)."""
-    return 2 if 'gpu0' in keys else 1
-
-
-def saved_run(cfg, schema):
-    """The source (name, values, folder) of the saved config of the run that cfg continues:
-    weights_dir/config.yaml beside the snapshot, else the snapshot's own config. For a resume,
-    all but RUN_LOCAL; for validate_performance.py, EVAL_KEYS. None when cfg continues no run.
-    batch_size is converted between per worker (train_2gpu.py) and per step (train.py)."""
-    from lib import checkpoint
-    if 'checkpoint' in schema:
-        if not (cfg['checkpoint'] or cfg['load_epoch']):  # load_epoch 0: weights_dir has none
-            raise checkpoint.SnapshotError(f"no snapshot model_<N>.pt in {cfg['weights_dir']} "
-                                           '(set checkpoint=PATH or weights_dir=W)')
-        path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
-        checkpoint.check_file(path, ' (set checkpoint=PATH or load_epoch=N)')
-        keys = EVAL_KEYS
-    elif cfg['resume_train']:
-        path = checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
-        keys = [k for k in schema if k not in RUN_LOCAL]
-    else:
-        return None
-    folder = os.path.dirname(os.path.abspath(path))
-    where = os.path.join(folder, 'config.yaml')
-    if os.path.isfile(where):
-        saved = load_yaml(where)
-    else:
-        where, saved = path, checkpoint.read(path).get('config', {})
-    values = {k: v for k, v in saved.items() if k in keys and k in schema}
-    if isinstance(values.get('batch_size'), int):
-        values['batch_size'] = values['batch_size'] * per_worker(saved) // per_worker(schema)
-    return f'{where} (the run continued)', values, folder
-
-
-def read_dataset(folder):
-    """The dataset.yaml preprocessing wrote into `folder`, checked to give batch_size."""
-    path = os.path.join(folder, 'dataset.yaml')
-    if not os.path.isfile(path):
-        raise ConfigError(f'data: no {path} (data is the folder preprocessing wrote, its '
-                          'tar_root_dir: preprocess first with sh preprocessing/generate_data.sh, '
-                          'or set data=FOLDER)')
-    info = load_yaml(path)
-    if not (isinstance(info.get('batch_size'), int) and info['batch_size'] >= 1):
-        raise ConfigError(f'{path} gives no batch_size (a dataset.yaml of preprocessing holds it)')
-    return info
-
-
-def with_data(cfg, sources, schema):
-    """cfg with each of DATA_KEYS that is empty (0), or set in an earlier source than `data`,
-    taken from the data folder: <data>/train_hkl_b<B>_b_<B>, val_hkl_..., labels,
-    misc/img_mean.npy and B (B/2 per worker in train_2gpu.py), B = dataset.yaml's batch_size.
-    A key set at or after data's own source wins. Synthetic runs take B = 256. When only
-    batch_size is left and data holds no dataset.yaml, the training batch files give it."""
-    given = {}
-    for i, (_, values, _) in enumerate(sources):
-        given.update(dict.fromkeys(values, i))
-    need = [k for k in DATA_KEYS
-            if k in cfg and (not cfg[k] or given.get(k, -1) < given.get('data', -1))]
-    share = per_worker(schema)
-    if not need or cfg['synthetic']:
-        if 'batch_size' in need:
-            cfg['batch_size'] = 256 // share
-        return cfg
-    meta = os.path.join(cfg['data'], 'dataset.yaml')
-    if need == ['batch_size'] and not (cfg['data'] and os.path.isfile(meta)):
-        from lib import data  # the folders are given (data preprocessed by the original)
-        cfg['batch_size'] = data.file_batch(cfg['train_folder'], share)
-        return cfg
-    if not cfg['data']:
-        raise ConfigError(f"data is empty: set data=FOLDER (the folder preprocessing wrote) or "
-                          f"{', '.join(need)}")
-    info = read_dataset(cfg['data'])
-    B = info['batch_size']
-    n = 1 if share == 1 or 1 in info.get('sub_batches', [1]) else 2  # else the halves
-    found = {'train_folder': os.path.join(cfg['data'], f'train_hkl_b{B}_b_{B // n}'),
-             'val_folder': os.path.join(cfg['data'], f'val_hkl_b{B}_b_{B // n}'),
-             'label_folder': os.path.join(cfg['data'], 'labels'),
-             'mean_file': os.path.join(cfg['data'], 'misc', 'img_mean.npy'),
-             'batch_size': B // share}
-    cfg.update({k: found[k] for k in need})
-    return cfg
-
-
-def dump(cfg, path):
-    """Write the merged config as YAML (atomically), in schema order."""
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    atomic_write(str(path), write)
+def to_yaml(cfg):
+    """The merged config as YAML text, in schema order (a run's weights_dir/config.yaml)."""
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
 
 
 def describe(cfg):
@@ -421,9 +310,3 @@ def parser(doc, spec='spec_1gpu.yaml'):
     p.add_argument('--spec', default=os.path.join(ROOT, spec))
     p.add_argument('overrides', nargs='*', metavar='key=value')
     return p
-
-
-def command_line(doc, argv, schema, spec='spec_1gpu.yaml'):
-    """The merged config of a command line (ConfigError if bad); see parser()."""
-    args = parser(doc, spec).parse_args(argv)
-    return load(args.config, args.spec, args.overrides, schema)

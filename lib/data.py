@@ -12,12 +12,13 @@ device, and `close()`. `InProcessLoader` is the `para_load: False` implementatio
 import os
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 
-from lib import UserError
+from lib import UserError, config
 
 
 class DataError(UserError, RuntimeError):
@@ -92,8 +93,22 @@ def hkl_shape(path):
 
 
 def dataset_yaml(label_folder):
-    """The dataset.yaml that preprocessing wrote beside the labels folder (classes, names, sizes)."""
+    """Where preprocessing writes dataset.yaml: in the data folder (its tar_root_dir), beside the
+    labels folder."""
     return os.path.join(os.path.dirname(os.path.normpath(label_folder)), 'dataset.yaml')
+
+
+def read_dataset(path):
+    """What a dataset.yaml holds (preprocessing's summary of a data folder: num_classes,
+    class_names, class_words, pad, batch_size, sub_batches, ...), as a dict; a plain YAML list is
+    taken as the class names. DataError naming the file when it cannot be read or holds neither;
+    the caller checks the keys it needs."""
+    info = config.read_yaml(path, DataError, 'dataset file')
+    if isinstance(info, list):
+        info = {'class_names': info}
+    if not isinstance(info, dict):
+        raise DataError(f'{path} must hold a mapping of key: value (or a list of class names)')
+    return info
 
 
 def batch_files(folder, part=None):
@@ -182,43 +197,65 @@ def worker_files(folder, index, count):
     return batch_files(folder), False, notice
 
 
-def file_batch(folder, count=1):
-    """The batch_size that the batch files of `folder` give, from a header: the images of an
-    NNNN.hkl over `count` workers sharing each file (train_2gpu.py: 2, per worker; train.py and
-    torchrun: 1, all ranks together); of a halves folder, the images of NNNN_0.hkl per worker
-    (torchrun's 2 ranks: of both halves)."""
+class BatchImages(NamedTuple):
+    """The images that one batch_size means."""
+    worker: int  # images of one worker in a step (its rows of a whole batch file, or a halves file)
+    step: int    # images of a step, all workers together: those of a whole batch file
+
+
+def launcher_of(keys):
+    """The launcher whose config holds `keys` (a schema, a merged or a saved config):
+    train_2gpu.py's has gpu0, train.py's (alone or under torchrun) does not."""
+    return 'train_2gpu.py' if 'gpu0' in keys else 'train.py'
+
+
+def batch_images(batch_size, launcher, workers=None):
+    """What batch_size means under `launcher` with `workers` workers: BatchImages(worker, step).
+    train_2gpu.py's batch_size is the images of one of its 2 workers; train.py's those of a whole
+    step, of one worker (workers None) or of all torchrun ranks together (workers: the ranks)."""
+    if launcher == 'train_2gpu.py':
+        return BatchImages(batch_size, 2 * batch_size)
+    return BatchImages(batch_size // (workers or 1), batch_size)
+
+
+def batch_size_for(step, launcher):
+    """The batch_size that means steps of `step` images under `launcher` (batch_images backwards)."""
+    return step // 2 if launcher == 'train_2gpu.py' else step
+
+
+def file_batch(folder, launcher):
+    """The batch_size under `launcher` that the batch files of `folder` give, from a header: a
+    step is the images of an NNNN.hkl, or of both halves NNNN_0.hkl and NNNN_1.hkl."""
     files, halves, _ = worker_files(folder, 0, 2)
     held = hkl_shape(files[0])[-1]
-    if halves:
-        return held * 2 // count
-    if held % count:
-        raise DataError(f'{files[0]} holds {held} images, which {count} workers cannot share '
+    step = 2 * held if halves else held
+    batch_size = batch_size_for(step, launcher)
+    if batch_images(batch_size, launcher).step != step:
+        raise DataError(f'{files[0]} holds {held} images, which 2 workers cannot share '
                         'equally: name a folder of NNNN_0.hkl / NNNN_1.hkl halves')
-    return held // count
+    return batch_size
 
 
-def share_source(folder, label_folder, split, batch_size, share=None):
+def share_source(folder, label_folder, split, batch_size, launcher='train.py', share=None):
     """(BatchFolder of a worker's share of every batch of `split`, notice or None).
 
-    share=(index, count, b): images [index*b, (index+1)*b) of every NNNN.hkl of count*b images
-    (torchrun rank r of N: (r, N, batch_size/N); train_2gpu.py worker p: (p, 2, batch_size));
-    None: whole files of batch_size images. One of two workers takes instead the NNNN_<index>.hkl
-    of a halves folder (labels <split>_labels_<index>.npy), or its share of the whole-batch
-    sibling of a halves folder that does not exist, with a notice (worker_files)."""
-    index, count, b = share or (0, 1, batch_size)
+    share=(index, count): worker `index` of `count` takes its rows, images [index*b, (index+1)*b),
+    of every NNNN.hkl of a step (b: batch_images' worker); None: whole files of a step (one
+    worker). One of two workers takes instead the NNNN_<index>.hkl of a halves folder (labels
+    <split>_labels_<index>.npy), or its share of the whole-batch sibling of a halves folder that
+    does not exist, with a notice (worker_files)."""
+    index, count = share or (0, 1)
+    b, step = batch_images(batch_size, launcher, count)
     files, halves, notice = worker_files(folder, index, count)
     if halves:
         return BatchFolder(files, os.path.join(label_folder, f'{split}_labels_{index}.npy'), b), None
     held = hkl_shape(files[0])[-1]  # the header only, not the pixels
-    if held != count * b:
+    if held != step:
         each = f' ({count} workers x {b})' if count > 1 else ''
-        if count == 1:
-            fix = f'set batch_size={held}'
-        elif b != batch_size or count > 2:  # torchrun: batch_size is the images of all ranks
-            fix = f'set batch_size={held} (under torchrun: all ranks together)'
-        else:  # train_2gpu.py: per worker
-            fix = f'set batch_size={held // 2}, or name a folder of NNNN_{index}.hkl halves'
-        raise DataError(f'{files[0]} holds {held} images, not {count * b}{each}: {fix}')
+        how = ('' if count == 1 else ' (under torchrun: all ranks together)' if launcher == 'train.py'
+               else f', or name a folder of NNNN_{index}.hkl halves')  # train_2gpu.py: per worker
+        raise DataError(f'{files[0]} holds {held} images, not {step}{each}: set '
+                        f'batch_size={batch_size_for(held, launcher)}{how}')
     rows = None if count == 1 else (index * b, (index + 1) * b)
     return BatchFolder(files, os.path.join(label_folder, f'{split}_labels.npy'), held, rows), notice
 

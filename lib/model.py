@@ -195,8 +195,8 @@ def check_crop(name, crop_size):
 
 
 def build(name, num_classes, dropout, crop_size, seed):
-    """The model with its initial weights drawn from `seed` (identical in every worker)."""
-    check_crop(name, crop_size)
+    """The model with its initial weights drawn from `seed` (identical in every worker), for
+    crops of crop_size (checked where the config comes in: lib/runs.py, from_state)."""
     torch.manual_seed(seed)
     if name == 'alexnet':
         return AlexNet(num_classes, dropout)
@@ -215,6 +215,7 @@ def output_classes(state_dict):
 def from_state(state_dict, name, dropout, crop_size):
     """The network `name` holding the weights of a snapshot, in eval mode. ValueError (alexnet's
     crop_size, no fc layer) or RuntimeError (weights of another shape) when they do not fit."""
+    check_crop(name, crop_size)
     net = build(name, output_classes(state_dict), dropout, crop_size, 0)
     net.load_state_dict(state_dict)
     return net.eval()

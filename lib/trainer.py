@@ -84,8 +84,7 @@ class Trainer:
         extra = ({'loss_scale': self.scaler.scale, 'loss_scale_good_steps': self.scaler.good_steps}
                  if self.scaler else {})
         return {'model': self.model.state_dict(), **self.opt.state_dict(), **extra,
-                'val_record': torch.tensor([[h['val_error'], h['val_loss']] for h in self.history],
-                                           dtype=torch.float64).reshape(-1, 2),
+                'val_record': torch.from_numpy(checkpoint.val_record(self.history)),
                 'history': self.history, 'config': self.cfg,
                 'images_per_step': self.images_per_step,
                 'rng': checkpoint.rng_state(self.gen, self.device, self.order_gen)}

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-import yaml
 
 from lib import checkpoint, config, data, exchange, loader, model, optim, plot, trainer
+from lib.atomic import save_text
 
 
 def num_classes(cfg, sources):
@@ -20,10 +20,12 @@ def num_classes(cfg, sources):
     if cfg['num_classes'] or cfg['synthetic']:
         return cfg['num_classes'] or 1000
     meta = data.dataset_yaml(cfg['label_folder'])
-    if os.path.exists(meta):
-        with open(meta) as f:
-            return int(yaml.safe_load(f)['num_classes'])
-    return int(max(s.labels.max() for s in sources)) + 1
+    if not os.path.exists(meta):
+        return int(max(s.labels.max() for s in sources)) + 1
+    n = data.read_dataset(meta).get('num_classes')
+    if not (isinstance(n, int) and n >= 1):
+        raise data.DataError(f'{meta} gives no num_classes (a dataset.yaml of preprocessing holds it)')
+    return n
 
 
 def check_labels(n_classes, sources, where='num_classes'):
@@ -94,7 +96,7 @@ def check_snapshot(cfg, state, net, images_per_step):
 class Worker:
     """What differs between the workers of one run; the defaults are train.py on its own."""
     exchanger: object = None    # lib/exchange.py: Local, Pair (train_2gpu.py), Distributed (torchrun)
-    share: tuple = None         # (index, count, images): its share of every batch (data.share_source)
+    share: tuple = None         # (index, count): its share of every step (data.share_source)
     gpu: str = None             # device (default: the gpu key)
     port: int = None            # loader port where there is no ipc:// (default: sock_data)
     started: object = None      # called once the run has started (weights_dir checked, written)
@@ -103,26 +105,34 @@ class Worker:
 def data_sources(cfg, worker=Worker(), splits=('train', 'val'), quiet=False):
     """The batch sources of `splits`: the worker's share of the batch folders, or synthetic batches
     (worker 0 prints where its share comes from, unless quiet)."""
-    B = cfg['batch_size']
+    B, launcher = cfg['batch_size'], data.launcher_of(cfg)
     if cfg['synthetic']:
         size = (cfg['crop_size'] * 256 + 226) // 227  # 256 for 227 crops, 37 for 32
         n_files = {'train': cfg['synthetic_batches'], 'val': max(1, cfg['synthetic_batches'] // 10)}
-        index, count, b = worker.share or (0, 1, B)  # a worker's rows of batches of count * b
-        return [data.SyntheticBatches(n_files[s], count * b, size, cfg['num_classes'] or 1000,
+        index, count = worker.share or (0, 1)  # a worker's rows of batches of a step
+        b, step = data.batch_images(B, launcher, count)
+        return [data.SyntheticBatches(n_files[s], step, size, cfg['num_classes'] or 1000,
                                       cfg['seed'] + (s == 'val'), (index * b, (index + 1) * b))
                 for s in splits]
-    found = [data.share_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, worker.share)
-             for split in splits]
+    found = [data.share_source(cfg[f'{split}_folder'], cfg['label_folder'], split, B, launcher,
+                               worker.share) for split in splits]
     notices = [n for _, n in found if n]
     if notices and worker.share[0] == 0 and not quiet:
         print('notice: ' + '; '.join(notices), flush=True)
     return [source for source, _ in found]
 
 
+def mean_image(cfg, size):
+    """The mean image subtracted from batches of `size` px: mean_file's (checked), or 127.5 for
+    synthetic batches."""
+    return (torch.full((3, size, size), 127.5) if cfg['synthetic']
+            else data.load_mean(cfg['mean_file'], size))
+
+
 def checked_data(cfg, worker=Worker(), quiet=False):
     """(train, val, class count, mean image) of a worker, checked as a run starts (headers, labels
     and the mean; no pixels read): one image size, labels below the class count, crops that fit
-    the images and the network."""
+    the images (the network's crop was checked with the config: lib/runs.py)."""
     train, val = data_sources(cfg, worker, quiet=quiet)
     size, val_size = train.image_size(), val.image_size()
     if val_size != size:  # else the loader's slots do not fit val's batches
@@ -135,10 +145,7 @@ def checked_data(cfg, worker=Worker(), quiet=False):
         raise data.DataError(f"crop_size {cfg['crop_size']} is larger than the images "
                              f"({size} px) in {cfg['train_folder']}: set {fix}crop_size={size} "
                              'or less')
-    model.check_crop(cfg['model'], cfg['crop_size'])
-    mean = (torch.full((3, size, size), 127.5) if cfg['synthetic']
-            else data.load_mean(cfg['mean_file'], size))
-    return train, val, n_classes, mean
+    return train, val, n_classes, mean_image(cfg, size)
 
 
 def build_loaders(cfg, device, worker=Worker()):
@@ -160,10 +167,8 @@ def build_loaders(cfg, device, worker=Worker()):
 def run(cfg, worker=Worker()):
     """Build everything from a merged config and train; returns the history (list of dicts)."""
     exchanger = worker.exchanger or exchange.Local()
-    if cfg['resume_train']:
-        checkpoint.check_exists(cfg['weights_dir'], cfg['load_epoch'])
-        if cfg['n_epochs'] <= cfg['load_epoch']:
-            return []  # nothing to train: weights_dir stays as it is (summary says so)
+    if cfg['resume_train'] and cfg['n_epochs'] <= cfg['load_epoch']:
+        return []  # nothing to train: weights_dir stays as it is (summary says so)
     device = trainer.resolve_device(worker.gpu or cfg['gpu'])
     (train_data, val_data), n_cls = build_loaders(cfg, device, worker)
     try:  # from here on a loader process may be running: always close it
@@ -181,7 +186,7 @@ def run(cfg, worker=Worker()):
             if aside:
                 loop.log(f'overwrite: the previous run in {cfg["weights_dir"]} moved to {aside}')
         if cfg['resume_train']:
-            state = checkpoint.load(cfg['weights_dir'], cfg['load_epoch'])
+            state = checkpoint.read(checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch']))
             check_snapshot(cfg, state, net, loop.images_per_step)
             start = loop.restore(state)
             loop.log(f'resumed from {checkpoint.snapshot_path(cfg["weights_dir"], start)} '
@@ -189,7 +194,7 @@ def run(cfg, worker=Worker()):
         exchanger.attach(opt.params, opt.momentum, device)  # after channels_last and resume
         if exchanger.is_main:  # only now: a run that fails to start leaves weights_dir as it was
             os.makedirs(cfg['weights_dir'], exist_ok=True)
-            config.dump(cfg, os.path.join(cfg['weights_dir'], 'config.yaml'))
+            save_text(os.path.join(cfg['weights_dir'], 'config.yaml'), config.to_yaml(cfg))
         if worker.started is not None:  # (train.py under torchrun: a later round resumes)
             worker.started()
         n_params = sum(p.numel() for p in net.parameters())

@@ -34,14 +34,14 @@ import numpy as np
 import yaml
 
 from lib import command
-from lib.atomic import save_npy
+from lib.atomic import save_npy, save_text
 from preprocessing import PrepError
 from preprocessing.layouts import list_dataset
 from preprocessing.mean import MeanTotal
 from preprocessing.paths import load_paths
 from preprocessing.resume import digest, guard, read_record, save_record, shuffled_train
 from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, parallel_map,
-                                  remove_stale_temps, run_job, save_text)
+                                  remove_stale_temps, run_job)
 
 TOY_BATCHES = 10
 DEFAULT_PATHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paths.yaml')

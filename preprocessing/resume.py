@@ -12,9 +12,9 @@ import os
 
 import numpy as np
 
-from lib.atomic import save_npy
+from lib.atomic import save_npy, save_text
 from preprocessing import PrepError
-from preprocessing.writer import batch_dir, save_text
+from preprocessing.writer import batch_dir
 
 SHUFFLED = 'shuffled_train_filenames.npy'
 FINGERPRINT = 'fingerprint.json'

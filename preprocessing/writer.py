@@ -48,13 +48,6 @@ def save_hkl(path, array):
     atomic_write(path, write)
 
 
-def save_text(path, text):
-    def write(tmp):
-        with open(tmp, 'w', encoding='utf-8', errors='surrogateescape', newline='\n') as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def remove_stale_temps(folders):
     """Delete temp files left by an interrupted run; returns how many."""
     removed = 0

@@ -6,7 +6,8 @@ import sys
 import pytest
 import yaml
 
-from lib import config
+from lib import UserError, config, runs
+from lib.atomic import save_text
 from preprocessing import paths
 from tools import config_docs
 
@@ -63,7 +64,7 @@ def test_docs_configuration_md_is_generated_from_the_schema():
 def test_merge_order_and_overrides(tmp_path):
     cfg_file = write(tmp_path / 'c.yaml', 'n_epochs: 5\nlearning_rate: 0.02\nlr_step: [2, 4]\n')
     spec_file = write(tmp_path / 's.yaml', 'batch_size: 64\nn_epochs: 7\n')
-    cfg = config.load(cfg_file, spec_file, ['n_epochs=9', 'learning_rate=1e-3', 'lr_step=[3]',
+    cfg = runs.load(cfg_file, spec_file, ['n_epochs=9', 'learning_rate=1e-3', 'lr_step=[3]',
                                             'rand_crop=false', 'gpu=cpu'], SCHEMA)
     assert cfg['n_epochs'] == 9 and cfg['batch_size'] == 64
     assert cfg['learning_rate'] == 0.001 and isinstance(cfg['learning_rate'], float)
@@ -74,38 +75,38 @@ def test_merge_order_and_overrides(tmp_path):
 
 def test_int_is_accepted_as_float_but_not_the_reverse(tmp_path):
     f = write(tmp_path / 'c.yaml', 'learning_rate: 1\n')
-    assert config.load(f, f, [], SCHEMA)['learning_rate'] == 1.0
+    assert runs.load(f, f, [], SCHEMA)['learning_rate'] == 1.0
     with pytest.raises(config.ConfigError, match="'n_epochs'.*int"):
-        config.load(f, f, ['n_epochs=2.5'], SCHEMA)
+        runs.load(f, f, ['n_epochs=2.5'], SCHEMA)
     with pytest.raises(config.ConfigError, match="'rand_crop'.*bool"):
-        config.load(f, f, ['rand_crop=maybe'], SCHEMA)
+        runs.load(f, f, ['rand_crop=maybe'], SCHEMA)
     with pytest.raises(config.ConfigError, match="'lr_policy'.*step, auto, cosine"):
-        config.load(f, f, ['lr_policy=linear'], SCHEMA)
+        runs.load(f, f, ['lr_policy=linear'], SCHEMA)
 
 
 def test_unknown_key_names_the_closest(tmp_path):
     f = write(tmp_path / 'c.yaml', 'learnig_rate: 0.1\n')
     with pytest.raises(config.ConfigError) as e:
-        config.load(f, f, [], SCHEMA)
+        runs.load(f, f, [], SCHEMA)
     assert "'learnig_rate'" in str(e.value) and "'learning_rate'" in str(e.value)
     assert str(tmp_path / 'c.yaml') in str(e.value)
     g = write(tmp_path / 'g.yaml', '')
     with pytest.raises(config.ConfigError, match="did you mean 'n_epochs'"):
-        config.load(g, g, ['n_epoch=3'], SCHEMA)
+        runs.load(g, g, ['n_epoch=3'], SCHEMA)
     with pytest.raises(config.ConfigError, match="^unknown config key 'zzz' in command-line overrides; "
                                                  "docs/configuration.md lists the keys$"):
-        config.load(g, g, ['zzz=3'], SCHEMA)
+        runs.load(g, g, ['zzz=3'], SCHEMA)
 
 
 def test_bad_override_syntax_and_bad_yaml(tmp_path):
     g = write(tmp_path / 'g.yaml', '')
     with pytest.raises(config.ConfigError, match="'n_epochs' is not of the form"):
-        config.load(g, g, ['n_epochs'], SCHEMA)
+        runs.load(g, g, ['n_epochs'], SCHEMA)
     bad = write(tmp_path / 'bad.yaml', 'a: [1\n')
     with pytest.raises(config.ConfigError, match='bad.yaml is not valid YAML'):
-        config.load(bad, g, [], SCHEMA)
+        runs.load(bad, g, [], SCHEMA)
     with pytest.raises(config.ConfigError, match='cannot read config file'):
-        config.load(str(tmp_path / 'missing.yaml'), g, [], SCHEMA)
+        runs.load(str(tmp_path / 'missing.yaml'), g, [], SCHEMA)
 
 
 def test_paths_are_relative_to_their_file_or_to_cwd(tmp_path, monkeypatch):
@@ -113,16 +114,15 @@ def test_paths_are_relative_to_their_file_or_to_cwd(tmp_path, monkeypatch):
     sub.mkdir()
     f = write(sub / 'c.yaml', 'mean_file: misc/mean.npy\n')
     monkeypatch.chdir(tmp_path)
-    cfg = config.load(f, f, ['weights_dir=out'], SCHEMA)
+    cfg = runs.load(f, f, ['weights_dir=out'], SCHEMA)
     assert cfg['mean_file'] == str(sub / 'misc' / 'mean.npy')
     assert cfg['weights_dir'] == str(tmp_path / 'out')
 
 
-def test_dump_round_trips(tmp_path):
+def test_to_yaml_round_trips(tmp_path):
     f = write(tmp_path / 'c.yaml', '')
-    cfg = config.load(f, f, ['lr_step=[1, 2]'], SCHEMA)
-    config.dump(cfg, tmp_path / 'out.yaml')
-    assert yaml.safe_load((tmp_path / 'out.yaml').read_text()) == cfg
+    cfg = runs.load(f, f, ['lr_step=[1, 2]'], SCHEMA)
+    assert yaml.safe_load(config.to_yaml(cfg)) == cfg
 
 
 def test_train_py_reports_unknown_key_in_one_line(tmp_path):
@@ -179,10 +179,10 @@ def test_a_value_out_of_range_is_named_with_the_file_or_override_that_set_it(tmp
     g = write(tmp_path / 'g.yaml', '')
     with pytest.raises(config.ConfigError, match=r"^config key 'momentum' in command-line overrides "
                                                  r"must be in \[0, 1\), got 1.0$"):
-        config.load(g, g, ['momentum=1'], SCHEMA)
+        runs.load(g, g, ['momentum=1'], SCHEMA)
     f = write(tmp_path / 'f.yaml', 'print_freq: 0\n')
     with pytest.raises(config.ConfigError) as e:
-        config.load(g, f, [], SCHEMA)
+        runs.load(g, f, [], SCHEMA)
     assert str(e.value) == f"config key 'print_freq' in {f} must be at least 1, got 0"
 
 
@@ -206,20 +206,20 @@ def data_folder(folder, batch):
 
 def test_data_gives_the_folders_and_the_batch_and_explicit_keys_win(tmp_path):
     d = data_folder(tmp_path / 'd', 16)
-    cfg = config.load(*SHIPPED, [f'data={d}'], SCHEMA)
-    assert [cfg[k] for k in config.DATA_KEYS] == [
+    cfg = runs.load(*SHIPPED, [f'data={d}'], SCHEMA)
+    assert [cfg[k] for k in runs.DATA_KEYS] == [
         f'{d}/train_hkl_b16_b_16', f'{d}/val_hkl_b16_b_16', f'{d}/labels', f'{d}/misc/img_mean.npy', 16]
-    two = config.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'), [f'data={d}'], SCHEMA_2GPU)
+    two = runs.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'), [f'data={d}'], SCHEMA_2GPU)
     assert two['batch_size'] == 8 and two['train_folder'] == cfg['train_folder']  # per worker: half
-    cfg = config.load(*SHIPPED, [f'data={d}', 'batch_size=4', f'val_folder={tmp_path}/v'], SCHEMA)
+    cfg = runs.load(*SHIPPED, [f'data={d}', 'batch_size=4', f'val_folder={tmp_path}/v'], SCHEMA)
     assert cfg['batch_size'] == 4 and cfg['val_folder'] == str(tmp_path / 'v')
     assert cfg['train_folder'] == f'{d}/train_hkl_b16_b_16'
     # a key set beside data, or after it, wins; data set after a key replaces it
     mine = write(tmp_path / 'mine.yaml', f'data: {d}\nmean_file: my_mean.npy\n')
-    cfg = config.load(SHIPPED[0], mine, [], SCHEMA)
+    cfg = runs.load(SHIPPED[0], mine, [], SCHEMA)
     assert cfg['mean_file'] == str(tmp_path / 'my_mean.npy') and cfg['label_folder'] == f'{d}/labels'
     other = data_folder(tmp_path / 'other', 32)
-    cfg = config.load(SHIPPED[0], mine, [f'data={other}'], SCHEMA)
+    cfg = runs.load(SHIPPED[0], mine, [f'data={other}'], SCHEMA)
     assert cfg['mean_file'] == f'{other}/misc/img_mean.npy' and cfg['batch_size'] == 32
 
 
@@ -232,8 +232,8 @@ def test_a_missing_or_garbled_dataset_yaml_is_a_one_line_error_naming_it(tmp_pat
                       ('num_classes: 3\n', f'{path} gives no batch_size')):
         if text is not None:
             write(d / 'dataset.yaml', text)
-        with pytest.raises(config.ConfigError) as e:
-            config.load(*SHIPPED, [f'data={d}'], SCHEMA)
+        with pytest.raises(UserError) as e:
+            runs.load(*SHIPPED, [f'data={d}'], SCHEMA)
         assert str(e.value).startswith(msg) and '\n' not in str(e.value), str(e.value)
 
 
@@ -244,17 +244,55 @@ def test_a_resume_takes_its_runs_saved_config_and_the_newest_snapshot(tmp_path):
     from lib import checkpoint
     d, w = data_folder(tmp_path / 'd', 16), tmp_path / 'w'
     w.mkdir()
-    saved = config.load(*SHIPPED, [f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
+    saved = runs.load(*SHIPPED, [f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
                                    'n_epochs=3', f'weights_dir={w}', 'shuffle=True'], SCHEMA)
-    config.dump(saved, w / 'config.yaml')
+    save_text(str(w / 'config.yaml'), config.to_yaml(saved))
     for epoch in (1, 3):
         (w / f'model_{epoch}.pt').write_bytes(b'')
-    cfg = config.load(*SHIPPED, [f'weights_dir={w}', 'resume_train=True', 'n_epochs=5'], SCHEMA)
+    cfg = runs.load(*SHIPPED, [f'weights_dir={w}', 'resume_train=True', 'n_epochs=5'], SCHEMA)
     assert cfg == dict(saved, resume_train=True, load_epoch=3, n_epochs=5)
-    cfg = config.load(str(w / 'config.yaml'), SHIPPED[1], ['resume_train=True', 'load_epoch=1'], SCHEMA)
+    cfg = runs.load(str(w / 'config.yaml'), SHIPPED[1], ['resume_train=True', 'load_epoch=1'], SCHEMA)
     assert cfg == dict(saved, resume_train=True, load_epoch=1)
-    two = config.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'),
+    two = runs.load(SHIPPED[0], os.path.join(ROOT, 'spec_2gpu.yaml'),
                       [f'weights_dir={w}', 'resume_train=True'], SCHEMA_2GPU)
     assert two['batch_size'] == 8 and two['model'] == 'alexnet_cifar' and two['load_epoch'] == 3
     with pytest.raises(checkpoint.SnapshotError, match=f'no snapshot model_<N>.pt in {tmp_path}/none'):
-        config.load(*SHIPPED, [f'weights_dir={tmp_path}/none', 'resume_train=True'], SCHEMA)
+        runs.load(*SHIPPED, [f'weights_dir={tmp_path}/none', 'resume_train=True'], SCHEMA)
+
+
+def test_config_is_a_leaf_that_imports_no_torch():
+    """lib/config.py (the schema and the merging of YAML files and key=value) imports neither
+    torch, refused here by an import hook, nor any other module of lib/."""
+    code = '\n'.join([
+        'import json, sys',
+        'class NoTorch:',
+        '    def find_spec(self, name, path=None, target=None):',
+        "        if name.split('.')[0] == 'torch':",
+        "            raise ImportError(f'{name} is refused here')",
+        'sys.meta_path.insert(0, NoTorch())',
+        'import lib.config',
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'lib')))"])
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert yaml.safe_load(r.stdout) == ['lib', 'lib.config']
+
+
+def test_batch_size_means_images_per_worker_in_train_2gpu_and_per_step_in_train_py():
+    """data.batch_images says what batch_size means for a launcher and its workers, and
+    data.batch_size_for the batch_size of a step (a whole batch file) under each launcher."""
+    from lib import data
+    assert data.batch_images(128, 'train_2gpu.py') == (128, 256)      # per worker, 2 workers
+    assert data.batch_images(256, 'train.py') == (256, 256)           # alone: the step
+    assert data.batch_images(256, 'train.py', 4) == (64, 256)         # 4 torchrun ranks together
+    assert (data.batch_size_for(256, 'train_2gpu.py'), data.batch_size_for(256, 'train.py')) == (128, 256)
+    assert data.launcher_of(SCHEMA_2GPU) == 'train_2gpu.py' and data.launcher_of(SCHEMA) == 'train.py'
+
+
+def test_a_run_to_train_has_its_crop_checked_with_its_config(tmp_path):
+    """Once, as the config comes in (not again by the data check or the network); a snapshot to
+    evaluate brings its own network (validate_performance.py: test_evaluate.py)."""
+    with pytest.raises(config.ConfigError, match='^model alexnet needs crop_size 227, got 32 '):
+        runs.load(*SHIPPED, ['synthetic=True', 'crop_size=32'], SCHEMA)
+    cifar = runs.load(*SHIPPED, ['synthetic=True', 'crop_size=32', 'model=alexnet_cifar'], SCHEMA)
+    assert cifar['crop_size'] == 32

@@ -116,10 +116,12 @@ def test_same_seed_same_weights_in_every_worker():
 
 
 def test_alexnet_with_another_crop_names_the_fix():
+    """Checked where the crop comes in: a config (lib/runs.py; test_config.py) or a snapshot."""
     from lib.config import ConfigError
+    weights = model.build('alexnet', 10, 0.5, 227, seed=1).state_dict()
     with pytest.raises(ConfigError, match=r'^model alexnet needs crop_size 227, got 32 \(or set '
                                           r'model=alexnet_cifar for small images, e.g. 32 px\)$'):
-        model.build('alexnet', 10, 0.5, 32, seed=1)
+        model.from_state(weights, 'alexnet', 0.5, 32)
 
 
 def test_alexnet_cifar_is_the_18pct_net():

@@ -214,7 +214,8 @@ MUTANTS = [
            ('tests/test_loader.py::test_loader_exits_when_its_trainer_is_killed',)),
     # --- evaluation (validate_performance.py)
     Mutant("validate_performance.py ignores the data's mean", 'validate_performance.py',
-           "127.5) if cfg['synthetic']", '127.5) if True',
+           'mean = training.mean_image(cfg, size)',
+           'mean = training.mean_image(dict(cfg, synthetic=True), size)',
            ('tests/test_evaluate.py::test_validate_reproduces_the_val_record_row',)),
     # --- the preprocessing writer (preprocessing/writer.py)
     Mutant("an image of a class tar read at its offset in the class tar, not in the archive",
@@ -258,7 +259,13 @@ MUTANTS = [
            '            if done:\n                sock.close()',
            '            if False:\n                sock.close()',
            ('tests/test_serve.py::test_a_flood_of_idle_connections_is_held_to_the_cap',)),
-    # --- config (lib/config.py)
+    # --- config (lib/config.py) and the layers of lib/
+    Mutant('lib/config.py imports torch', 'lib/config.py',
+           '\nimport yaml\n', '\nimport yaml\nimport torch  # noqa: F401\n',
+           ('tests/test_config.py::test_config_is_a_leaf_that_imports_no_torch',)),
+    Mutant('a module of lib/ imports another inside a function (where a circle hides)', 'lib/config.py',
+           'def describe(cfg):\n', 'def describe(cfg):\n    from lib import runs  # noqa: F401\n',
+           ('tests/test_lint.py::test_lib_modules_import_each_other_at_the_top_without_a_circle',)),
     Mutant('a config range dropped', 'lib/config.py',
            "before it stops with an error',\n                        ABOVE_0),",
            "before it stops with an error'),",

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import train
-from lib import checkpoint, config, model, training
+from lib import checkpoint, config, model, runs, training
 from tests.helpers import make_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,10 +99,11 @@ def test_data_layer_on_and_off_train_identically(tmp_path):
 
 
 def test_resume_from_a_missing_snapshot_names_it(tmp_path):
-    cfg = tiny_config(str(tmp_path), n_epochs=1)
-    training.run(cfg)
+    """Checked once, as the config comes in (lib/runs.py), before anything is built."""
+    (tmp_path / 'model_1.pt').write_bytes(b'')
+    shipped = [os.path.join(ROOT, name) for name in ('config.yaml', 'spec_1gpu.yaml')]
     with pytest.raises(checkpoint.SnapshotError, match=r'model_7.pt.*snapshots there: \[1\]'):
-        training.run(dict(cfg, resume_train=True, load_epoch=7))
+        runs.load(*shipped, [f'weights_dir={tmp_path}', 'resume_train=True', 'load_epoch=7'], SCHEMA)
 
 
 def test_bad_device_and_crop_are_one_line_errors(tmp_path):
@@ -136,7 +137,7 @@ def test_a_snapshot_resumes_at_its_images_per_step_whatever_the_worker_count(tmp
     8 images per step resumes in 2 workers x 4, not in 2 x 8; older snapshots compare batch_size."""
     cfg = tiny_config(str(tmp_path), n_epochs=1)
     training.run(cfg)
-    state = checkpoint.load(cfg['weights_dir'], 1)
+    state = checkpoint.read(checkpoint.snapshot_path(cfg['weights_dir'], 1))
     assert state['images_per_step'] == 8
     net = model.build('alexnet_cifar', 3, 0.0, 32, 0)
     more = dict(cfg, resume_train=True, load_epoch=1)
@@ -241,7 +242,7 @@ def test_a_forgotten_batch_size_is_that_of_the_batch_files_in_every_mode(tmp_pat
 
     def batch_size(spec, *extra):
         schema = {**config.CONFIG, **(config.SPEC_2GPU if '2gpu' in spec else config.SPEC_1GPU)}
-        return config.load(os.path.join(ROOT, 'config.yaml'), os.path.join(ROOT, spec),
+        return runs.load(os.path.join(ROOT, 'config.yaml'), os.path.join(ROOT, spec),
                            folders + list(extra), schema)['batch_size']
     halves = [f'{k}={keys[k].replace("_b8_b_8", "_b8_b_4")}' for k in ('train_folder', 'val_folder')]
     assert batch_size('spec_1gpu.yaml') == 8            # train.py; torchrun: all ranks together
@@ -249,7 +250,7 @@ def test_a_forgotten_batch_size_is_that_of_the_batch_files_in_every_mode(tmp_pat
     assert batch_size('spec_2gpu.yaml', *halves) == 4   # or a halves file NNNN_0.hkl
     assert batch_size('spec_1gpu.yaml', *halves) == 8   # (two torchrun ranks read the halves)
     B = batch_size('spec_1gpu.yaml')  # torchrun rank 1 of 2 takes images 4..7 of every file
-    rank1, _ = data.share_source(keys['train_folder'], keys['label_folder'], 'train', B, (1, 2, B // 2))
+    rank1, _ = data.share_source(keys['train_folder'], keys['label_folder'], 'train', B, 'train.py', (1, 2))
     assert (rank1.batch_size, rank1.rows) == (4, (4, 8))
     first = os.path.join(keys['train_folder'], '0000.hkl')
     assert train.main(argv + ['batch_size=256']) == 2
@@ -260,7 +261,7 @@ def test_a_forgotten_batch_size_is_that_of_the_batch_files_in_every_mode(tmp_pat
         'set model=alexnet_cifar and crop_size=36 or less')
     with pytest.raises(data.DataError, match=r'holds 8 images, not 16 \(2 workers x 8\): set '
                                              r'batch_size=8 \(under torchrun: all ranks together\)$'):
-        data.share_source(keys['train_folder'], keys['label_folder'], 'train', 16, (0, 2, 8))
+        data.share_source(keys['train_folder'], keys['label_folder'], 'train', 16, 'train.py', (0, 2))
 
 
 def test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_nothing_to_train_writes_nothing(

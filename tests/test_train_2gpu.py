@@ -159,19 +159,20 @@ def test_halves_of_whole_batch_files_train_as_the_halves_folder(tmp_path):
 
 
 def test_where_a_worker_takes_its_half_from(tmp_path):
+    TWO = 'train_2gpu.py'  # batch_size: per worker
     full, halves = dataset(tmp_path)
     labels = full['label_folder']
-    half, notice = share_source(halves['train_folder'], labels, 'train', 4, (1, 2, 4))
+    half, notice = share_source(halves['train_folder'], labels, 'train', 4, TWO, (1, 2))
     assert (half.files[0], half.rows, notice) == \
         (os.path.join(halves['train_folder'], '0000_1.hkl'), None, None)
     assert half.labels_file.endswith('train_labels_1.npy')
-    rows, notice = share_source(full['train_folder'], labels, 'train', 4, (1, 2, 4))
+    rows, notice = share_source(full['train_folder'], labels, 'train', 4, TWO, (1, 2))
     assert (rows.files[0], rows.rows, notice) == \
         (os.path.join(full['train_folder'], '0000.hkl'), (4, 8), None)
     assert rows.labels_file.endswith('train_labels.npy') and rows.labels.shape == (4, 4)
     assert np.array_equal(rows.labels, half.labels) and np.array_equal(rows.read(2), half.read(2))
     with pytest.raises(DataError) as e:  # batch_size is per worker: these files hold 2 x 4
-        share_source(full['train_folder'], labels, 'train', 8, (0, 2, 8))
+        share_source(full['train_folder'], labels, 'train', 8, TWO, (0, 2))
     assert str(e.value) == (os.path.join(full['train_folder'], '0000.hkl') + ' holds 8 images, not '
                             '16 (2 workers x 8): set batch_size=4, or name a folder of NNNN_0.hkl '
                             'halves')
@@ -179,15 +180,15 @@ def test_where_a_worker_takes_its_half_from(tmp_path):
         share_source(full['train_folder'], labels, 'train', 4)  # train.py alone
     with pytest.raises(DataError, match=r'holds 8 images, not 16 \(4 workers x 4\): set '
                                         r'batch_size=8 \(under torchrun: all ranks together\)$'):
-        share_source(full['train_folder'], labels, 'train', 16, (3, 4, 4))  # torchrun rank 3 of 4
+        share_source(full['train_folder'], labels, 'train', 16, 'train.py', (3, 4))  # torchrun rank 3 of 4
     shutil.rmtree(halves['train_folder'])  # a halves folder that is gone: its whole sibling
-    source, notice = share_source(halves['train_folder'], labels, 'train', 4, (0, 2, 4))
+    source, notice = share_source(halves['train_folder'], labels, 'train', 4, TWO, (0, 2))
     assert (os.path.dirname(source.files[0]), source.rows) == (full['train_folder'], (0, 4))
     assert notice == (f"{halves['train_folder']} does not exist: each worker takes its half of "
                       f"every batch in {full['train_folder']}")
     quarters = full['train_folder'].replace('_b8_b_8', '_b8_b_2')  # not the sibling of _b8_b_8
     with pytest.raises(DataError, match=f'cannot list batch folder {quarters}'):
-        share_source(quarters, labels, 'train', 4, (0, 2, 4))
+        share_source(quarters, labels, 'train', 4, TWO, (0, 2))
 
 
 def test_resume_and_exchange_freq(tmp_path):
