@@ -1,5 +1,5 @@
 """The linter: `ruff check .` with the rules of ruff.toml (pyflakes, pycodestyle errors, bugbear);
-and the layers of lib/ (no import circle)."""
+and the layers of lib/ (no import circle) and of benchmarks/ (nothing from tests/)."""
 import ast
 import os
 import subprocess
@@ -51,3 +51,18 @@ def test_lib_modules_import_each_other_at_the_top_without_a_circle():
             done.add(name)
     for name in sorted(graph):
         visit(name)
+
+
+def test_benchmarks_import_nothing_from_the_tests():
+    """benchmarks/ is a layer above lib/ and beside tests/: what both need lives in benchmarks/
+    (the network-namespace cluster) or lib/."""
+    folder = os.path.join(ROOT, 'benchmarks')
+    found = []
+    for name in sorted(n for n in os.listdir(folder) if n.endswith('.py')):
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+            found += [f'benchmarks/{name}:{node.lineno} {n}' for n in names if n.split('.')[0] == 'tests']
+    assert not found, f'benchmarks/ imports from tests/: {found}'

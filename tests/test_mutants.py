@@ -259,13 +259,17 @@ MUTANTS = [
            '            if done:\n                sock.close()',
            '            if False:\n                sock.close()',
            ('tests/test_serve.py::test_a_flood_of_idle_connections_is_held_to_the_cap',)),
-    # --- config (lib/config.py) and the layers of lib/
+    # --- config (lib/config.py) and the layers of lib/ and benchmarks/
     Mutant('lib/config.py imports torch', 'lib/config.py',
            '\nimport yaml\n', '\nimport yaml\nimport torch  # noqa: F401\n',
            ('tests/test_config.py::test_config_is_a_leaf_that_imports_no_torch',)),
     Mutant('a module of lib/ imports another inside a function (where a circle hides)', 'lib/config.py',
            'def describe(cfg):\n', 'def describe(cfg):\n    from lib import runs  # noqa: F401\n',
            ('tests/test_lint.py::test_lib_modules_import_each_other_at_the_top_without_a_circle',)),
+    Mutant('a benchmark imports from tests/ (the test cluster)', 'benchmarks/links.py',
+           'from benchmarks.cluster import Cluster, rate_bits\n',
+           'from benchmarks.cluster import rate_bits\nfrom tests.cluster import Cluster\n',
+           ('tests/test_lint.py::test_benchmarks_import_nothing_from_the_tests',)),
     Mutant('a config range dropped', 'lib/config.py',
            "before it stops with an error',\n                        ABOVE_0),",
            "before it stops with an error'),",
