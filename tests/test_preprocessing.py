@@ -343,6 +343,48 @@ def test_resume_writes_only_what_is_missing(tmp_path):
     np.testing.assert_array_equal(np.load(out / 'misc' / 'img_mean.npy'), mean)  # sums read back
 
 
+def test_val_labels_follow_the_number_in_each_file_name_across_gaps(tmp_path):
+    """ILSVRC2012_val_<N> takes line N of the ground truth wherever it lies in the sorted folder:
+    with images 3 and 8 missing, image 4 still gets line 4 (by position it, and every image after
+    a gap, would take the line of another image: neighbouring lines here are other classes)."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    table = make_val_imagenet(tmp_path / 'raw', n=14, bad=())
+    for k in (3, 8):
+        name = f'ILSVRC2012_val_{k:08d}.JPEG'
+        (tmp_path / 'raw' / 'val' / name).unlink()
+        del table[name]
+    run(write_paths(tmp_path / 'paths.yaml', sub_batches=[1]))
+    out = tmp_path / 'out'
+    files = [f for b in batches(out / 'val_hkl_b4_b_4') for f in decode(b, table)]
+    assert len(files) == 12 and 'ILSVRC2012_val_00000004.JPEG' in files
+    assert np.load(out / 'labels' / 'val_labels.npy').tolist() == [table[f][0] for f in files]
+    assert [(f, int(y)) for f, y in listed(out / 'misc' / 'val.txt')] == [(f, table[f][0]) for f in files]
+
+
+def test_a_rerun_after_an_input_image_was_removed_stops_and_changes_nothing(tmp_path, capsys):
+    """The batches on disk were made from the images as they were: a rerun after an image left
+    the train or the val folder stops with one line naming the fix, rather than writing labels
+    (of the images now there) beside batches of the old images."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw', bad=())
+    paths = write_paths(tmp_path / 'paths.yaml', sub_batches=[1])
+    run(paths)
+    out = tmp_path / 'out'
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    for moved, message in (('train/n02000002/img3.jpeg', 'shuffled_train_filenames.npy does not list '
+                                                         'the files now in the train folders'),
+                           ('val/ILSVRC2012_val_00000002.JPEG', 'the valid input files differ from '
+                                                               'those')):
+        image = tmp_path / 'raw' / moved
+        image.rename(tmp_path / 'aside')
+        capsys.readouterr()
+        assert make_data.main([str(paths)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err and ('delete' in err), err
+        assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+        (tmp_path / 'aside').rename(image)
+
+
 def old_mean(folder):
     """img_mean.npy as the earlier make_data computed it: every batch's uint64 sum kept, then summed."""
     sums = [b.sum(axis=3, dtype=np.uint64) for b in batches(folder)]
