@@ -352,3 +352,13 @@ def test_lr_policy_auto_decides_on_the_top1_error_not_the_loss(tmp_path, monkeyp
     assert [h['val_error'] for h in history] == errors
     assert [h['lr'] for h in history] == pytest.approx([0.01] * 7 + [0.001])
     assert checkpoint.load(str(tmp_path / 'w'), 8)['lr'] == pytest.approx(0.001)
+
+
+def test_the_closing_line_gives_the_last_epochs_top1_and_top5_accuracy():
+    """What train.py prints last: the accuracies (1 - error, in %) of the last epoch's row."""
+    cfg = dict(weights_dir='w', resume_train=False, n_epochs=2, load_epoch=0)
+    history = [dict(epoch=1, val_error=0.5, val_top5_error=0.25),
+               dict(epoch=2, val_error=0.375, val_top5_error=0.125)]
+    assert training.summary(cfg, history) == ('done: epoch 2, val top-1 accuracy 62.50 % (top-5 87.50 %); '
+                                              f'records in {os.path.join("w", "val_record.npy")}')
+    assert training.summary(dict(cfg, n_epochs=0), []) == 'done: nothing to train (n_epochs 0)'
