@@ -349,6 +349,9 @@ def main(argv=None):
     p.add_argument('--mutants', nargs='*', help='test these mutant names instead of a sample')
     p.add_argument('--debug', action='store_true', help="mutmut's debug output (every test's) in the log")
     args = p.parse_args(argv)
+    # Ctrl-C stops the run; and the tests' programs must get it too (a test sends SIGINT): a
+    # disposition of SIG_IGN (this started in the background by a shell) would pass to them
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     check_mutmut()
     workdir = os.path.abspath(args.workdir)
     repo = os.path.join(workdir, 'repo')
