@@ -9,8 +9,9 @@ for the programs that the tests start as child processes (`python train.py`, `py
 2. While mutmut records which tests reach which function (MUTANT_UNDER_TEST=stats), mutmut
    records the hits in the process that makes them: a child (a) reads mutmut's config from the
    project copy (MUTATION_ROOT; mutmut reads setup.cfg from the cwd, and the child's may be any
-   folder), and (b) at exit writes the functions it reached into MUTATION_HITS_DIR, which
-   mutation_stats_plugin.py adds to the test that started it.
+   folder), and (b) writes the functions it has reached into MUTATION_HITS_DIR (at exit, and
+   every 0.25 s while it runs: a server a test module shares may be stopped only after its
+   last test), which mutation_stats_plugin.py adds to the tests that run meanwhile.
 Idle where MUTATION_ROOT is not set, or mutmut is not installed."""
 import os
 import sys
@@ -54,8 +55,14 @@ def _load_config():
         os.chdir(here)
 
 
+_written = [0]
+
+
 def _write_hits():
     from mutmut.state import state
+    if len(state()._stats) == _written[0]:
+        return
+    _written[0] = len(state()._stats)
     rename = {}
     for alias in ('__main__', '__mp_main__'):
         main = sys.modules.get(alias)
@@ -79,8 +86,16 @@ if os.environ.get('MUTATION_ROOT'):
         _patch_trampoline()
         if os.environ.get('MUTANT_UNDER_TEST') == 'stats' and os.environ.get('MUTATION_HITS_DIR'):
             import atexit
+            import threading
+            import time
             _load_config()
             atexit.register(_write_hits)
+
+            def _every_quarter_second():
+                while True:
+                    time.sleep(0.25)
+                    _write_hits()
+            threading.Thread(target=_every_quarter_second, name='mutation-hits', daemon=True).start()
     except ImportError:  # a python without mutmut: it cannot run the mutated files anyway
         pass
     except Exception as e:  # noqa: BLE001  (never stop the program the test runs)
