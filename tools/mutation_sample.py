@@ -5,6 +5,7 @@ command (it takes about half an hour on 2 cores); tests/test_mutants.py is the c
     sh tools/venv.sh requirements-mutation.txt
     .venv/bin/python -m tools.mutation_sample                  # 300 mutants, seed 27
     .venv/bin/python -m tools.mutation_sample --survivors      # again, only the last run's survivors
+    .venv/bin/python -m tools.mutation_sample --unfinished     # only those without a result yet
     .venv/bin/python -m tools.mutation_sample --sample 50 --seed 1 --workdir /tmp/m
 
 What it does:
@@ -346,6 +347,9 @@ def main(argv=None):
     p.add_argument('--fresh', action='store_true', help='start from a new copy (no recorded stats)')
     p.add_argument('--survivors', action='store_true',
                    help="test again only the mutants that survived in the workdir's last run")
+    p.add_argument('--unfinished', action='store_true',
+                   help='test only the mutants of the sample without a result yet (a run cut short, '
+                        'or files changed since)')
     p.add_argument('--mutants', nargs='*', help='test these mutant names instead of a sample')
     p.add_argument('--debug', action='store_true', help="mutmut's debug output (every test's) in the log")
     args = p.parse_args(argv)
@@ -373,6 +377,8 @@ def main(argv=None):
     todo = sample
     if args.mutants:
         todo = sample = sorted(args.mutants)
+    elif args.unfinished:
+        todo = [n for n in sample if names.get(n) is None]
     elif args.survivors:
         with open(results_file) as f:
             last = json.load(f)
