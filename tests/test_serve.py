@@ -382,10 +382,15 @@ def test_a_padded_dataset_is_framed_as_in_training(tmp_path):
     step = data.make_plan(torch.Generator(), 1, 1, SIZE, CROP, train=False)[0]
     want = data.crop_mirror(batch, data.load_mean(snap['mean_file'], SIZE), step, CROP)
     assert torch.equal(clf.preprocess(IMAGES['jpeg']), want)
-    with open(snap['dataset_yaml'], 'w') as f:
-        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE}, f)
-    with pytest.raises(serve.SetupError, match='pad'):
+    with open(snap['dataset_yaml'], 'w') as f:  # a frame of half the image leaves no image
+        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE // 2}, f)
+    with pytest.raises(serve.SetupError, match=f'pad {SIZE // 2} does not fit images of {SIZE} px'):
         serve.Classifier(snap['path'], device='cpu')
+
+
+def test_the_device_is_chosen_automatically_by_default(snapshot):
+    """Classifier (and serve.py without --device) takes cuda:0 where there is one, else the CPU."""
+    assert serve.Classifier(snapshot['path']).device.type == ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 # ----------------------------------------------------------------------------- formats, words, limits
