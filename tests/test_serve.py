@@ -602,3 +602,13 @@ def test_the_page_is_rendered_once_at_start_and_a_missing_one_is_a_setup_error(c
     monkeypatch.setattr(serve, 'PAGE', '/nonexistent/serve_page.html')
     with pytest.raises(serve.SetupError, match='cannot read the page /nonexistent/serve_page.html'):
         serve.make_server(classifier, '127.0.0.1', 0, MAX_BYTES)
+
+
+def test_help_names_the_devices_and_the_limits(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main(['--help'])
+    assert e.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    for part in ('--device DEVICE auto | cpu | cuda:N (default auto)',
+                 '--max-bytes MAX_BYTES largest accepted request body (default 20 MiB)'):
+        assert part in text, text
