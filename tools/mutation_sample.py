@@ -288,7 +288,8 @@ def read_triage():
     if not os.path.exists(TRIAGE):
         return {}
     with open(TRIAGE, newline='') as f:
-        rows = [r for r in csv.DictReader((line for line in f if not line.startswith('#')), delimiter='\t')]
+        rows = [r for r in csv.DictReader((line for line in f if not line.startswith('#')), delimiter='\t',
+                                         quoting=csv.QUOTE_NONE)]
     for r in rows:
         if r['verdict'] not in VERDICTS:
             sys.exit(f"error: {TRIAGE}: {r['mutant']}: verdict {r['verdict']!r} (one of {', '.join(VERDICTS)})")
