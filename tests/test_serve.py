@@ -612,3 +612,11 @@ def test_help_names_the_devices_and_the_limits(capsys):
     for part in ('--device DEVICE auto | cpu | cuda:N (default auto)',
                  '--max-bytes MAX_BYTES largest accepted request body (default 20 MiB)'):
         assert part in text, text
+
+
+def test_a_port_out_of_range_is_a_one_line_error(snapshot, capsys):
+    """--port 70000: the socket library's OverflowError (no strerror, unlike an OSError) is named
+    in one line too."""
+    assert serve.main([snapshot['path'], '--port', '70000', '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: cannot listen on 127.0.0.1 port 70000: '), err
