@@ -620,3 +620,19 @@ def test_a_port_out_of_range_is_a_one_line_error(snapshot, capsys):
     assert serve.main([snapshot['path'], '--port', '70000', '--device', 'cpu']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('error: cannot listen on 127.0.0.1 port 70000: '), err
+
+
+def test_a_failure_inside_classification_is_a_500_that_closes_the_connection(classifier, monkeypatch):
+    """Whatever one request does (here the network raises), that request gets 500 naming the
+    error, its connection is closed, and the server goes on serving."""
+    def broken(x):
+        raise RuntimeError('out of memory')
+    with served(classifier) as port:
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+        with monkeypatch.context() as m:
+            m.setattr(classifier, 'net', broken)
+            status, r, answer = upload(port, IMAGES['png'], conn=conn)
+        assert status == 500 and 'internal error: RuntimeError: out of memory' in str(answer)
+        assert r.getheader('Connection') == 'close'
+        conn.close()
+        assert upload(port, IMAGES['png'])[0] == 200
