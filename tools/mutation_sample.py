@@ -93,8 +93,9 @@ def write_config(repo, debug=False):
              'also_copy =', *[f'    {t}' for t in tops],
              'do_not_mutate =', *[f'    {t}' for t in NOT_MUTATED],
              'pytest_add_cli_args_test_selection =', *[f'    {t}' for t in TESTS],
-             # per-test limit (pytest-timeout), and the hits of the tests' child processes
-             'pytest_add_cli_args =', '    -p', '    mutation_stats_plugin', '    --timeout=600',
+             # per-test limit (pytest-timeout: a mutant that hangs a test is caught in 5 min, not
+             # in mutmut's 15 x the tests' time), and the hits of the tests' child processes
+             'pytest_add_cli_args =', '    -p', '    mutation_stats_plugin', '    --timeout=300',
              '    -p', '    no:cacheprovider',
              # each mutant forked from the process that ran the tests once (OMP_NUM_THREADS=1:
              # torch's CPU kernels start no thread pool, so the fork is safe), fastest tests first
