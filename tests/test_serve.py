@@ -552,8 +552,9 @@ def test_a_large_image_does_not_hold_up_a_small_one(classifier, monkeypatch):
                 threads.append(threading.Thread(target=lambda: answers.append(upload(port, big))))
                 threads[-1].start()
                 assert started.acquire(timeout=30)
-                status, _, answer = upload(port, IMAGES['png'])  # http.client's timeout: 30 s
+                status, r, answer = upload(port, IMAGES['png'])  # http.client's timeout: 30 s
                 assert status == (200 if n == 0 else 503), answer
+                assert r.getheader('Retry-After') == (None if n == 0 else '1')  # with every 503
                 assert all(t.is_alive() for t in threads) and not answers  # still decoding
         finally:
             release.set()
