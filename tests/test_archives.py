@@ -143,9 +143,14 @@ def test_archives_give_what_the_extracted_folders_give(imagenet_pair, devkit, wo
     with either devkit (their ILSVRC ids differ), 1 or 2 workers (indexing the class tars too);
     auto detects the archives."""
     monkeypatch.setattr(archives, 'PARALLEL_CLASSES', 1)
+    indexed_by = []
+    scan = archives.scan_train
+    monkeypatch.setattr(archives, 'scan_train', lambda archive, workers=1: (indexed_by.append(workers),
+                                                                            scan(archive, workers))[1])
     root, train, val = imagenet_pair
     name = f'arch_{workers}'
     run(archive_paths(root, name, devkit=devkit, workers=workers))
+    assert indexed_by == [workers]  # the class tars indexed by the paths file's workers
     same_outputs(root / 'ref', root / name)
     info = yaml.safe_load((root / name / 'dataset.yaml').read_text())
     ref = yaml.safe_load((root / 'ref' / 'dataset.yaml').read_text())
@@ -160,6 +165,67 @@ def test_archives_give_what_the_extracted_folders_give(imagenet_pair, devkit, wo
     lines = listed(root / name / 'misc' / 'train.txt')                  # the images are the listed ones
     assert files == [f for f, _ in lines][:len(files)] and len(files) == 28
     assert 'subfolder/deeper.jpg' not in ''.join(f for f, _ in lines)
+
+
+def test_an_archive_index_is_read_without_unpickling(tmp_path):
+    """misc_dir's index of an archive is numpy arrays read with allow_pickle=False: one holding a
+    pickle is never unpickled, but taken as unreadable, and the archive indexed again."""
+    archive, misc = tmp_path / 'train.tar', tmp_path / 'misc'
+    archive.write_bytes(b'\0' * 1024)
+    misc.mkdir()
+    st = os.stat(archive)
+    marker = tmp_path / 'unpickled'
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), 'w'))
+    with open(misc / 'train.tar.index.npz', 'wb') as f:
+        np.savez(f, stamp=np.array([archives.INDEX_VERSION, st.st_size, st.st_mtime_ns], np.int64),
+                 classes=np.array([Evil()], dtype=object), names=np.array([Evil()], dtype=object),
+                 offsets=np.zeros(1, np.int64), sizes=np.ones(1, np.int64))
+    scanned = []
+    classes, source = archives.load_index(str(archive), str(misc), lambda a: (
+        scanned.append(a), (['n1'], {'n1/a.jpg': (512, 10)}))[1])
+    assert not marker.exists() and scanned == [str(archive)]
+    assert classes == ['n1'] and source.names == ['n1/a.jpg']
+
+
+def test_member_names_that_are_not_utf8_survive_the_index():
+    """tarfile gives a member name's bytes that are not UTF-8 as surrogates (an old latin-1 tar):
+    the index stores and gives back such names unchanged."""
+    names = ['n01000001/caf\udce9.jpg', 'n01000001/plain.jpg', 'n02000002/\udcff.png']
+    assert archives.unpack(archives.pack(names)) == names
+
+
+def test_a_class_tar_without_images_is_named(tmp_path):
+    archive = tmp_path / 'train.tar'
+    with tarfile.open(archive, 'w') as outer:
+        for wnid, member in (('n01000001', 'a.JPEG'), ('n02000002', 'readme.txt')):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode='w') as tar:
+                add_bytes(tar, member, b'x' * 100)
+            add_bytes(outer, f'{wnid}.tar', inner.getvalue())
+    with pytest.raises(archives.PrepError) as e:
+        archives.train_archive(str(archive), str(tmp_path / 'misc'))
+    exts = '/'.join(archives.IMAGE_EXTS)
+    assert str(e.value) == f'no images ({exts}) in {archive} member n02000002.tar'
+
+
+def test_a_devkit_missing_a_file_names_what_it_holds_and_what_it_lacks(tmp_path):
+    kit = tmp_path / 'kit'
+    (kit / 'data').mkdir(parents=True)
+    (kit / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt').write_text('1\n')
+    with pytest.raises(devkit.PrepError) as e:
+        devkit.find_in_devkit(str(kit))
+    assert str(e.value).startswith(f'devkit {kit} holds ILSVRC2014_clsloc_validation_ground_truth.txt but '
+                                   'not meta_clsloc.mat (at its top, in data/ or in <folder>/data/)')
+    (kit / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt').unlink()
+    with pytest.raises(devkit.PrepError) as e:
+        devkit.find_in_devkit(str(kit))
+    assert str(e.value).startswith(
+        f'devkit {kit} holds neither meta_clsloc.mat + ILSVRC2014_clsloc_validation_ground_truth.txt '
+        '(ILSVRC2014) nor meta.mat + ILSVRC2012_validation_ground_truth.txt (ILSVRC2012), at its top, '
+        'in data/ or in <folder>/data/')
 
 
 def test_devkit_folder_of_either_version(imagenet_pair, tmp_path):

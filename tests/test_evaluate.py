@@ -11,7 +11,7 @@ import torch
 
 import plot
 import validate_performance
-from lib import config, data, optim, trainer, training
+from lib import checkpoint, config, data, optim, trainer, training
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +70,46 @@ def test_validate_cli_prints_six_significant_digits_and_ten_crop(trained):
     missing = subprocess.run(args + ['load_epoch=9'], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and 'model_9.pt' in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_ten_crop_scores_the_mean_softmax_of_the_ten_views(trained, tmp_path):
+    """ten_crop=True: per image the softmax averaged over the four corners and the centre of the
+    crop range, each also mirrored, computed here from the batch files with numpy slices; it
+    differs from the centre crop's numbers (which it must not silently give instead). The
+    snapshot's last layer is scaled up, so that the views' scores differ clearly."""
+    import hickle
+    root, cfg = trained
+    state = torch.load(os.path.join(root, 'w', 'model_2.pt'), weights_only=True)
+    state['model']['classifier.weight'] *= 30
+    path = str(tmp_path / 'model_2.pt')
+    torch.save(state, path)
+    net, _ = checkpoint.load_net(checkpoint.read(path), path)
+    mean = np.load(cfg['mean_file']).astype(np.float64)
+    labels = np.load(os.path.join(cfg['label_folder'], 'val_labels.npy')).reshape(-1, 8)
+    S, c = 36, 32
+    m = (S - c) // 2
+    wrong1 = wrong5 = loss = 0.0
+    for k, y in enumerate(labels):
+        batch = hickle.load(os.path.join(cfg['val_folder'], f'{k:04d}.hkl'))     # (3, S, S, B)
+        images = batch.transpose(3, 0, 1, 2).astype(np.float64) - mean           # (B, 3, S, S)
+        probs = 0
+        for x0, y0 in ((0, 0), (2 * m, 0), (0, 2 * m), (2 * m, 2 * m), (m, m)):
+            crop = images[:, :, y0:y0 + c, x0:x0 + c]
+            for view in (crop, crop[..., ::-1]):
+                with torch.no_grad():
+                    logits = net(torch.from_numpy(view.astype(np.float32).copy())).double()
+                probs = probs + logits.softmax(1).numpy() / 10
+        rank = (probs > probs[np.arange(len(y)), y][:, None]).sum(1)  # classes scored above the truth
+        wrong1 += (rank >= 1).sum()
+        wrong5 += (rank >= 5).sum()
+        loss -= np.log(probs[np.arange(len(y)), y]).sum()
+    n = labels.size
+    eval_cfg = dict(cfg, **dict(config.defaults(config.EVALUATE), checkpoint=path))
+    top1, top5, got_loss, _, _ = validate_performance.validate(dict(eval_cfg, ten_crop=True))
+    assert (top1, top5) == (wrong1 / n, wrong5 / n)
+    assert got_loss == pytest.approx(loss / n, rel=1e-5)
+    centre = validate_performance.validate(eval_cfg)
+    assert abs(centre[2] - got_loss) > 1e-2 * got_loss   # a sharp test: the views matter
 
 
 def test_ten_crop_views_are_corners_and_centre_each_mirrored():

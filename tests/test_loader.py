@@ -78,6 +78,24 @@ def test_batches_equal_the_in_process_loader(tiny, on_device):
     assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
 
 
+def test_the_loader_prepares_the_next_batch_while_the_trainer_holds_one(tiny):
+    """para_load overlaps loading with training: while the trainer still holds a batch (it has
+    not asked for the next), the loader has already been sent the next step and answers READY
+    on its own. Without that prefetch para_load would train as before, only slower."""
+    keys, sources = tiny
+    proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
+    batches = proc.loader(0).epoch(plan_for(sources[0]))
+    try:
+        for _ in range(len(sources[0]) - 1):
+            next(batches)
+            assert proc.sock.poll(20_000), 'the loader was not asked for the next batch in advance'
+        next(batches)
+        assert not proc.sock.poll(200)  # the epoch's last batch: nothing more to prepare
+    finally:
+        batches.close()
+        proc.close()
+
+
 def test_para_load_and_data_layer_train_bitwise_identically(tmp_path):
     finals = []
     for para_load in (False, True):
@@ -219,7 +237,7 @@ def test_ctrl_c_stops_trainer_and_loader(tmp_path):
         kids = children(p.pid)
         assert kids, 'no loader process'
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        assert p.wait(timeout=15) == 130
+        assert p.wait(timeout=60) == 130  # (under load the trainer and its loader take seconds)
         assert all(gone_within(k, 5) for k in kids)
         assert 'interrupted' in p.stderr.read()
     finally:

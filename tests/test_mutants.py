@@ -274,6 +274,45 @@ MUTANTS = [
            "before it stops with an error',\n                        ABOVE_0),",
            "before it stops with an error'),",
            ('tests/test_config.py::test_every_range_of_the_schema_is_tested_here',)),
+    # --- issue 27: breakages that a user sees, found by an audit from outside
+    Mutant('validate_performance.py ten_crop=True scores the centre crop', 'validate_performance.py',
+           "cfg['crop_size'], cfg['ten_crop'])",
+           "cfg['crop_size'], False)",
+           ('tests/test_evaluate.py::test_ten_crop_scores_the_mean_softmax_of_the_ten_views',)),
+    Mutant('the newest snapshot chosen by the text of its name (model_9 after model_10)',
+           'lib/checkpoint.py',
+           "    return sorted(int(n[6:-3]) for n in os.listdir(weights_dir)\n"
+           "                  if n.startswith('model_') and n.endswith('.pt') and n[6:-3].isdigit())",
+           "    return sorted((int(n[6:-3]) for n in os.listdir(weights_dir)\n"
+           "                  if n.startswith('model_') and n.endswith('.pt') and n[6:-3].isdigit()), key=str)",
+           ('tests/test_train.py::test_the_newest_snapshot_is_the_highest_epoch_not_the_last_name_in_text_order',)),
+    Mutant('a snapshot written in place (a crash leaves a truncated newest snapshot)', 'lib/checkpoint.py',
+           'atomic_write(path, lambda tmp: torch.save(dict(state, epoch=epoch), tmp))',
+           'torch.save(dict(state, epoch=epoch), path)',
+           ('tests/test_train.py::test_a_snapshot_cut_short_by_a_crash_never_takes_the_place_of_a_good_one',)),
+    Mutant('ImageNet val labels taken by position, not by the number in the file name',
+           'preprocessing/layouts.py',
+           'lines = [int(m.group(1)) for m in numbers] if all(numbers) else range(1, len(names) + 1)',
+           'lines = range(1, len(names) + 1)',
+           ('tests/test_preprocessing.py::test_val_labels_follow_the_number_in_each_file_name_across_gaps',)),
+    Mutant('a rerun after a val image left pairs the old batches with new labels', 'preprocessing/resume.py',
+           "if files is not None and record['files'] != files:", 'if False:',
+           ('tests/test_preprocessing.py::test_a_rerun_after_an_input_image_was_removed_stops_and_changes_'
+            'nothing',)),
+    Mutant('a rerun after a train image left goes ahead', 'preprocessing/resume.py',
+           'if sorted(files) != train:', 'if False:',
+           ('tests/test_preprocessing.py::test_a_rerun_after_an_input_image_was_removed_stops_and_changes_'
+            'nothing',)),
+    Mutant('the loader process never prefetches (para_load overlaps nothing)', 'lib/loader.py',
+           'for slot in range(N_SLOTS):\n                request(slot)',
+           'for slot in range(1):\n                request(slot)',
+           ('tests/test_loader.py::test_the_loader_prepares_the_next_batch_while_the_trainer_holds_one',)),
+    Mutant('lr_policy auto decides on the val loss', 'lib/trainer.py',
+           "[h['val_error'] for h in self.history],", "[h['val_loss'] for h in self.history],",
+           ('tests/test_train.py::test_lr_policy_auto_decides_on_the_top1_error_not_the_loss',)),
+    Mutant("imported weights evaluated without the original's test-time dropout scaling",
+           'pretrained/convert.py', "'dropout': 0.5},", "'dropout': 0.0},",
+           ('tests/test_pretrained.py::test_imported_weights_give_the_original_logits',)),
 ]
 
 

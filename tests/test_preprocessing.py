@@ -386,6 +386,48 @@ def test_resume_writes_only_what_is_missing(tmp_path):
     np.testing.assert_array_equal(np.load(out / 'misc' / 'img_mean.npy'), mean)  # sums read back
 
 
+def test_val_labels_follow_the_number_in_each_file_name_across_gaps(tmp_path):
+    """ILSVRC2012_val_<N> takes line N of the ground truth wherever it lies in the sorted folder:
+    with images 3 and 8 missing, image 4 still gets line 4 (by position it, and every image after
+    a gap, would take the line of another image: neighbouring lines here are other classes)."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    table = make_val_imagenet(tmp_path / 'raw', n=14, bad=())
+    for k in (3, 8):
+        name = f'ILSVRC2012_val_{k:08d}.JPEG'
+        (tmp_path / 'raw' / 'val' / name).unlink()
+        del table[name]
+    run(write_paths(tmp_path / 'paths.yaml', sub_batches=[1]))
+    out = tmp_path / 'out'
+    files = [f for b in batches(out / 'val_hkl_b4_b_4') for f in decode(b, table)]
+    assert len(files) == 12 and 'ILSVRC2012_val_00000004.JPEG' in files
+    assert np.load(out / 'labels' / 'val_labels.npy').tolist() == [table[f][0] for f in files]
+    assert [(f, int(y)) for f, y in listed(out / 'misc' / 'val.txt')] == [(f, table[f][0]) for f in files]
+
+
+def test_a_rerun_after_an_input_image_was_removed_stops_and_changes_nothing(tmp_path, capsys):
+    """The batches on disk were made from the images as they were: a rerun after an image left
+    the train or the val folder stops with one line naming the fix, rather than writing labels
+    (of the images now there) beside batches of the old images."""
+    make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw', bad=())
+    paths = write_paths(tmp_path / 'paths.yaml', sub_batches=[1])
+    run(paths)
+    out = tmp_path / 'out'
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    for moved, message in (('train/n02000002/img3.jpeg', 'shuffled_train_filenames.npy does not list '
+                                                         'the files now in the train folders'),
+                           ('val/ILSVRC2012_val_00000002.JPEG', 'the valid input files differ from '
+                                                               'those')):
+        image = tmp_path / 'raw' / moved
+        image.rename(tmp_path / 'aside')
+        capsys.readouterr()
+        assert make_data.main([str(paths)]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and message in err and ('delete' in err), err
+        assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+        (tmp_path / 'aside').rename(image)
+
+
 def old_mean(folder):
     """img_mean.npy as the earlier make_data computed it: every batch's uint64 sum kept, then summed."""
     sums = [b.sum(axis=3, dtype=np.uint64) for b in batches(folder)]
@@ -665,7 +707,7 @@ def test_a_note_names_outputs_outside_both_the_clone_and_the_paths_files_folder(
     copied = {k: os.path.normpath(v.replace(str(REPO / 'data'), str(REPO.parent / 'data')))
               for k, v in outputs.items()}                                    # as a copy in the root gives
     note = make_data.outside_note(REPO / 'paths.yaml', copied)
-    assert note.startswith('note: ') and str(REPO.parent / 'data' / 'imagenet') in note
+    assert note.startswith(f"note: the outputs go to {REPO.parent / 'data' / 'imagenet'}, outside ")
     assert note.count(str(REPO.parent / 'data')) == 1 and f'outside the clone {REPO} (' in note
     # a run: the note once, first, and the run goes on
     classes = ['cat', 'dog']
@@ -682,6 +724,36 @@ def test_a_note_names_outputs_outside_both_the_clone_and_the_paths_files_folder(
     run(write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None, val_label_file=None,
                     sub_batches=[1]))
     assert 'note: ' not in capsys.readouterr().out
+
+
+def test_more_val_than_train_batches_and_the_mean_of_the_train_batches_alone(tmp_path):
+    """A dataset with more val batches than train batches (1 and 2 here) is written whole, and
+    the mean image is that of the training batch alone."""
+    classes = ['cat', 'dog']
+    make_train(tmp_path / 'raw', classes, per_class=2, hostile=False, bad=False)
+    make_val_folders(tmp_path / 'raw', classes)
+    run(write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None, val_label_file=None,
+                    sub_batches=[1]))
+    out = tmp_path / 'out'
+    train, val = batches(out / 'train_hkl_b4_b_4'), batches(out / 'val_hkl_b4_b_4')
+    assert (len(train), len(val)) == (1, 2)
+    want = (train[0].sum(axis=3, dtype=np.uint64) / B).astype(np.float32)
+    assert np.load(out / 'misc' / 'img_mean.npy').tobytes() == want.tobytes()
+
+
+def test_the_closing_summary_gives_the_rate_of_each_phase(capsys):
+    """The first line of the summary: phase 1's checks per second over its own time, the images
+    written per second over the rest."""
+    counts = dict(train_batches=7, train_images=28, train_dropped=0, val_batches=3, val_images=12,
+                  val_dropped=1)
+    make_data.print_summary({'counts': counts, 'bad_files': {'train': 0, 'val': 0}},
+                            {'misc_dir': 'm', 'tar_root_dir': 'r'}, ['b'], 'l',
+                            dict(workers=2, checked=40, phase_1_s=2.0, written=40, total_s=10.0))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == [
+        'done in 10.0 s with 2 worker(s): checked 40 files at 20/s; wrote 40 images at 5/s; 4 images/s overall',
+        'train: 7 batches = 28 images (0 dropped to make whole batches, 0 unreadable)',
+        'val: 3 batches = 12 images (1 dropped to make whole batches, 0 unreadable)']
 
 
 def test_ground_truth_shorter_than_val_set(tmp_path, capsys):

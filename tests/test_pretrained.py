@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib import checkpoint
 from lib.model import AlexNet
 from pretrained import convert
 
@@ -122,11 +123,13 @@ def imported(original, tmp_path_factory):
 
 # --- tests ----------------------------------------------------------------------------------------
 def test_imported_weights_give_the_original_logits(original, imported):
+    """Through the network validate_performance.py and serve.py build from a snapshot (its
+    model, crop_size and dropout from the snapshot's config): the imported file must carry the
+    original's test-time dropout scaling (x 0.5 after fc6 and fc7), or every logit is off."""
     state = torch.load(imported, weights_only=True)
     assert state['epoch'] == EPOCH and state['config']['num_classes'] == CLASSES
-    net = AlexNet(num_classes=CLASSES)
-    net.load_state_dict(state['model'])  # strict: the key names and shapes are lib.model's
-    net.eval()
+    net, settings = checkpoint.load_net(checkpoint.read(str(imported)), str(imported))
+    assert isinstance(net, AlexNet) and not net.training and settings['crop_size'] == 227
 
     x = np.random.default_rng(1).normal(0, 50, size=(3, 227, 227, 2)).astype(np.float32)  # c01b
     want = original_forward(original[1], x.astype(np.float64))

@@ -383,10 +383,15 @@ def test_a_padded_dataset_is_framed_as_in_training(tmp_path):
     step = data.make_plan(torch.Generator(), 1, 1, SIZE, CROP, train=False)[0]
     want = data.crop_mirror(batch, data.load_mean(snap['mean_file'], SIZE), step, CROP)
     assert torch.equal(clf.preprocess(IMAGES['jpeg']), want)
-    with open(snap['dataset_yaml'], 'w') as f:
-        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE}, f)
-    with pytest.raises(serve.SetupError, match='pad'):
+    with open(snap['dataset_yaml'], 'w') as f:  # a frame of half the image leaves no image
+        yaml.safe_dump({'num_classes': len(CLASSES), 'class_names': CLASSES, 'pad': SIZE // 2}, f)
+    with pytest.raises(serve.SetupError, match=f'pad {SIZE // 2} does not fit images of {SIZE} px'):
         serve.Classifier(snap['path'], device='cpu')
+
+
+def test_the_device_is_chosen_automatically_by_default(snapshot):
+    """Classifier (and serve.py without --device) takes cuda:0 where there is one, else the CPU."""
+    assert serve.Classifier(snapshot['path']).device.type == ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 # ----------------------------------------------------------------------------- formats, words, limits
@@ -548,8 +553,9 @@ def test_a_large_image_does_not_hold_up_a_small_one(classifier, monkeypatch):
                 threads.append(threading.Thread(target=lambda: answers.append(upload(port, big))))
                 threads[-1].start()
                 assert started.acquire(timeout=30)
-                status, _, answer = upload(port, IMAGES['png'])  # http.client's timeout: 30 s
+                status, r, answer = upload(port, IMAGES['png'])  # http.client's timeout: 30 s
                 assert status == (200 if n == 0 else 503), answer
+                assert r.getheader('Retry-After') == (None if n == 0 else '1')  # with every 503
                 assert all(t.is_alive() for t in threads) and not answers  # still decoding
         finally:
             release.set()
@@ -664,3 +670,37 @@ def test_the_page_is_rendered_once_at_start_and_a_missing_one_is_a_setup_error(c
     monkeypatch.setattr(serve, 'PAGE', '/nonexistent/serve_page.html')
     with pytest.raises(serve.SetupError, match='cannot read the page /nonexistent/serve_page.html'):
         serve.make_server(classifier, '127.0.0.1', 0, MAX_BYTES)
+
+
+def test_help_names_the_devices_and_the_limits(capsys):
+    with pytest.raises(SystemExit) as e:
+        serve.main(['--help'])
+    assert e.value.code == 0
+    text = ' '.join(capsys.readouterr().out.split())
+    for part in ('--device DEVICE auto | cpu | cuda:N (default auto)',
+                 '--max-bytes MAX_BYTES largest accepted request body (default 20 MiB)'):
+        assert part in text, text
+
+
+def test_a_port_out_of_range_is_a_one_line_error(snapshot, capsys):
+    """--port 70000: the socket library's OverflowError (no strerror, unlike an OSError) is named
+    in one line too."""
+    assert serve.main([snapshot['path'], '--port', '70000', '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: cannot listen on 127.0.0.1 port 70000: '), err
+
+
+def test_a_failure_inside_classification_is_a_500_that_closes_the_connection(classifier, monkeypatch):
+    """Whatever one request does (here the network raises), that request gets 500 naming the
+    error, its connection is closed, and the server goes on serving."""
+    def broken(x):
+        raise RuntimeError('out of memory')
+    with served(classifier) as port:
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+        with monkeypatch.context() as m:
+            m.setattr(classifier, 'net', broken)
+            status, r, answer = upload(port, IMAGES['png'], conn=conn)
+        assert status == 500 and 'internal error: RuntimeError: out of memory' in str(answer)
+        assert r.getheader('Connection') == 'close'
+        conn.close()
+        assert upload(port, IMAGES['png'])[0] == 200

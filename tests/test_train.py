@@ -294,3 +294,72 @@ def test_a_resume_refuses_the_keys_its_snapshot_overrides_and_one_with_nothing_t
     assert train.main(resume + ['n_epochs=3', 'learning_rate=0.003', 'seed=23455', 'lr_step=[2]']) == 0
     rows = list(csv.DictReader(open(w / 'history.csv')))
     assert [float(r['lr']) for r in rows] == pytest.approx([0.003, 0.003, 0.0003])  # lr_step did
+
+
+def test_the_newest_snapshot_is_the_highest_epoch_not_the_last_name_in_text_order(tmp_path, capsys):
+    """model_10.pt is newer than model_9.pt (as text, 'model_9' sorts after 'model_10'): a resume
+    without load_epoch and validate_performance.py weights_dir=W both take epoch 10."""
+    import validate_performance
+    d, w = tmp_path / 'd', tmp_path / 'w'
+    make_batches(str(d), n_train=1, n_val=1, batch=8, size=36)
+    assert train.main([f'data={d}', 'model=alexnet_cifar', 'crop_size=32', 'gpu=cpu',
+                       f'weights_dir={w}', 'n_epochs=1']) == 0
+    state = torch.load(w / 'model_1.pt', weights_only=True)
+    for epoch in (9, 10):
+        torch.save(dict(state, epoch=epoch), w / f'model_{epoch}.pt')
+    assert checkpoint.epochs(str(w)) == [1, 9, 10] and checkpoint.latest_epoch(str(w)) == 10
+    capsys.readouterr()
+    assert validate_performance.main([f'weights_dir={w}', 'gpu=cpu']) == 0
+    assert capsys.readouterr().out.startswith(f'{w / "model_10.pt"}: 8 images')
+    assert train.main([f'weights_dir={w}', 'resume_train=True', 'n_epochs=11']) == 0
+    assert f'resumed from {w / "model_10.pt"} (epoch 10' in capsys.readouterr().out
+
+
+def test_a_snapshot_cut_short_by_a_crash_never_takes_the_place_of_a_good_one(tmp_path, monkeypatch):
+    """A snapshot is written under a temporary name and renamed when complete: a run killed while
+    writing model_3.pt leaves no model_3.pt (nor its temporary), so the newest snapshot, the one a
+    resume takes, is still the complete model_2.pt."""
+    cfg = tiny_config(str(tmp_path), n_epochs=2)
+    training.run(cfg)
+    w = tmp_path / 'w'
+    good = (w / 'model_2.pt').read_bytes()
+
+    def killed_while_saving(obj, f):  # half the bytes on disk, then the process is gone
+        with open(f, 'wb') as out:
+            out.write(good[:len(good) // 2])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        training.run(dict(cfg, resume_train=True, load_epoch=2, n_epochs=3))
+    monkeypatch.undo()
+    assert sorted(n for n in os.listdir(w) if '.pt' in n) == ['model_1.pt', 'model_2.pt']
+    assert checkpoint.latest_epoch(str(w)) == 2 and (w / 'model_2.pt').read_bytes() == good
+    assert checkpoint.read(str(w / 'model_2.pt'))['epoch'] == 2
+
+
+def test_lr_policy_auto_decides_on_the_top1_error_not_the_loss(tmp_path, monkeypatch):
+    """lr_policy auto: after epoch 5, lr / 10 when the val top-1 error fell by less than
+    lr_adapt_threshold over the last two epochs, whatever the val loss did. The validation is
+    scripted: after epoch 7 the error stalls while the loss still falls (divide), after epoch 8
+    the loss stalls while the error falls (do not: the snapshot's lr for epoch 9 stays)."""
+    from lib import plot, trainer
+    errors = [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.3]
+    losses = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.4, 2.5]
+    scripted = iter(zip(errors, [0.1] * 8, losses))
+    monkeypatch.setattr(trainer.Trainer, 'evaluate', lambda self, ten_crop=False: next(scripted))
+    monkeypatch.setattr(plot, 'write_quietly', lambda weights_dir: None)  # (no png: seconds)
+    history = training.run(tiny_config(str(tmp_path), n_epochs=8, lr_policy='auto',
+                                       lr_adapt_threshold=0.01, learning_rate=0.01))
+    assert [h['val_error'] for h in history] == errors
+    assert [h['lr'] for h in history] == pytest.approx([0.01] * 7 + [0.001])
+    assert checkpoint.read(checkpoint.snapshot_path(str(tmp_path / 'w'), 8))['lr'] == pytest.approx(0.001)
+
+
+def test_the_closing_line_gives_the_last_epochs_top1_and_top5_accuracy():
+    """What train.py prints last: the accuracies (1 - error, in %) of the last epoch's row."""
+    cfg = dict(weights_dir='w', resume_train=False, n_epochs=2, load_epoch=0)
+    history = [dict(epoch=1, val_error=0.5, val_top5_error=0.25),
+               dict(epoch=2, val_error=0.375, val_top5_error=0.125)]
+    assert training.summary(cfg, history) == ('done: epoch 2, val top-1 accuracy 62.50 % (top-5 87.50 %); '
+                                              f'records in {os.path.join("w", "val_record.npy")}')
+    assert training.summary(dict(cfg, n_epochs=0), []) == 'done: nothing to train (n_epochs 0)'

@@ -633,3 +633,14 @@ def test_data_gives_each_worker_half_a_batch_and_a_resume_needs_only_weights_dir
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f'nothing to train: model_2.pt is at epoch 2, n_epochs is 2 ({w} left as it was)' in r.stdout
+
+
+def test_make_keys_writes_into_a_folder_that_exists(tmp_path, capsys):
+    """--make-keys FOLDER: the two key pairs, also into a folder made beforehand (or by an
+    earlier --make-keys: new keys replace the old)."""
+    import train_2gpu
+    for _ in range(2):
+        train_2gpu.make_keys(str(tmp_path))
+        assert sorted(os.listdir(tmp_path)) == ['worker0.key', 'worker0.key_secret', 'worker1.key',
+                                                'worker1.key_secret']
+    assert capsys.readouterr().out == f'wrote CURVE keys worker0/worker1 to {tmp_path}\n' * 2
