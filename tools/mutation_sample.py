@@ -45,6 +45,8 @@ import sys
 import tempfile
 import time
 
+from lib import UserError, command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ['lib/', 'preprocessing/', 'train.py', 'train_2gpu.py', 'validate_performance.py',
            'serve.py', 'plot.py']
@@ -133,7 +135,7 @@ def check_mutmut():
     except Exception:  # noqa: BLE001  (PackageNotFoundError, or no metadata at all)
         have = None
     if have != MUTMUT_VERSION:
-        sys.exit(f'error: {sys.executable} has mutmut {have or "not installed"}, this script is written '
+        raise UserError(f'{sys.executable} has mutmut {have or "not installed"}, this script is written '
                  f'for {MUTMUT_VERSION}: run `sh tools/venv.sh requirements-mutation.txt` first')
 
 
@@ -187,7 +189,7 @@ def generate(repo, env, log):
             'm.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths()\n'
             'print(m.create_mutants(2))\n')
     if run([sys.executable, '-c', code], repo, env, log):
-        sys.exit(f'error: mutmut could not write the mutants (see {log})')
+        raise UserError(f'mutmut could not write the mutants (see {log})')
 
 
 def link_venv(repo):
@@ -293,7 +295,7 @@ def read_triage():
                                          quoting=csv.QUOTE_NONE)]
     for r in rows:
         if r['verdict'] not in VERDICTS:
-            sys.exit(f"error: {TRIAGE}: {r['mutant']}: verdict {r['verdict']!r} (one of {', '.join(VERDICTS)})")
+            raise UserError(f"{TRIAGE}: {r['mutant']}: verdict {r['verdict']!r} (one of {', '.join(VERDICTS)})")
     return {r['mutant']: r for r in rows}
 
 
@@ -339,6 +341,7 @@ def report(repo, sample, codes, triage, seconds, args):
     return rows, per_module, total, untriaged
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(prog='.venv/bin/python -m tools.mutation_sample',
                                 description=__doc__.split('\n\n')[0])
@@ -392,7 +395,7 @@ def main(argv=None):
         rc = run([sys.executable, '-c', MUTMUT_RUN, 'after-stats' if fresh else 'full',
                   '--max-children', str(args.jobs), *todo], repo, env, log)
         if rc:
-            sys.exit(f'error: mutmut run ended with exit status {rc} (see {log})')
+            raise UserError(f'mutmut run ended with exit status {rc} (see {log})')
     codes = all_mutants(repo)
     rows, per_module, total, untriaged = report(repo, sample, codes, read_triage(),
                                                 time.monotonic() - started, args)
