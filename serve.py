@@ -30,7 +30,7 @@ from werkzeug.http import parse_options_header
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
-from lib import UserError, command, model as models
+from lib import ROOT, UserError, command, model as models
 from lib.checkpoint import load_net, read as read_snapshot
 from lib.data import crop_mirror, dataset_yaml, load_mean, make_plan, read_dataset
 from lib.trainer import resolve_device
@@ -40,7 +40,7 @@ FIELD = 'image'
 # What browsers and cameras make. Image.open(formats=...) tries no other decoder: not TIFF's many
 # codecs, nor EPS / PDF, which Pillow would hand to Ghostscript.
 FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'WEBP')
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lib', 'serve_page.html')
+PAGE = os.path.join(ROOT, 'lib', 'serve_page.html')
 BUSY = [('Retry-After', '1')]  # seconds, with every 503
 MULTIPART_FAULT = {'PREAMBLE': 'no boundary found', 'PART': 'bad part headers',
                    'DATA': 'no closing boundary (truncated upload?)'}

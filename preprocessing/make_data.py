@@ -33,7 +33,7 @@ import lib.env  # noqa: F401  first: without the packages, one line instead of a
 import numpy as np
 import yaml
 
-from lib import command
+from lib import ROOT as REPO, command
 from lib.atomic import save_npy, save_text
 from preprocessing import PrepError
 from preprocessing.layouts import list_dataset
@@ -45,7 +45,6 @@ from preprocessing.writer import (BatchJob, batch_dir, batch_names, check_file, 
 
 TOY_BATCHES = 10
 DEFAULT_PATHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paths.yaml')
-REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 OUTPUT_KEYS = ('tar_root_dir', 'tar_train_dir', 'tar_val_dir', 'misc_dir', 'traintxt_filename',
                'valtxt_filename')
 

@@ -45,9 +45,8 @@ import sys
 import tempfile
 import time
 
-from lib import UserError, command
+from lib import ROOT, UserError, command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ['lib/', 'preprocessing/', 'train.py', 'train_2gpu.py', 'validate_performance.py',
            'serve.py', 'plot.py']
 # The tests mutmut runs. Left out: test_mutants.py (the curated check, itself a mutation run),
