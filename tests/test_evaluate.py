@@ -256,6 +256,27 @@ def test_a_damaged_snapshot_is_a_one_line_error(trained, tmp_path, capsys, damag
     assert len(err) == 1 and err[0].startswith(f'error: {bad} is not a'), err
 
 
+def test_a_snapshot_that_does_not_fit_its_model_says_why(tmp_path):
+    """checkpoint.load_net: the reason (our crop check, the missing fc layer, torch's load error)
+    is in the one-line error, after the file and the model it was read as."""
+    from lib import model
+    weights = model.build('alexnet_cifar', 3, 0.5, 32, 0).state_dict()
+    path = str(tmp_path / 'model_1.pt')
+    for state, reason in (
+            ({'model': weights, 'config': {'model': 'alexnet', 'crop_size': 32}},
+             'model alexnet needs crop_size 227, got 32 (or set model=alexnet_cifar for small images, '
+             'e.g. 32 px)'),
+            ({'model': {}, 'config': {'model': 'alexnet_cifar', 'crop_size': 32}},
+             'no fully connected layer in the weights'),
+            ({'model': weights, 'config': {'model': 'alexnet', 'crop_size': 227}},
+             'Error(s) in loading state_dict for AlexNet')):
+        with pytest.raises(checkpoint.SnapshotError) as e:
+            checkpoint.load_net(state, path)
+        name, crop = state['config']['model'], state['config']['crop_size']
+        assert str(e.value).startswith(f'{path} does not fit model {name} (crop_size {crop}): {reason}'), e.value
+        assert '\n' not in str(e.value)
+
+
 def test_validate_takes_the_data_of_the_snapshots_run(trained, tmp_path, capsys):
     """`checkpoint=W/model_N.pt` alone: the data of that run (W/config.yaml, else the snapshot's
     own config), not the default ImageNet folders; `weights_dir=W` alone: its newest snapshot."""
