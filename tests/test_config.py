@@ -227,7 +227,8 @@ def test_a_missing_or_garbled_dataset_yaml_is_a_one_line_error_naming_it(tmp_pat
     d = tmp_path / 'd'
     d.mkdir()
     path = str(d / 'dataset.yaml')
-    for text, msg in ((None, f'data: no {path} (data is the folder preprocessing wrote'),
+    for text, msg in ((None, f'data: no {path} (data is the folder preprocessing wrote, its tar_root_dir: '
+                             'preprocess first with sh preprocessing/generate_data.sh, or set data=FOLDER)'),
                       ('a: [1\n', f'{path} is not valid YAML'),
                       ('num_classes: 3\n', f'{path} gives no batch_size')):
         if text is not None:
