@@ -238,6 +238,22 @@ def test_a_missing_or_garbled_dataset_yaml_is_a_one_line_error_naming_it(tmp_pat
         assert str(e.value).startswith(msg) and '\n' not in str(e.value), str(e.value)
 
 
+def test_folders_without_a_dataset_yaml_give_the_batch_size_of_their_batch_files(tmp_path):
+    """The folders named (data preprocessed by the original: no dataset.yaml), batch_size 0: the
+    header of a batch file gives it, per step (train.py) or per worker (train_2gpu.py, whole files
+    or halves); a folder of a single batch file too."""
+    from tests.helpers import make_batches
+    keys = make_batches(str(tmp_path / 'd'), n_train=1, n_val=1, batch=8)
+    os.remove(tmp_path / 'd' / 'dataset.yaml')
+    given = [f"data={tmp_path / 'd'}",
+             *(f'{k}={keys[k]}' for k in ('train_folder', 'val_folder', 'label_folder', 'mean_file'))]
+    assert runs.load(*SHIPPED, given, SCHEMA)['batch_size'] == 8
+    spec_2gpu = os.path.join(ROOT, 'spec_2gpu.yaml')
+    assert runs.load(SHIPPED[0], spec_2gpu, given, SCHEMA_2GPU)['batch_size'] == 4
+    halves = [f"train_folder={keys['train_folder'][:-1]}4", *given[2:]]
+    assert runs.load(SHIPPED[0], spec_2gpu, [given[0], *halves], SCHEMA_2GPU)['batch_size'] == 4
+
+
 def test_a_resume_takes_its_runs_saved_config_and_the_newest_snapshot(tmp_path):
     """`weights_dir=W resume_train=True` alone (or `--config W/config.yaml resume_train=True`):
     the run's saved config below the command line, above the shipped files; load_epoch 0 is
