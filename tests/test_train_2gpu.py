@@ -573,6 +573,19 @@ def test_exchange_every_k_steps_and_at_the_end_of_an_epoch(tmp_path, transport):
     assert results[0] == expected(0) and results[1] == expected(1)
 
 
+def test_exchange_data_the_peer_does_not_take_is_named_with_the_timeout_and_the_step():
+    """The tcp exchange waits for ZeroMQ to hand each chunk over before the buffer under it is
+    written again; a peer that stops taking them (stalled after sending its own) is named, with
+    peer_timeout and the step. (Here a send that never completes: a real stall needs more data
+    than the sockets buffer.)"""
+    import threading
+    pair = exchange.Pair(0, 'tcp', 'ipc:///nonexistent', timeout=0.2)
+    pair.steps = 7
+    with pytest.raises(exchange.PeerError) as e:
+        pair._wait_sent(zmq.MessageTracker(threading.Event()))  # never done
+    assert str(e.value) == 'worker 1 did not take the exchange data within 0.2 s (peer_timeout) at step 7'
+
+
 def test_two_workers_resume_two_plus_two_epochs_as_four(tmp_path):
     """Both workers load the snapshot (weights, momentum, lr, the run's random streams): 2
     epochs, then a resume to 4, give the weights of 4 epochs in one go (fp64, 1e-9), random crops
