@@ -195,6 +195,11 @@ def test_malformed_control_messages_are_rejected(tiny):
         assert proc.sock.poll(10000)  # a split it does not serve: rejected, the loader lives on
         kind, *_, text = loader.decode(proc.sock.recv_multipart())
         assert kind == loader.ERROR and 'split 2' in text and proc.proc.is_alive()
+        proc.sock.send_multipart(loader.encode(loader.STOP) + [b'x'])  # a STOP with a frame too many
+        assert proc.sock.poll(10000)  # is not obeyed: rejected, named
+        kind, *_, text = loader.decode(proc.sock.recv_multipart())
+        assert kind == loader.ERROR and proc.proc.is_alive()
+        assert text == f'rejected control message: message kind {loader.STOP} with 2 frames', text
         assert len(list(proc.loader(1).epoch(plan_for(sources[1])))) == 2
     finally:
         proc.close()
