@@ -501,6 +501,21 @@ def test_cifar10_binary_archive_and_folder(tmp_path):
             [table[n][0] for n in names[:images.shape[3]]]
 
 
+def test_cifar_train_and_val_from_two_places_list_as_from_one(tmp_path):
+    """train_img_dir and val_img_dir naming different copies (a folder and the archive, either
+    way round) give the listing of one."""
+    from preprocessing import cifar
+    folder = tmp_path / 'raw' / 'cifar-10-batches-bin'
+    make_cifar(folder, 'cifar10_bin', n_train=(3, 2, 2, 2, 1), n_val=4)
+    archive = tar_gz(folder, tmp_path / 'raw' / 'cifar-10-binary.tar.gz')
+    cfg = {'cifar100_labels': 'fine'}
+    one = cifar.list_cifar(dict(cfg, train_img_dir=str(folder), val_img_dir=str(folder)), 'cifar10_bin')
+    for train, val in ((folder, archive), (archive, folder)):
+        two = cifar.list_cifar(dict(cfg, train_img_dir=str(train), val_img_dir=str(val)), 'cifar10_bin')
+        assert two[:4] == one[:4] and len(one[1]) == 10 and len(one[2]) == 4
+        assert [s.files for s in two[4].values()] == [s.files for s in one[4].values()]
+
+
 @pytest.mark.parametrize('kind', ['fine', 'coarse'])
 def test_cifar100_binary_fine_or_coarse_labels(tmp_path, kind):
     folder = tmp_path / 'raw' / 'cifar-100-binary'
