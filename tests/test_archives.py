@@ -228,6 +228,33 @@ def test_a_devkit_missing_a_file_names_what_it_holds_and_what_it_lacks(tmp_path)
         'in data/ or in <folder>/data/')
 
 
+def test_a_devkit_with_its_files_too_or_unreadable_synsets_is_named(tmp_path):
+    """read_devkit: devkit and the two files it replaces, both set, is refused naming the keys;
+    synsets that are not a `synsets` struct array name the file they came from (a file of the
+    paths file, or the member of a devkit archive)."""
+    none = dict.fromkeys(('devkit', 'meta_clsloc_mat', 'val_label_file'))
+    with pytest.raises(devkit.PrepError) as e:
+        devkit.read_devkit(dict(none, devkit='kit.tgz', meta_clsloc_mat='meta.mat'))
+    assert str(e.value) == ('set either devkit or meta_clsloc_mat and val_label_file in the paths file, '
+                            'not both')
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {'other': np.arange(3)})  # a .mat without synsets
+    bad_mat = buf.getvalue()
+    (tmp_path / 'meta.mat').write_bytes(bad_mat)
+    (tmp_path / 'gt.txt').write_text('1\n')
+    kit = tmp_path / 'kit.tgz'
+    with tarfile.open(kit, 'w:gz') as tar:
+        add_bytes(tar, 'kit/data/meta_clsloc.mat', bad_mat)
+        add_bytes(tar, 'kit/data/ILSVRC2014_clsloc_validation_ground_truth.txt', b'1\n')
+    for cfg, name in ((dict(none, meta_clsloc_mat=str(tmp_path / 'meta.mat'),
+                            val_label_file=str(tmp_path / 'gt.txt')), tmp_path / 'meta.mat'),
+                      (dict(none, devkit=str(kit)), f'{kit} member kit/data/meta_clsloc.mat')):
+        with pytest.raises(devkit.PrepError) as e:
+            devkit.read_devkit(cfg)
+        assert str(e.value).startswith(f'{name}: expected a struct array `synsets` (field 0 = ILSVRC id, '
+                                       '1 = WNID) (KeyError'), e.value
+
+
 def test_devkit_folder_of_either_version(imagenet_pair, tmp_path):
     """An extracted devkit folder (the 2012 one here) gives the same labels as its archive."""
     root = imagenet_pair[0]
