@@ -351,13 +351,22 @@ def test_port_in_use_exits_2(snapshot, tmp_path):
 
 
 def test_explicit_files_and_ctrl_c(tmp_path):
-    """--mean / --classes for a snapshot whose config names neither; SIGINT stops it with 0."""
+    """--mean / --classes for a snapshot whose config names neither; SIGINT stops it with 0.
+    Without --max-bytes, a body of more than 20 MiB is refused (before it is sent)."""
     snap = make_snapshot(str(tmp_path), paths_in_config=False)
     proc, port, out, _ = start_server([snap['path'], '--port', '0', '--mean', snap['mean_file'],
                                        '--classes', snap['dataset_yaml']], str(tmp_path))
     try:
         status, _, answer = upload(port, IMAGES['jpeg'])
         assert status == 200 and {t['class'] for t in answer['top5']} == set(CLASSES)
+        with socket.create_connection(('127.0.0.1', port), timeout=30) as s:
+            s.sendall(f'POST /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
+                      f'Content-Length: {20 * 1024 * 1024 + 1}\r\nContent-Type: image/png\r\n\r\n'.encode())
+            reply = s.recv(65536)  # the first answer: 413, not 100 Continue
+            assert reply.startswith(b'HTTP/1.1 413 '), reply
+            while chunk := s.recv(65536):  # then the connection is closed
+                reply += chunk
+        assert b'limit of 20971520 bytes' in reply, reply
     finally:
         assert stop_server(proc) == 0
     with open(out) as f:
