@@ -293,6 +293,28 @@ def test_multipart_parser_is_binary_safe():
         serve.upload_image('multipart/form-data; boundary=other', body)
 
 
+def test_a_malformed_form_is_named_by_where_it_breaks():
+    """Before any boundary, in a part's headers, inside a part (the body cut right after a part's
+    headers, or inside the closing boundary), or a form of more parts than serve.MAX_PARTS (which
+    werkzeug's decoder refuses past the headers of the one too many): each its own message."""
+    def parts(n, last=b'x'):
+        return b''.join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i
+                        for i in range(n - 1)) + \
+            b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + last + b'\r\n--b--\r\n'
+    ctype, cut = 'multipart/form-data; boundary=b', 'no closing boundary (truncated upload?)'
+    assert serve.upload_image(ctype, parts(serve.MAX_PARTS, b'png')) == b'png'
+    for body, message in ((b'no delimiter at all', 'malformed multipart body: no boundary found'),
+                          (b'--b\r\nContent-Type: image/png\r\n\r\nx\r\n--b--\r\n',
+                           'malformed multipart body: bad part headers'),     # no Content-Disposition
+                          (parts(1)[:-10], f'malformed multipart body: {cut}'),
+                          (parts(1)[:-3], f'malformed multipart body: {cut}'),
+                          (parts(serve.MAX_PARTS + 1),
+                           "a form of more than 100 parts (send field 'image' alone)")):
+        with pytest.raises(serve.BadRequest) as e:
+            serve.upload_image(ctype, body)
+        assert str(e.value) == message, (body[-40:], e.value)
+
+
 def test_a_wrong_content_type_names_every_accepted_one():
     with pytest.raises(serve.BadRequest) as refused:
         serve.upload_image('text/plain', b'x')
