@@ -108,8 +108,11 @@ def load_net(state, path, device='cpu'):
     try:
         net = model.from_state(state['model'], name, settings['dropout'], settings['crop_size'])
     except (ValueError, RuntimeError) as e:  # no fc layer; weights of another shape
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[0] if len(lines) < 2 else (  # torch's own: a heading, then what did not fit
+            f'{lines[0]} {lines[1][:200]}{" ..." if len(lines[1]) > 200 or len(lines) > 2 else ""}')
         raise SnapshotError(f'{path} does not fit model {name} (crop_size {settings["crop_size"]}): '
-                            f'{str(e).strip().splitlines()[0]}') from None
+                            f'{why}') from None
     return net.to(device), settings
 
 

@@ -269,7 +269,7 @@ def test_a_snapshot_that_does_not_fit_its_model_says_why(tmp_path):
             ({'model': {}, 'config': {'model': 'alexnet_cifar', 'crop_size': 32}},
              'no fully connected layer in the weights'),
             ({'model': weights, 'config': {'model': 'alexnet', 'crop_size': 227}},
-             'Error(s) in loading state_dict for AlexNet')):
+             'Error(s) in loading state_dict for AlexNet: Missing key(s) in state_dict: "features.10.weight"')):
         with pytest.raises(checkpoint.SnapshotError) as e:
             checkpoint.load_net(state, path)
         name, crop = state['config']['model'], state['config']['crop_size']
