@@ -29,7 +29,7 @@ import time
 import torch
 
 from benchmarks.common import Clock, epoch_img_s, header, train_log
-from lib import SHM, exchange, model
+from lib import SHM, command, exchange, model, trainer
 
 
 def sync(device):
@@ -116,7 +116,7 @@ def time_copy(nbytes, device, repeats):
 
 
 def part_exchange(args):
-    device = torch.device(args.device)
+    device = trainer.resolve_device(args.device, '--device')
     transports = ['ipc', 'tcp'] if device.type == 'cuda' else ['shm', 'tcp']
     rows = []
     for t in transports:
@@ -163,6 +163,7 @@ def part_training(args):
           f'{b:.0f} | {b / a:.2f} |')
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--part', choices=['exchange', 'training', 'both'], default='both')
@@ -181,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -62,7 +62,7 @@ import time
 from functools import partial
 
 from benchmarks.common import epoch_img_s, iter_lines, step_marks, train_log, write_batches
-from lib import ROOT, SHM
+from lib import ROOT, SHM, command
 
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
 MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
@@ -969,6 +969,7 @@ def part_list(text):
     return parts
 
 
+@command
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog='python -m benchmarks.gpu', description=__doc__.split('\n')[0])

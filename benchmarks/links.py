@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import header
 from benchmarks.exchange import exchange_worker
-from lib import ROOT, exchange, model
+from lib import ROOT, command, exchange, model
 from benchmarks.cluster import Cluster, rate_bits
 
 PORT = 5002
@@ -81,6 +81,7 @@ def run_pair(hosts, way, repeats, keys):
     return max(r['ms'] for r in results) / 1000, results[0]['bytes']
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--rates', nargs='+', default=['1gbit', '5gbit', '10gbit', 'none'],
@@ -130,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

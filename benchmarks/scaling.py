@@ -22,6 +22,7 @@ import tempfile
 import torch
 
 from benchmarks.common import free_port, header, iter_lines, train_log
+from lib import command
 
 
 def runs(args, work):
@@ -54,6 +55,7 @@ def measure(cmd, env):
     return img_s, exch or 0.0
 
 
+@command
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--gpu', default='cpu', choices=['cpu', 'cuda'])
@@ -88,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -16,12 +16,13 @@ drawing of an epoch's plan of 100 steps.
 """
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from benchmarks.common import header, step_marks
-from lib import data, model, optim, trainer
+from lib import command, data, model, optim, trainer
 from lib.step import Step
 
 
@@ -52,6 +53,7 @@ def plan_ms(batch, rows, repeat=5):
     return statistics.median(times)
 
 
+@command
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--batch', type=int, default=32, help="one worker's images per step (b)")
@@ -60,7 +62,7 @@ def main():
     p.add_argument('--rounds', type=int, default=5, help='rounds of (baseline, shared) steps')
     p.add_argument('--steps', type=int, default=3, help='timed steps per round and setting')
     args = p.parse_args()
-    device = trainer.resolve_device(args.device)
+    device = trainer.resolve_device(args.device, '--device')
     print(header(f'device {device}', 'shared_draws',
                  [f'--batch {args.batch}', f"--workers {' '.join(map(str, args.workers))}"],
                  threads=torch.get_num_threads()) + '\n')
@@ -98,4 +100,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -18,11 +18,12 @@ and data wait) can be compared with.
 """
 import argparse
 import statistics
+import sys
 
 import torch
 
 from benchmarks.common import header, step_marks
-from lib import model, optim, trainer
+from lib import command, model, optim, trainer
 from lib.step import Step
 
 SIZES = {'alexnet': 227, 'alexnet_cifar': 32}
@@ -47,9 +48,10 @@ def time_steps(net, opt, x, y, steps, warmup, device, precision='fp32', memory_f
             for a, b in ((0, 1), (1, 2), (2, 3), (0, 3))]
 
 
+@command
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--models', nargs='+', default=['alexnet_cifar', 'alexnet'])
+    p.add_argument('--models', nargs='+', default=['alexnet_cifar', 'alexnet'], choices=list(SIZES))
     p.add_argument('--batch', type=int, default=None, help='default: 128 (cifar), 32 (alexnet)')
     p.add_argument('--device', default='auto')
     p.add_argument('--steps', type=int, default=10)
@@ -58,7 +60,7 @@ def main():
     p.add_argument('--layouts', nargs='+', default=['nchw', 'channels_last'],
                    choices=['nchw', 'channels_last'])
     args = p.parse_args()
-    device = trainer.resolve_device(args.device)
+    device = trainer.resolve_device(args.device, '--device')
     print(header(f'device {device}' + (f' ({torch.cuda.get_device_name(device)})'
                                         if device.type == 'cuda' else ''),
                  threads=torch.get_num_threads()) + '\n')
@@ -95,4 +97,4 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

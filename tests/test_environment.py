@@ -50,7 +50,9 @@ def test_a_python_without_the_packages_is_told_which_python_to_use(args):
     (['plot.py', '{tmp}'], 'neither history.csv nor val_record.npy in {tmp}'),
     (['-m', 'preprocessing.make_data', '{tmp}/none.yaml'], 'cannot read config file {tmp}/none.yaml'),
     (['-m', 'preprocessing.make_demo_data', '{tmp}/file/raw'], 'cannot write the demo data to {tmp}/file/raw'),
-    (['pretrained/convert.py', 'export', '{tmp}/none.pt', '{tmp}/out', '1'], 'no snapshot {tmp}/none.pt')])
+    (['pretrained/convert.py', 'export', '{tmp}/none.pt', '{tmp}/out', '1'], 'no snapshot {tmp}/none.pt'),
+    (['-m', 'benchmarks.exchange', '--device', 'tpu'], "--device: 'tpu' is not a device"),
+    (['-m', 'benchmarks.shared_draws', '--device', 'tpu'], "--device: 'tpu' is not a device")])
 def test_every_entry_point_says_a_bad_value_in_one_line_and_exits_2(tmp_path, args, says):
     (tmp_path / 'file').write_text('')
     proc = subprocess.run([sys.executable, *(a.format(tmp=tmp_path) for a in args)], cwd=REPO,
