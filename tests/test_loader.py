@@ -76,6 +76,7 @@ def test_batches_equal_the_in_process_loader(tiny, on_device):
     finally:
         proc.close()
     assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
+    assert proc.sock.closed and proc.ctx.closed  # the trainer's end of the link too
 
 
 def test_the_loader_prepares_the_next_batch_while_the_trainer_holds_one(tiny):
