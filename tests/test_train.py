@@ -104,6 +104,11 @@ def test_resume_from_a_missing_snapshot_names_it(tmp_path):
     shipped = [os.path.join(ROOT, name) for name in ('config.yaml', 'spec_1gpu.yaml')]
     with pytest.raises(checkpoint.SnapshotError, match=r'model_7.pt.*snapshots there: \[1\]'):
         runs.load(*shipped, [f'weights_dir={tmp_path}', 'resume_train=True', 'load_epoch=7'], SCHEMA)
+    (tmp_path / 'model_1.pt').unlink()  # none there at all
+    with pytest.raises(checkpoint.SnapshotError) as e:
+        runs.load(*shipped, [f'weights_dir={tmp_path}', 'resume_train=True', 'load_epoch=7'], SCHEMA)
+    assert str(e.value) == (f'no snapshot {tmp_path}/model_7.pt to resume from (load_epoch: 7; '
+                            'snapshots there: none)')
 
 
 def test_bad_device_and_crop_are_one_line_errors(tmp_path):
