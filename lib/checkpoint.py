@@ -96,6 +96,16 @@ def check_exists(weights_dir, epoch):
     return path
 
 
+def misfit(error, width=200):
+    """One line of a load error: its first line, and its second cut to `width` characters (torch's
+    load_state_dict: a heading, then what did not fit), ' ...' where more was left out."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else type(error).__name__
+    cut = len(lines[1]) > width or len(lines) > 2
+    return f'{lines[0]} {lines[1][:width]}{" ..." if cut else ""}'
+
+
 def load_net(state, path, device='cpu'):
     """The network of a snapshot dict (read from `path`), in eval mode on `device`: its model,
     crop_size and dropout from the snapshot's own config, the classes from its weights.
@@ -108,11 +118,8 @@ def load_net(state, path, device='cpu'):
     try:
         net = model.from_state(state['model'], name, settings['dropout'], settings['crop_size'])
     except (ValueError, RuntimeError) as e:  # no fc layer; weights of another shape
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        why = lines[0] if len(lines) < 2 else (  # torch's own: a heading, then what did not fit
-            f'{lines[0]} {lines[1][:200]}{" ..." if len(lines[1]) > 200 or len(lines) > 2 else ""}')
         raise SnapshotError(f'{path} does not fit model {name} (crop_size {settings["crop_size"]}): '
-                            f'{why}') from None
+                            f'{misfit(e)}') from None
     return net.to(device), settings
 
 

@@ -277,6 +277,14 @@ def test_a_snapshot_that_does_not_fit_its_model_says_why(tmp_path):
         assert '\n' not in str(e.value)
 
 
+def test_a_load_error_is_cut_to_one_line_saying_what_was_left_out():
+    assert checkpoint.misfit(RuntimeError('heading:\n\t' + 'x' * 200)) == 'heading: ' + 'x' * 200
+    assert checkpoint.misfit(RuntimeError('heading:\n\t' + 'x' * 201)) == 'heading: ' + 'x' * 200 + ' ...'
+    assert checkpoint.misfit(RuntimeError('heading:\n\tone\n\ttwo')) == 'heading: one ...'
+    assert checkpoint.misfit(ValueError('alone\n')) == 'alone'
+    assert checkpoint.misfit(ValueError('')) == 'ValueError'
+
+
 def test_validate_takes_the_data_of_the_snapshots_run(trained, tmp_path, capsys):
     """`checkpoint=W/model_N.pt` alone: the data of that run (W/config.yaml, else the snapshot's
     own config), not the default ImageNet folders; `weights_dir=W` alone: its newest snapshot."""
