@@ -817,6 +817,11 @@ def test_demo_data(tmp_path):
     count = {s: len(list((tmp_path / 'raw' / s).rglob('*.png'))) for s in ('train', 'val')}
     assert count == {'train': 1498, 'val': 299}
     assert sorted(os.listdir(tmp_path / 'raw' / 'val')) == [str(d) for d in range(10)]
+    from sklearn.datasets import load_digits
+    digit = load_digits().images[0]                                 # a 0, values 0..16
+    png = np.asarray(Image.open(tmp_path / 'raw' / 'train' / '0' / '0000.png'))
+    assert png.shape == (8, 8) and png.dtype == np.uint8 and png.max() >= 200  # 0..16 -> 0..255
+    assert np.abs(png / 255 * 16 - digit).max() <= 16 / 255 / 2 + 1e-9, png
     assert make_demo_data.make_demo_data(tmp_path / 'raw') == 0                  # already complete
     paths = write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
                         val_label_file=None, img_size=8, batch_size=32, sub_batches=[1], workers=2)
