@@ -239,9 +239,9 @@ def read_yaml(path, error=ConfigError, what='config file'):
         raise error(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
-def load_yaml(path, error=ConfigError):
+def load_yaml(path, error=ConfigError, what='config file'):
     """A YAML file of `key: value` (a config, spec or paths file) as a dict."""
-    data = read_yaml(path, error)
+    data = read_yaml(path, error, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -286,9 +286,9 @@ def merge(schema, sources, error=ConfigError):
     return cfg
 
 
-def yaml_source(path, error=ConfigError):
+def yaml_source(path, error=ConfigError, what='config file'):
     """A YAML file as a source of merge(): its paths are relative to its folder."""
-    return str(path), load_yaml(path, error), os.path.dirname(os.path.abspath(path))
+    return str(path), load_yaml(path, error, what), os.path.dirname(os.path.abspath(path))
 
 
 def to_yaml(cfg):

@@ -66,7 +66,7 @@ KEYS = {
 
 def load_paths(path):
     """The settings of a paths file as a dict holding every key of KEYS, paths made absolute."""
-    cfg = config.merge(KEYS, [config.yaml_source(path, PrepError)], PrepError)
+    cfg = config.merge(KEYS, [config.yaml_source(path, PrepError, 'paths file')], PrepError)
     cfg['traintxt_filename'] = cfg['traintxt_filename'] or os.path.join(cfg['misc_dir'], 'train.txt')
     cfg['valtxt_filename'] = cfg['valtxt_filename'] or os.path.join(cfg['misc_dir'], 'val.txt')
     if 2 * cfg['pad'] >= cfg['img_size']:

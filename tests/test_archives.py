@@ -217,15 +217,17 @@ def test_a_devkit_missing_a_file_names_what_it_holds_and_what_it_lacks(tmp_path)
     (kit / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt').write_text('1\n')
     with pytest.raises(devkit.PrepError) as e:
         devkit.find_in_devkit(str(kit))
-    assert str(e.value).startswith(f'devkit {kit} holds ILSVRC2014_clsloc_validation_ground_truth.txt but '
-                                   'not meta_clsloc.mat (at its top, in data/ or in <folder>/data/)')
+    instead = ('; or, instead of devkit, set meta_clsloc_mat and val_label_file to the synsets and '
+               'ground-truth files')
+    assert str(e.value) == (f'devkit {kit} holds ILSVRC2014_clsloc_validation_ground_truth.txt but '
+                            f'not meta_clsloc.mat (at its top, in data/ or in <folder>/data/){instead}')
     (kit / 'data' / 'ILSVRC2014_clsloc_validation_ground_truth.txt').unlink()
     with pytest.raises(devkit.PrepError) as e:
         devkit.find_in_devkit(str(kit))
-    assert str(e.value).startswith(
+    assert str(e.value) == (
         f'devkit {kit} holds neither meta_clsloc.mat + ILSVRC2014_clsloc_validation_ground_truth.txt '
         '(ILSVRC2014) nor meta.mat + ILSVRC2012_validation_ground_truth.txt (ILSVRC2012), at its top, '
-        'in data/ or in <folder>/data/')
+        f'in data/ or in <folder>/data/{instead}')
 
 
 def test_a_devkit_with_its_files_too_or_unreadable_synsets_is_named(tmp_path):
@@ -541,6 +543,34 @@ def test_cifar_train_and_val_from_two_places_list_as_from_one(tmp_path):
         two = cifar.list_cifar(dict(cfg, train_img_dir=str(train), val_img_dir=str(val)), 'cifar10_bin')
         assert two[:4] == one[:4] and len(one[1]) == 10 and len(one[2]) == 4
         assert [s.files for s in two[4].values()] == [s.files for s in one[4].values()]
+
+
+def test_cifar_is_found_as_a_tgz_or_in_the_folder_above_its_own(tmp_path):
+    """The archive also comes as .tgz (any case), and train_img_dir may name the folder that holds
+    cifar-10-batches-bin/ (where the archive was extracted): both list as the folder itself."""
+    from preprocessing import cifar
+    folder = tmp_path / 'raw' / 'cifar-10-batches-bin'
+    make_cifar(folder, 'cifar10_bin', n_train=(3, 2, 2, 2, 1), n_val=4)
+    cfg = {'cifar100_labels': 'fine'}
+    one = cifar.list_cifar(dict(cfg, train_img_dir=str(folder), val_img_dir=str(folder)), 'cifar10_bin')
+    for name in ('cifar-10-binary.tgz', 'CIFAR-10-Binary.TGZ'):
+        assert cifar.detect(str(tar_gz(folder, tmp_path / name))) == 'cifar10_bin'
+    above = str(tmp_path / 'raw')
+    assert cifar.detect(above) == 'cifar10_bin'
+    two = cifar.list_cifar(dict(cfg, train_img_dir=above, val_img_dir=above), 'cifar10_bin')
+    assert two[:4] == one[:4] and len(one[1]) == 10
+    assert [s.files for s in two[4].values()] == [s.files for s in one[4].values()]
+
+
+def test_cifar_class_names_that_are_empty_or_not_utf8(tmp_path):
+    """A names file of no names is refused as empty; bytes that are not UTF-8 (a names file in
+    Latin-1) become U+FFFD in the names, not a traceback."""
+    from preprocessing import PrepError, cifar
+    with pytest.raises(PrepError) as e:
+        cifar.class_names(b'\n  \n', 'raw: batches.meta.txt')
+    assert str(e.value) == ('raw: batches.meta.txt: expected one class name a line, distinct and '
+                            'without "/" (empty)')
+    assert cifar.class_names('caf\u00e9\nbird\n'.encode('latin-1'), 'raw') == ['caf\ufffd', 'bird']
 
 
 @pytest.mark.parametrize('kind', ['fine', 'coarse'])

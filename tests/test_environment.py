@@ -48,7 +48,7 @@ def test_a_python_without_the_packages_is_told_which_python_to_use(args):
     (['validate_performance.py', 'checkpoint={tmp}/none.pt'], 'no snapshot {tmp}/none.pt'),
     (['serve.py', '{tmp}/none.pt'], 'no snapshot {tmp}/none.pt'),
     (['plot.py', '{tmp}'], 'neither history.csv nor val_record.npy in {tmp}'),
-    (['-m', 'preprocessing.make_data', '{tmp}/none.yaml'], 'cannot read config file {tmp}/none.yaml'),
+    (['-m', 'preprocessing.make_data', '{tmp}/none.yaml'], 'cannot read paths file {tmp}/none.yaml'),
     (['-m', 'preprocessing.make_demo_data', '{tmp}/file/raw'], 'cannot write the demo data to {tmp}/file/raw'),
     (['pretrained/convert.py', 'export', '{tmp}/none.pt', '{tmp}/out', '1'], 'no snapshot {tmp}/none.pt'),
     (['-m', 'benchmarks.exchange', '--device', 'tpu'], "--device: 'tpu' is not a device"),

@@ -248,6 +248,7 @@ def test_writes_exactly_the_reference_files(imagenet):
     assert info['counts'] == {'train_images': 28, 'train_batches': 7, 'train_dropped': 0,
                               'val_images': 12, 'val_batches': 3, 'val_dropped': 1}
     assert info['bad_files'] == {'train': 3, 'val': 1}
+    assert (info['img_size'], info['pad'], info['batch_size'], info['sub_batches']) == (S, 0, B, [1, 2])
 
 
 def test_the_originals_hickle_reads_our_batch_files(imagenet):
@@ -342,6 +343,15 @@ def test_the_progress_bar_counts_the_images_of_every_batch(monkeypatch):
             assert last.startswith('write train: 100%|') and '| 12/12 [' in last and 'img/s]' in last, last
         else:
             assert last == '', last
+
+
+def test_images_are_resized_bilinearly(tmp_path):
+    """A 2x2 image, black left, gray 200 right, stretched to 4x4: bilinear interpolation between
+    the pixel centres (at 1/4 and 3/4 of the way: 50 and 150), the edges repeated. Pillow's default
+    (bicubic) would give 41, 159 and overshoot to 218."""
+    Image.fromarray(np.array([[[0] * 3, [200] * 3]] * 2, np.uint8)).save(tmp_path / 'step.png')
+    rgb = load_rgb(tmp_path / 'step.png', 4)
+    assert rgb.shape == (4, 4, 3) and (rgb == np.array([0, 50, 150, 200])[None, :, None]).all(), rgb[..., 0]
 
 
 @pytest.mark.parametrize('mode', ['I;16', 'I;16B', 'I'])
@@ -807,6 +817,11 @@ def test_demo_data(tmp_path):
     count = {s: len(list((tmp_path / 'raw' / s).rglob('*.png'))) for s in ('train', 'val')}
     assert count == {'train': 1498, 'val': 299}
     assert sorted(os.listdir(tmp_path / 'raw' / 'val')) == [str(d) for d in range(10)]
+    from sklearn.datasets import load_digits
+    digit = load_digits().images[0]                                 # a 0, values 0..16
+    png = np.asarray(Image.open(tmp_path / 'raw' / 'train' / '0' / '0000.png'))
+    assert png.shape == (8, 8) and png.dtype == np.uint8 and png.max() >= 200  # 0..16 -> 0..255
+    assert np.abs(png / 255 * 16 - digit).max() <= 16 / 255 / 2 + 1e-9, png
     assert make_demo_data.make_demo_data(tmp_path / 'raw') == 0                  # already complete
     paths = write_paths(tmp_path / 'paths.yaml', layout='folders', meta_clsloc_mat=None,
                         val_label_file=None, img_size=8, batch_size=32, sub_batches=[1], workers=2)
@@ -863,6 +878,22 @@ def test_a_paths_file_without_a_required_key_names_them(tmp_path):
     with pytest.raises(PrepError, match=f'^{p}: missing config key[(]s[)] tar_train_dir, tar_val_dir, '
                                         'misc_dir$'):
         load_paths(p)
+
+
+def test_a_paths_file_that_is_missing_not_yaml_or_not_a_mapping_is_a_prep_error_naming_it(tmp_path):
+    """Before any key is looked at: the file itself, named as the paths file it is, as the
+    preprocessing error every caller of load_paths catches."""
+    from preprocessing import PrepError
+    from preprocessing.paths import load_paths
+    p = tmp_path / 'paths.yaml'
+    for text, message in ((None, f'cannot read paths file {p}: No such file or directory'),
+                          ('img_size: [16\n', f'{p} is not valid YAML: while parsing a flow sequence'),
+                          ('- img_size\n', f'{p} must hold a mapping of key: value')):
+        if text is not None:
+            p.write_text(text)
+        with pytest.raises(PrepError) as e:
+            load_paths(p)
+        assert type(e.value) is PrepError and str(e.value) == message
 
 
 @pytest.mark.parametrize('layout', ['imagenet', 'folders'])
