@@ -474,6 +474,22 @@ def test_class_words_from_dataset_yaml(tmp_path):
         serve.Classifier(snap['path'], device='cpu')
 
 
+
+@pytest.mark.parametrize('meta, got', [({'class_words': ['a', 'b', 'c']}, 'got None'),
+                                       ({'class_names': ['cat', 'dog']}, 'got 2'),
+                                       (['cat', 'dog'], 'got 2')],
+                         ids=['no-class-names', 'two-class-names', 'a-list-of-two'])
+def test_class_names_missing_or_of_another_count_are_named(tmp_path, meta, got):
+    """A dataset.yaml without class_names, or with a list of another length than the snapshot's
+    classes, is a SetupError naming the file and the key (not a TypeError later)."""
+    snap = make_snapshot(str(tmp_path))
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump(meta, f)
+    with pytest.raises(serve.SetupError) as e:
+        serve.Classifier(snap['path'], device='cpu')
+    assert str(e.value) == (f"{snap['dataset_yaml']}: class_names must be a list of the 3 classes "
+                            f'of the snapshot, {got}'), e.value
+
 def flat(w, h, fmt='PNG'):
     """A large image that compresses well (a legal upload under MAX_BYTES)."""
     return encode(Image.new('RGB', (w, h), (200, 30, 90)), fmt)
