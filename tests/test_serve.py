@@ -214,7 +214,7 @@ def test_bad_upload_is_400_and_connection_stays_usable(server, content, field, m
     (b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nxx', 'multipart/form-data; boundary=b',
      'no closing boundary'),
     (b'no delimiter at all', 'multipart/form-data; boundary=b', 'no boundary'),
-    (b'', 'multipart/form-data', 'boundary'),
+    (b'', 'multipart/form-data', 'multipart/form-data without a valid boundary'),
 ], ids=['not-multipart', 'url-encoded', 'empty-raw', 'truncated-multipart', 'no-delimiter',
         'no-boundary'])
 def test_malformed_form_is_400(server, body, ctype, message):
@@ -313,6 +313,20 @@ def test_a_malformed_form_is_named_by_where_it_breaks():
         with pytest.raises(serve.BadRequest) as e:
             serve.upload_image(ctype, body)
         assert str(e.value) == message, (body[-40:], e.value)
+
+
+
+@pytest.mark.parametrize('params', ['', '; boundary=', '; boundary=""', '; boundary=' + 'b' * 201,
+                                    '; boundary="b\u00e9"'],
+                         ids=['none', 'empty', 'empty-quoted', '201-chars', 'not-ascii'])
+def test_a_form_without_a_usable_boundary_is_named_as_such(params):
+    """No boundary, an empty one, one over 200 characters or not ASCII: refused before parsing,
+    whatever the body (a form delimited by an empty boundary, the same form delimited by 'b', none)."""
+    body = b'--\r\nContent-Disposition: form-data; name="image"\r\n\r\nx\r\n----\r\n'
+    for form in (body, body.replace(b'--\r', b'--b\r').replace(b'----', b'--b--'), b''):
+        with pytest.raises(serve.BadRequest) as e:
+            serve.upload_image('multipart/form-data' + params, form)
+        assert str(e.value) == 'multipart/form-data without a valid boundary', (params, form)
 
 
 def test_a_wrong_content_type_names_every_accepted_one():
@@ -489,6 +503,7 @@ def test_class_names_missing_or_of_another_count_are_named(tmp_path, meta, got):
         serve.Classifier(snap['path'], device='cpu')
     assert str(e.value) == (f"{snap['dataset_yaml']}: class_names must be a list of the 3 classes "
                             f'of the snapshot, {got}'), e.value
+
 
 def flat(w, h, fmt='PNG'):
     """A large image that compresses well (a legal upload under MAX_BYTES)."""
