@@ -268,6 +268,16 @@ def test_wrong_method_or_path(server, method, path, status):
     assert_serving(server)
 
 
+def test_a_request_line_over_64_kib_is_414_with_the_status_text(server):
+    """The stdlib refuses a request line over 65536 bytes with no message of its own: the JSON
+    error is then the status's text. Exactly 65537 bytes are sent, all of which the server reads
+    (more, unread at its close, could reset the connection before the reply is read)."""
+    line = b'GET /' + b'a' * (65537 - 5)
+    status, answer = raw_exchange(server, line)
+    assert status.startswith('HTTP/1.1 414') and answer == {'error': 'Request-URI Too Long'}, answer
+    assert_serving(server)
+
+
 def test_index_page(server):
     status, r, page = request(server, 'GET', '/')
     assert status == 200 and r.getheader('Content-Type').startswith('text/html')
