@@ -278,6 +278,19 @@ def test_a_request_line_over_64_kib_is_414_with_the_status_text(server):
     assert_serving(server)
 
 
+@pytest.mark.parametrize('line, status, error', [
+    (b'GARBAGE\r\n', '400', "Bad request syntax ('GARBAGE')"),
+    (b'GET / HTTP/9.9\r\n', '505', 'Invalid HTTP version (9.9)'),
+], ids=['one-word', 'http-9.9'])
+def test_an_unparsable_request_line_is_answered_in_json(server, line, status, error):
+    """The stdlib's refusals of a request line it cannot use (no method known yet) come as every
+    error does: a status line and headers (the stdlib sends the body alone, as HTTP/0.9 would),
+    JSON, the connection closed."""
+    got, answer = raw_exchange(server, line)
+    assert got.startswith(f'HTTP/1.1 {status}') and answer == {'error': error}, (got, answer)
+    assert_serving(server)
+
+
 def test_index_page(server):
     status, r, page = request(server, 'GET', '/')
     assert status == 200 and r.getheader('Content-Type').startswith('text/html')
