@@ -730,6 +730,29 @@ def test_a_flood_of_idle_connections_is_held_to_the_cap(snapshot, tmp_path):
     assert stopped == 0
 
 
+def test_a_refused_client_that_stays_connected_is_closed_after_the_linger(classifier):
+    """A connection over --max-connections gets its 503, then the server reads what it still sends
+    for Server.LINGER_S (here 0.2 s) and closes it, even though the client never hangs up: its
+    next send is answered with a reset, and the server holds no socket of it."""
+    with served(classifier, max_connections=1) as port:
+        served.server.LINGER_S = 0.2
+        with socket.create_connection(('127.0.0.1', port), timeout=30) as held, \
+                socket.create_connection(('127.0.0.1', port), timeout=30) as refused:
+            assert _read_all(refused).startswith(b'HTTP/1.1 503 ')  # then the server's half closes
+            deadline, reset = time.monotonic() + 10, False
+            while not reset and time.monotonic() < deadline:
+                time.sleep(0.1)
+                try:
+                    refused.sendall(b'x')  # read and dropped while the server holds the socket
+                    refused.recv(1)  # b'' (the server's half is closed) until the reset arrives
+                except (ConnectionResetError, BrokenPipeError):
+                    reset = True
+            assert reset, 'the refused connection still open 10 s after its 503 (linger 0.2 s)'
+            assert served.server.closing == []
+            held.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')  # the held one is served
+            assert held.recv(65536).startswith(b'HTTP/1.1 200 ')
+
+
 def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapshot, tmp_path, capsys):
     """The trainer's device parsing (lib.trainer.resolve_device) and lib.model.from_state."""
     assert serve.main([snapshot['path'], '--device', 'gpu-one']) == 2
