@@ -231,7 +231,8 @@ class Handler(BaseHTTPRequestHandler):
         """Every error as JSON {"error": ...} (the stdlib sends HTML); closes the connection."""
         message = message or self.responses.get(code, ('error',))[0]
         self.log_error('code %d, message %s', code, message)
-        self.command = getattr(self, 'command', None)  # None: unparsable request line
+        if self.command is None:  # the stdlib's refusal of an unusable request line: with a status
+            self.request_version = self.protocol_version  # line and headers, not HTTP/0.9's bare body
         if code == 405:
             extra = [('Allow', ', '.join(self.routes.get(urlsplit(self.path).path, ())))]
         self._send(code, json.dumps({'error': message}).encode(), 'application/json', True, extra)

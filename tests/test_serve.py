@@ -214,7 +214,7 @@ def test_bad_upload_is_400_and_connection_stays_usable(server, content, field, m
     (b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nxx', 'multipart/form-data; boundary=b',
      'no closing boundary'),
     (b'no delimiter at all', 'multipart/form-data; boundary=b', 'no boundary'),
-    (b'', 'multipart/form-data', 'boundary'),
+    (b'', 'multipart/form-data', 'multipart/form-data without a valid boundary'),
 ], ids=['not-multipart', 'url-encoded', 'empty-raw', 'truncated-multipart', 'no-delimiter',
         'no-boundary'])
 def test_malformed_form_is_400(server, body, ctype, message):
@@ -268,6 +268,29 @@ def test_wrong_method_or_path(server, method, path, status):
     assert_serving(server)
 
 
+def test_a_request_line_over_64_kib_is_414_with_the_status_text(server):
+    """The stdlib refuses a request line over 65536 bytes with no message of its own: the JSON
+    error is then the status's text. Exactly 65537 bytes are sent, all of which the server reads
+    (more, unread at its close, could reset the connection before the reply is read)."""
+    line = b'GET /' + b'a' * (65537 - 5)
+    status, answer = raw_exchange(server, line)
+    assert status.startswith('HTTP/1.1 414') and answer == {'error': 'Request-URI Too Long'}, answer
+    assert_serving(server)
+
+
+@pytest.mark.parametrize('line, status, error', [
+    (b'GARBAGE\r\n', '400', "Bad request syntax ('GARBAGE')"),
+    (b'GET / HTTP/9.9\r\n', '505', 'Invalid HTTP version (9.9)'),
+], ids=['one-word', 'http-9.9'])
+def test_an_unparsable_request_line_is_answered_in_json(server, line, status, error):
+    """The stdlib's refusals of a request line it cannot use (no method known yet) come as every
+    error does: a status line and headers (the stdlib sends the body alone, as HTTP/0.9 would),
+    JSON, the connection closed."""
+    got, answer = raw_exchange(server, line)
+    assert got.startswith(f'HTTP/1.1 {status}') and answer == {'error': error}, (got, answer)
+    assert_serving(server)
+
+
 def test_index_page(server):
     status, r, page = request(server, 'GET', '/')
     assert status == 200 and r.getheader('Content-Type').startswith('text/html')
@@ -313,6 +336,20 @@ def test_a_malformed_form_is_named_by_where_it_breaks():
         with pytest.raises(serve.BadRequest) as e:
             serve.upload_image(ctype, body)
         assert str(e.value) == message, (body[-40:], e.value)
+
+
+
+@pytest.mark.parametrize('params', ['', '; boundary=', '; boundary=""', '; boundary=' + 'b' * 201,
+                                    '; boundary="b\u00e9"'],
+                         ids=['none', 'empty', 'empty-quoted', '201-chars', 'not-ascii'])
+def test_a_form_without_a_usable_boundary_is_named_as_such(params):
+    """No boundary, an empty one, one over 200 characters or not ASCII: refused before parsing,
+    whatever the body (a form delimited by an empty boundary, the same form delimited by 'b', none)."""
+    body = b'--\r\nContent-Disposition: form-data; name="image"\r\n\r\nx\r\n----\r\n'
+    for form in (body, body.replace(b'--\r', b'--b\r').replace(b'----', b'--b--'), b''):
+        with pytest.raises(serve.BadRequest) as e:
+            serve.upload_image('multipart/form-data' + params, form)
+        assert str(e.value) == 'multipart/form-data without a valid boundary', (params, form)
 
 
 def test_a_wrong_content_type_names_every_accepted_one():
@@ -472,6 +509,23 @@ def test_class_words_from_dataset_yaml(tmp_path):
         yaml.safe_dump({'class_names': wnids, 'class_words': words[:2]}, f)
     with pytest.raises(serve.SetupError, match='class_words must be a list of the 3 classes'):
         serve.Classifier(snap['path'], device='cpu')
+
+
+
+@pytest.mark.parametrize('meta, got', [({'class_words': ['a', 'b', 'c']}, 'got None'),
+                                       ({'class_names': ['cat', 'dog']}, 'got 2'),
+                                       (['cat', 'dog'], 'got 2')],
+                         ids=['no-class-names', 'two-class-names', 'a-list-of-two'])
+def test_class_names_missing_or_of_another_count_are_named(tmp_path, meta, got):
+    """A dataset.yaml without class_names, or with a list of another length than the snapshot's
+    classes, is a SetupError naming the file and the key (not a TypeError later)."""
+    snap = make_snapshot(str(tmp_path))
+    with open(snap['dataset_yaml'], 'w') as f:
+        yaml.safe_dump(meta, f)
+    with pytest.raises(serve.SetupError) as e:
+        serve.Classifier(snap['path'], device='cpu')
+    assert str(e.value) == (f"{snap['dataset_yaml']}: class_names must be a list of the 3 classes "
+                            f'of the snapshot, {got}'), e.value
 
 
 def flat(w, h, fmt='PNG'):
@@ -674,6 +728,29 @@ def test_a_flood_of_idle_connections_is_held_to_the_cap(snapshot, tmp_path):
             s.close()
         stopped = stop_server(proc)
     assert stopped == 0
+
+
+def test_a_refused_client_that_stays_connected_is_closed_after_the_linger(classifier):
+    """A connection over --max-connections gets its 503, then the server reads what it still sends
+    for Server.LINGER_S (here 0.2 s) and closes it, even though the client never hangs up: its
+    next send is answered with a reset, and the server holds no socket of it."""
+    with served(classifier, max_connections=1) as port:
+        served.server.LINGER_S = 0.2
+        with socket.create_connection(('127.0.0.1', port), timeout=30) as held, \
+                socket.create_connection(('127.0.0.1', port), timeout=30) as refused:
+            assert _read_all(refused).startswith(b'HTTP/1.1 503 ')  # then the server's half closes
+            deadline, reset = time.monotonic() + 10, False
+            while not reset and time.monotonic() < deadline:
+                time.sleep(0.1)
+                try:
+                    refused.sendall(b'x')  # read and dropped while the server holds the socket
+                    refused.recv(1)  # b'' (the server's half is closed) until the reset arrives
+                except (ConnectionResetError, BrokenPipeError):
+                    reset = True
+            assert reset, 'the refused connection still open 10 s after its 503 (linger 0.2 s)'
+            assert served.server.closing == []
+            held.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')  # the held one is served
+            assert held.recv(65536).startswith(b'HTTP/1.1 200 ')
 
 
 def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapshot, tmp_path, capsys):
