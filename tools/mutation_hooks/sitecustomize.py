@@ -11,7 +11,8 @@ for the programs that the tests start as child processes (`python train.py`, `py
    project copy (MUTATION_ROOT; mutmut reads setup.cfg from the cwd, and the child's may be any
    folder), and (b) writes the functions it has reached into MUTATION_HITS_DIR (at exit, and
    every 0.25 s while it runs: a server a test module shares may be stopped only after its
-   last test), which mutation_stats_plugin.py adds to the tests that run meanwhile.
+   last test; and before os._exit, which skips atexit, in a forked child too), which
+   mutation_stats_plugin.py adds to the tests that run meanwhile.
 Idle where MUTATION_ROOT is not set, or mutmut is not installed."""
 import os
 import sys
@@ -95,7 +96,24 @@ if os.environ.get('MUTATION_ROOT'):
                 while True:
                     time.sleep(0.25)
                     _write_hits()
-            threading.Thread(target=_every_quarter_second, name='mutation-hits', daemon=True).start()
+
+            def _start():
+                threading.Thread(target=_every_quarter_second, name='mutation-hits', daemon=True).start()
+
+            def _in_forked_child():  # (the thread is not forked, and the parent's hits are its own)
+                _written[0] = 0
+                _start()
+
+            _os_exit = os._exit
+
+            def _exit_after_writing(code):  # os._exit skips atexit: a forked multiprocessing child
+                try:                         # and train_2gpu.py's workers end that way
+                    _write_hits()
+                finally:
+                    _os_exit(code)
+            _start()
+            os.register_at_fork(after_in_child=_in_forked_child)
+            os._exit = _exit_after_writing
     except ImportError:  # a python without mutmut: it cannot run the mutated files anyway
         pass
     except Exception as e:  # noqa: BLE001  (never stop the program the test runs)
