@@ -53,6 +53,8 @@ TARGETS = ['lib/', 'preprocessing/', 'train.py', 'train_2gpu.py', 'validate_perf
 # test_lint.py and test_docs.py (they read the project's files, which mutmut rewrites),
 # test_environment.py (a python without site-packages cannot import the mutated files' mutmut),
 # test_cluster.py and test_serve_browser.py (network namespaces, a browser: minutes each),
+# test_exact.py (the launchers over the 227 px alexnet: minutes; the draws it relies on have unit
+# tests in test_data.py and test_model.py, and test_train_2gpu.py / test_torchrun.py compare runs),
 # test_cuda.py (skipped without a GPU), the benchmark tests (benchmarks/ is not mutated).
 TESTS = ['tests/test_archives.py', 'tests/test_config.py', 'tests/test_data.py',
          'tests/test_evaluate.py', 'tests/test_host_feed.py', 'tests/test_link.py',
@@ -222,11 +224,13 @@ def draw(names, size, seed):
 
 
 def module_of(name):
-    """lib.checkpoint.x_epochs__mutmut_3 -> lib/checkpoint.py"""
+    """lib.checkpoint.x_epochs__mutmut_3 -> lib/checkpoint.py; lib.x_command__mutmut_1 ->
+    lib/__init__.py"""
     parts = name.split('.')
     for i, p in enumerate(parts):
         if p.startswith('x_') or p.startswith('x\u01c1'):
-            return '/'.join(parts[:i]) + '.py'
+            path = '/'.join(parts[:i])
+            return f'{path}/__init__.py' if os.path.isdir(os.path.join(ROOT, path)) else f'{path}.py'
     raise ValueError(name)
 
 
