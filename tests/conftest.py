@@ -3,7 +3,16 @@ cleanly without one (CI); `python -m benchmarks.gpu OUT_DIR` runs them first on 
 
 The mutation check (test_mutants.py) runs last, and takes the tests that guard it as passing
 unmutated where they passed earlier in the same session (PASSED), instead of running them all
-once more in its copy of the project."""
+once more in its copy of the project.
+
+A suite started in the background by a script (`sh test.sh &`: the shell sets SIGINT to be
+ignored) would hand that on to every program the tests start, and each Ctrl-C test would fail
+for no fault of the code: the suite takes SIGINT back (a handler is reset to the default in a
+program it starts; an ignored signal stays ignored)."""
+import signal
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PASSED = set()  # node ids ('tests/test_x.py::name[param]') of the tests passed in this session
 FAILED = set()  # ... and of those that failed (or erred)
