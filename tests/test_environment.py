@@ -191,3 +191,15 @@ def test_every_shell_entry_point_uses_the_venv():
         assert not any(re.search(r'(?<![/\w.-])python3?\b', line) for line in code), script
         if any('python' in line for line in code):
             assert any('tools/venv.sh' in line for line in code), script
+
+
+def test_test_sh_runs_the_tests_it_is_given_or_else_all():
+    """`sh test.sh tests/test_lint.py` (docs/testing.md's way to run one file) runs that file
+    alone; other arguments (-k ...) still go to pytest over the whole of tests/."""
+    def collected(*args):
+        proc = subprocess.run(['sh', 'test.sh', '--collect-only', '-q', *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return {line.split('::')[0] for line in proc.stdout.splitlines() if '::' in line}
+    assert collected('tests/test_lint.py') == {'tests/test_lint.py'}
+    assert collected('-k', 'lint or optim') >= {'tests/test_lint.py', 'tests/test_optim.py'}
