@@ -6,6 +6,7 @@ without restarts, stops the other cleanly; train_2gpu.py's two workers on two ho
 train as one worker, refuse a third host, ride out a short link cut and stop cleanly on a dead
 peer or a long cut."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,7 +342,8 @@ def test_train_2gpu_on_two_hosts_stops_on_a_dead_peer_or_a_long_cut(cluster, tmp
         # the lost connection, or (when ZeroMQ did not report it) the peer_timeout
         assert len(errors) == 1 and errors[0].startswith('worker 0: error: ') and \
             'worker 1' in errors[0] and 'at step' in errors[0], results[0][1][-3000:]
-        if cut:  # both sides see it
-            assert results[1][0] == 2 and 'worker 1: error: worker 0 did not answer within 8 s' \
-                in results[1][1], results[1][1][-3000:]
+        if cut:  # both sides see it: at peer_timeout, or as ZeroMQ's heartbeats (as long) drop the link
+            assert results[1][0] == 2 and re.search(
+                r'worker 1: error: (worker 0 did not answer within 8 s|lost the connection to worker 0)',
+                results[1][1]), results[1][1][-3000:]
         assert a.pids() == [] and b.pids() == []

@@ -74,6 +74,32 @@ def run_pair(endpoint, infos, max_frame=None, before=None):
     return [out[0], out[1]], links
 
 
+def test_a_peer_that_is_connected_but_silent_is_named_at_peer_timeout(tmp_path):
+    """The peer process alive (its ZeroMQ heartbeats answered) but sending nothing, e.g. stuck
+    in its own step: only peer_timeout ends the wait, naming the peer."""
+    links, waiter = [link.Link(r, f'ipc://{tmp_path}/link', 1.5) for r in (0, 1)], None
+    try:
+        both_workers(lambda r: links[r].handshake({}), 30)
+        got = []
+
+        def wait():
+            try:
+                links[1].recv(link.DATA, 7)
+            except link.PeerError as e:
+                got.append(str(e))
+        t0 = time.monotonic()
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(8)
+        elapsed = time.monotonic() - t0
+        assert got and 'worker 0 did not answer within 1.5 s (peer_timeout)' in got[0], (got, elapsed)
+        assert 1.5 <= elapsed < 10
+    finally:
+        if not (waiter and waiter.is_alive()):  # (a socket is closed by the thread that uses it)
+            for lk in links:
+                lk.close()
+
+
 def test_both_sides_exchange_infos(tmp_path):
     out, links = run_pair(f'ipc://{tmp_path}/link', [{'a': 0}, {'b': 1}])
     try:

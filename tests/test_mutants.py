@@ -78,7 +78,7 @@ MUTANTS = [
            (T2 + 'test_a_killed_worker_stops_the_other_and_the_launcher',)),
     Mutant('a silent peer waited on for good (no peer_timeout)', 'lib/link.py',
            'if time.monotonic() > deadline:', 'if False:',
-           ('tests/test_cluster.py::test_train_2gpu_on_two_hosts_stops_on_a_dead_peer_or_a_long_cut',)),
+           ('tests/test_link.py::test_a_peer_that_is_connected_but_silent_is_named_at_peer_timeout',)),
     Mutant("the two workers' losses and errors not averaged (worker 0's half alone)", 'lib/exchange.py',
            'return ((mine + peer) / 2).to(tensor.dtype).to(tensor.device)', 'return tensor',
            (T2 + 'test_two_workers_on_halves_equal_one_worker_on_whole_batches[shm-0]',)),
