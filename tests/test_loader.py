@@ -89,7 +89,7 @@ def test_the_loader_prepares_the_next_batch_while_the_trainer_holds_one(tiny):
     try:
         for _ in range(len(sources[0]) - 1):
             next(batches)
-            assert proc.sock.poll(20_000), 'the loader was not asked for the next batch in advance'
+            assert proc.sock.poll(5_000), 'the loader was not asked for the next batch in advance'
         next(batches)
         assert not proc.sock.poll(200)  # the epoch's last batch: nothing more to prepare
     finally:

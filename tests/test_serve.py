@@ -700,8 +700,8 @@ def test_a_flood_of_idle_connections_is_held_to_the_cap(snapshot, tmp_path):
     try:
         assert_serving(port)
         before = _settled(proc.pid)
-        flood = [socket.create_connection(('127.0.0.1', port), timeout=30) for _ in range(40)]
-        pending, refused, deadline = set(flood), [], time.monotonic() + 30
+        flood = [socket.create_connection(('127.0.0.1', port), timeout=10) for _ in range(40)]
+        pending, refused, deadline = set(flood), [], time.monotonic() + 10
         while len(refused) < 32 and time.monotonic() < deadline:  # the first 8 are held
             for s in select.select(list(pending), [], [], 1)[0]:
                 pending.discard(s)
