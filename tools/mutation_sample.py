@@ -1,12 +1,13 @@
 """A systematic mutation pass by sample: mutmut (pinned in requirements-mutation.txt) over lib/,
-preprocessing/ and the entry points, on a fixed-seed sample of its mutants. Not part of the test
-command (on 2 cores its first pass takes 12 minutes, the quickest half of the sample 23 more, the
-rest hours: docs/testing.md); tests/test_mutants.py is the curated check that is.
+preprocessing/ and the entry points, on a fixed-seed sample of its mutants, each held to its
+quickest tests. Not part of the test command (on 2 cores, about half an hour: docs/testing.md);
+tests/test_mutants.py is the curated check that is.
 
     sh tools/venv.sh requirements-mutation.txt
     .venv/bin/python -m tools.mutation_sample                  # 300 mutants, seed 27
     .venv/bin/python -m tools.mutation_sample --survivors      # again, only the last run's survivors
     .venv/bin/python -m tools.mutation_sample --unfinished     # only those without a result yet
+    .venv/bin/python -m tools.mutation_sample --budget 0 --mutants NAME  # every test that reaches it
     .venv/bin/python -m tools.mutation_sample --sample 50 --seed 1 --workdir /tmp/m
 
 What it does:
@@ -17,14 +18,17 @@ What it does:
     their sorted names: the same code gives the same sample;
  3. `mutmut run` on those: mutmut first runs TESTS once, recording which tests reach which
     function (tools/mutation_hooks/ adds what the tests' child processes, e.g. `python train.py`,
-    reach), then runs for each mutant only the tests that reach its function, stopping at the
-    first failure (killed) or passing them all (survived);
+    reach), then runs for each mutant only the tests that reach its function, quickest first, as
+    many as fit in --budget seconds (by their times in the first pass; at least one), stopping at
+    the first failure (killed) or passing them all (survived): a mutant of a function that every
+    training run reaches would otherwise run most of the suite, minutes each, when it survives;
  4. prints per module the sampled, killed and surviving mutants, each survivor with its place
     (file:line), its mutation and its verdict from docs/mutation-triage.tsv (a missing test that
     is now written: `test`; a mutant no test can tell from the original: `equivalent`; one that
-    only a GPU can show: `cuda`), and the survivors without a verdict; WORKDIR/results.json holds
-    it all. Survival counts the mutants that survived, found no test, or timed out with no test
-    failing, less the `equivalent` and `cuda` ones.
+    only a GPU can show: `cuda`; one that survived its quickest tests and that a slower one,
+    named, catches: `slower`), and the survivors without a verdict; WORKDIR/results.json holds
+    it all. Survival counts the mutants that survived or found no test, less the `equivalent`,
+    `cuda` and `slower` ones (a timeout or a crash counts as caught).
 
 WORKDIR (default: <temp dir>/alexnet-mutation) is kept: a rerun reuses mutmut's record of which
 tests reach what (mutmut reruns what changed) unless --fresh. Leftover processes of a mutant's
@@ -68,7 +72,7 @@ TESTS = ['tests/test_archives.py', 'tests/test_config.py', 'tests/test_data.py',
 NOT_MUTATED = ['lib/env.py']
 TRIAGE = os.path.join(ROOT, 'docs', 'mutation-triage.tsv')
 TRIAGE_FIELDS = ('mutant', 'where', 'mutation', 'verdict', 'reason')
-VERDICTS = ('test', 'equivalent', 'cuda')
+VERDICTS = ('test', 'equivalent', 'cuda', 'slower')
 MUTMUT_VERSION = '3.8.1'
 
 
@@ -104,6 +108,10 @@ def write_config(repo, debug=False):
              # each mutant forked from the process that ran the tests once (OMP_NUM_THREADS=1:
              # torch's CPU kernels start no thread pool, so the fork is safe), fastest tests first
              'process_isolation = fork',
+             # a mutant's tests time out (caught) after 4 x (their time in the first pass + 10 s):
+             # a mutant that hangs costs a minute or two, not mutmut's 15 x; 2 mutants at once on
+             # 2 cores take 2-3 x their first-pass time
+             'timeout_multiplier = 4', 'timeout_constant = 10',
              f'debug = {str(debug).lower()}', '']
     with open(os.path.join(repo, 'setup.cfg'), 'w') as f:
         f.write('\n'.join(lines))
@@ -119,14 +127,37 @@ def environment(workdir, repo):
 
 
 # `mutmut run`, less its run of the unmutated tests when the stats run just before ran them all
-# (and they passed): on 2 cores that is the ten minutes of a second pass over TESTS
+# (and they passed): on 2 cores that is the ten minutes of a second pass over TESTS; and with a
+# budget, each mutant held to its quickest tests (by their time in the first pass) while their
+# sum stays within it (at least one), each such cut recorded as a line of RECORD.
+# argv: after-stats|full, budget in seconds (0: no budget), RECORD, mutmut run's arguments
 MUTMUT_RUN = """
+import json
 import sys
 import mutmut.__main__ as m
+from mutmut.state import state
 from mutmut.workers import isolation
 if sys.argv[1] == 'after-stats':
     isolation.ForkRunner.run_clean_tests = lambda self, tests: 0
-m.cli(['run', *sys.argv[2:]])
+budget, record = float(sys.argv[2]), sys.argv[3]
+submit = isolation.ForkRunner.submit
+def quickest(self, mutant, tests, cpu_limit, estimated):
+    from math import ceil
+    from mutmut.configuration import config
+    took = state().duration_by_test
+    kept, total = [], 0.0
+    for t in sorted(tests, key=lambda t: took[t]):
+        if budget and kept and total + took[t] > budget:
+            break
+        kept.append(t)
+        total += took[t]
+    with open(record, 'a') as f:
+        f.write(json.dumps(dict(mutant=mutant, ran=len(kept), of=len(tests), seconds=total,
+                                all_seconds=estimated)) + '\\n')
+    cfg = config()  # the time limits of the tests kept, as mutmut computes them
+    return submit(self, mutant, kept, ceil((total + cfg.timeout_constant) * cfg.timeout_multiplier * 2), total)
+isolation.ForkRunner.submit = quickest
+m.cli(['run', *sys.argv[4:]])
 """
 
 
@@ -304,43 +335,67 @@ def read_triage():
 
 
 SURVIVED = ('survived', 'no tests')   # (a timeout or a crash counts as caught)
+BUDGET = 10.0
+RECORD = 'tests-run.jsonl'  # in WORKDIR: per mutant tested, how many of its tests it ran
 
 
-def report(repo, sample, codes, triage, seconds, args):
+def read_record(workdir):
+    """{mutant: its last test's line of RECORD}"""
+    path, found = os.path.join(workdir, RECORD), {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                found[r['mutant']] = r
+    return found
+
+
+def report(repo, sample, codes, triage, record, seconds, args):
     rows, per_module = [], {}
+    keys = ('sampled', 'killed', 'survived', 'excused', 'slower')
     for name in sample:
         status = status_of(codes.get(name))
         where, mutation = describe(repo, name) if status in SURVIVED or name in triage else ('', '')
         verdict = triage.get(name, {}).get('verdict', '')
+        ran = record.get(name)
+        cut = bool(ran) and ran['ran'] < ran['of']  # held to its quickest tests
         rows.append(dict(mutant=name, status=status, where=where, mutation=mutation, verdict=verdict,
-                         reason=triage.get(name, {}).get('reason', '')))
-        m = per_module.setdefault(module_of(name), dict(sampled=0, killed=0, survived=0, excused=0))
+                         reason=triage.get(name, {}).get('reason', ''),
+                         tests=f"{ran['ran']} of {ran['of']}" if ran else '', cut=cut))
+        m = per_module.setdefault(module_of(name), dict.fromkeys(keys, 0))
         m['sampled'] += 1
         if status in SURVIVED:
             m['survived'] += 1
             m['excused'] += verdict in ('equivalent', 'cuda')
+            m['slower'] += verdict == 'slower' and cut
         else:
             m['killed'] += 1
-    total = {k: sum(m[k] for m in per_module.values()) for k in ('sampled', 'killed', 'survived', 'excused')}
+    total = {k: sum(m[k] for m in per_module.values()) for k in keys}
     print(f'\n{total["sampled"]} sampled mutants (seed {args.seed}) in {seconds / 60:.1f} min on '
           f'{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, '
-          f'mutmut {MUTMUT_VERSION}\n')
+          f'mutmut {MUTMUT_VERSION}, each held to its quickest tests within '
+          f'{f"{args.budget:g} s" if args.budget else "no budget"}\n')
     print('| module | sampled | killed | survived | of them equivalent or CUDA-only | '
-          'survival rate (less those) |')
-    print('|---|---:|---:|---:|---:|---:|')
+          'caught by a test past the budget | survival rate (less those) |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
     for mod, m in sorted(per_module.items()) + [('all', total)]:
-        rate = (m['survived'] - m['excused']) / m['sampled']
+        rate = (m['survived'] - m['excused'] - m['slower']) / m['sampled']
         print(f'| {mod} | {m["sampled"]} | {m["killed"]} | {m["survived"]} | {m["excused"]} | '
-              f'{100 * rate:.1f} % |')
+              f'{m["slower"]} | {100 * rate:.1f} % |')
     survivors = [r for r in rows if r['status'] in SURVIVED]
     print(f'\nsurvivors ({len(survivors)}):')
     for r in survivors:
-        print(f"  {r['mutant']}  {r['where']}  [{r['status']}]  {r['mutation']}  "
+        ran = f", its quickest {r['tests']} tests" if r['cut'] else ''
+        print(f"  {r['mutant']}  {r['where']}  [{r['status']}{ran}]  {r['mutation']}  "
               f"-> {r['verdict'] or 'NOT TRIAGED'}{': ' + r['reason'] if r['reason'] else ''}")
     stale = [r for r in rows if r['verdict'] == 'test' and r['status'] in SURVIVED]
     if stale:
         print(f'\n{len(stale)} triaged `test` but survived: their test does not catch them')
-    untriaged = [r for r in survivors if not r['verdict']]
+    whole = [r for r in survivors if r['verdict'] == 'slower' and not r['cut']]
+    if whole:
+        print(f'\n{len(whole)} triaged `slower` but survived every test that reaches them: '
+              f'{" ".join(r["mutant"] for r in whole)}')
+    untriaged = [r for r in survivors if not r['verdict'] or r in whole]
     print(f'\n{len(untriaged)} survivor(s) without a verdict in {os.path.relpath(TRIAGE, ROOT)}')
     return rows, per_module, total, untriaged
 
@@ -352,6 +407,9 @@ def main(argv=None):
     p.add_argument('--sample', type=int, default=300, help='mutants drawn (default 300)')
     p.add_argument('--seed', type=int, default=27, help='seed of the draw (default 27)')
     p.add_argument('--jobs', type=int, default=os.cpu_count() or 2, help='mutants tested at once')
+    p.add_argument('--budget', type=float, default=BUDGET,
+                   help='seconds of tests (by their time in the first pass) a mutant runs at most, '
+                        f'its quickest first (default {BUDGET:g}; 0: every test that reaches it)')
     p.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'alexnet-mutation'))
     p.add_argument('--fresh', action='store_true', help='start from a new copy (no recorded stats)')
     p.add_argument('--survivors', action='store_true',
@@ -397,11 +455,12 @@ def main(argv=None):
     if todo:
         fresh = not os.path.exists(os.path.join(repo, 'mutants', 'mutmut-stats.json'))
         rc = run([sys.executable, '-c', MUTMUT_RUN, 'after-stats' if fresh else 'full',
+                  str(args.budget), os.path.join(workdir, RECORD),
                   '--max-children', str(args.jobs), *todo], repo, env, log)
         if rc:
             raise UserError(f'mutmut run ended with exit status {rc} (see {log})')
     codes = all_mutants(repo)
-    rows, per_module, total, untriaged = report(repo, sample, codes, read_triage(),
+    rows, per_module, total, untriaged = report(repo, sample, codes, read_triage(), read_record(workdir),
                                                 time.monotonic() - started, args)
     with open(results_file, 'w') as f:
         json.dump(dict(date=datetime.date.today().isoformat(), seed=args.seed, sample=args.sample,
