@@ -65,11 +65,13 @@ from benchmarks.common import epoch_img_s, iter_lines, step_marks, train_log, wr
 from lib import ROOT, SHM, command
 
 REQUIREMENTS = ('requirements.txt', 'requirements-test.txt')
-MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn'}
+MODULES = {'pyzmq': 'zmq', 'pyyaml': 'yaml', 'pillow': 'PIL', 'scikit-learn': 'sklearn',
+           'pytest-xdist': 'xdist'}
 # not imported by this command: demo data, ImageNet devkit, serve.py's browser test, the linter
 # (tests/test_lint.py is not among the CUDA tests), pytest_timeout (used where installed, else
-# a fallback stops a hung test) and matplotlib (train.py skips its training.png without it)
-NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'ruff', 'pytest_timeout', 'matplotlib'}
+# a fallback stops a hung test), matplotlib (train.py skips its training.png without it) and
+# xdist (test.sh's two tests at a time; this command runs its tests one at a time)
+NOT_NEEDED_HERE = {'sklearn', 'scipy', 'playwright', 'ruff', 'pytest_timeout', 'matplotlib', 'xdist'}
 CORE = ('torch', 'numpy', 'yaml')  # without them nothing runs: the import check stops (exit 2)
 # What each part, preflight check or row imports besides CORE (import names). Where one of them
 # is missing, that part is marked "skipped: missing ..." and the others run; the steps, profile,

@@ -71,9 +71,11 @@ def test_each_part_runs_with_only_the_modules_it_is_mapped_to_and_else_says_what
         tmp_path, available, parts):
     (tmp_path / 'site').mkdir()
     (tmp_path / 'site' / 'sitecustomize.py').write_text(BLOCKER)
-    # pytest_timeout stays: pytest loads it by its entry point, which a blocked module breaks (and
-    # the command works with or without it: test_a_hung_or_crashing_test_costs_its_own_time_...)
-    blocked = {m for _, _, m in gpu.requirements()} - set(gpu.CORE) - set(available) - {'pytest_timeout'}
+    # pytest_timeout and xdist stay: pytest loads its plugins by their entry points, which a
+    # blocked module breaks (and the command works with or without pytest_timeout:
+    # test_a_hung_or_crashing_test_costs_its_own_time_...; it does not use xdist)
+    plugins = {'pytest_timeout', 'xdist'}
+    blocked = {m for _, _, m in gpu.requirements()} - set(gpu.CORE) - set(available) - plugins
     env = dict(os.environ, PYTHONPATH=str(tmp_path / 'site'), BLOCK_MODULES=','.join(sorted(blocked)))
     r = subprocess.run([sys.executable, '-m', 'benchmarks.gpu', str(tmp_path / 'out'), '--cpu-smoke',
                         '--parts', parts], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -3,6 +3,7 @@ tools/venv.sh, and a python entry point run by a python without the packages say
 in one line instead of a ModuleNotFoundError traceback; a missing module of the project keeps
 its traceback. Every entry point ends alike (lib.command): a bad value is one line and exit code 2,
 SIGTERM stops it as Ctrl-C does (exit code 130)."""
+import json
 import os
 import re
 import shutil
@@ -195,11 +196,47 @@ def test_every_shell_entry_point_uses_the_venv():
 
 def test_test_sh_runs_the_tests_it_is_given_or_else_all():
     """`sh test.sh tests/test_lint.py` (docs/testing.md's way to run one file) runs that file
-    alone; other arguments (-k ...) still go to pytest over the whole of tests/."""
-    def collected(*args):
+    alone; other arguments (-k ...) still go to pytest over the whole of tests/. The mutation
+    check runs in a second pass, after the rest (tools/suite.py)."""
+    def passes(*args):
         proc = subprocess.run(['sh', 'test.sh', '--collect-only', '-q', *args], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        return {line.split('::')[0] for line in proc.stdout.splitlines() if '::' in line}
-    assert collected('tests/test_lint.py') == {'tests/test_lint.py'}
-    assert collected('-k', 'lint or optim') >= {'tests/test_lint.py', 'tests/test_optim.py'}
+        found = []
+        for line in proc.stdout.splitlines():
+            if line.startswith('[tests] pytest '):
+                found.append(set())
+            elif '::' in line:
+                found[-1].add(line.split('::')[0])
+        return found
+    assert passes('tests/test_lint.py') == [{'tests/test_lint.py'}]
+    assert passes('tests/test_mutants.py::test_docs_name_tests_that_exist') == [{'tests/test_mutants.py'}]
+    first, second = passes('-k', 'lint or optim or docs_name')
+    assert first >= {'tests/test_lint.py', 'tests/test_optim.py'} and second == {'tests/test_mutants.py'}
+    assert 'tests/test_mutants.py' not in first
+
+
+def test_the_tests_passed_in_the_first_pass_reach_the_mutation_check_in_the_second(tmp_path):
+    """tools/suite.py's record: the controller of a run of two workers writes every worker's
+    passes and failures to TESTS_RECORD_OUT (a variable no test sees), and tests/conftest.py
+    takes them as passed in this session where TESTS_RECORD_IN names that file."""
+    record = tmp_path / 'record.json'
+    probe = tmp_path / 'test_probe.py'
+    probe.write_text('import os\n\n'
+                     'def test_sees_no_record():\n    assert "TESTS_RECORD_OUT" not in os.environ\n\n'
+                     'def test_fails():\n    assert False\n')
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-n', '2',
+                        'tests/test_optim.py', str(probe), f'--rootdir={REPO}'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, TESTS_RECORD_OUT=str(record)))
+    assert r.returncode == 1 and '1 failed, 7 passed' in r.stdout, r.stdout[-2000:]
+    done = json.loads(record.read_text())
+    optim = [t for t in done['passed'] if t.startswith('tests/test_optim.py::')]
+    assert len(optim) >= 5 and any(t.endswith('::test_sees_no_record') for t in done['passed'])
+    assert [t.split('::')[1] for t in done['failed']] == ['test_fails']
+    check = ('import sys\nfrom tests.conftest import passed\n'
+             f'print(passed("{optim[0]}"), passed("tests/test_optim.py::test_none"))')
+    for env, want in (({'TESTS_RECORD_IN': str(record)}, 'True False'), ({}, 'False False')):
+        r = subprocess.run([sys.executable, '-c', check], cwd=REPO, capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, **env))
+        assert r.stdout.split() == want.split(), r.stdout + r.stderr
