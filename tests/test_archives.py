@@ -563,14 +563,19 @@ def test_cifar_is_found_as_a_tgz_or_in_the_folder_above_its_own(tmp_path):
 
 
 def test_cifar_class_names_that_are_empty_or_not_utf8(tmp_path):
-    """A names file of no names is refused as empty; bytes that are not UTF-8 (a names file in
-    Latin-1) become U+FFFD in the names, not a traceback."""
+    """A names file of no names is refused as empty, one that repeats a name or has a "/" in one
+    names it; bytes that are not UTF-8 (a names file in Latin-1) become U+FFFD in the names, not a
+    traceback."""
     from preprocessing import PrepError, cifar
     with pytest.raises(PrepError) as e:
         cifar.class_names(b'\n  \n', 'raw: batches.meta.txt')
     assert str(e.value) == ('raw: batches.meta.txt: expected one class name a line, distinct and '
                             'without "/" (empty)')
     assert cifar.class_names('caf\u00e9\nbird\n'.encode('latin-1'), 'raw') == ['caf\ufffd', 'bird']
+    # a name twice (two classes would share a folder name) or with a "/" is refused, naming it
+    for names, bad in ((b'cat\nbird\ncat\n', 'cat'), (b'cat\nbird/x\n', 'bird/x')):
+        with pytest.raises(PrepError, match=rf"^raw: expected .* \(got '{bad}'\)$"):
+            cifar.class_names(names, 'raw')
 
 
 @pytest.mark.parametrize('kind', ['fine', 'coarse'])

@@ -299,6 +299,11 @@ def test_index_page(server):
     assert 'id="classify" disabled>' in page  # until the script runs
     status, r, _ = request(server, 'HEAD', '/')
     assert status == 200 and int(r.getheader('Content-Length')) == len(page.encode())
+    # ... and no body after HEAD's headers (http.client would not read one: the raw bytes)
+    with socket.create_connection(('127.0.0.1', server), timeout=30) as s:
+        s.sendall(b'HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        raw = _read_all(s)
+    assert raw.startswith(b'HTTP/1.1 200 ') and raw.endswith(b'\r\n\r\n'), raw[-200:]
 
 
 def test_multipart_parser_is_binary_safe():
@@ -352,11 +357,14 @@ def test_a_form_without_a_usable_boundary_is_named_as_such(params):
         assert str(e.value) == 'multipart/form-data without a valid boundary', (params, form)
 
 
-def test_a_wrong_content_type_names_every_accepted_one():
+def test_a_wrong_content_type_names_every_accepted_one_and_the_curl_commands():
     with pytest.raises(serve.BadRequest) as refused:
         serve.upload_image('text/plain', b'x')
     for kind in ('multipart/form-data', 'image/*', 'application/octet-stream'):
         assert kind in str(refused.value), refused.value
+    # and how to send one right, in curl's words (its options are case-sensitive)
+    assert "got text/plain (curl -F image=@FILE, or --data-binary @FILE -H 'Content-Type: " \
+           "image/jpeg')" in str(refused.value), refused.value
 
 
 def test_a_file_that_is_not_a_snapshot_is_named_without_torch_internals(tmp_path, capsys):
