@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,45 @@ def test_the_tests_passed_in_the_first_pass_reach_the_mutation_check_in_the_seco
         r = subprocess.run([sys.executable, '-c', check], cwd=REPO, capture_output=True, text=True,
                            timeout=60, env=dict(os.environ, **env))
         assert r.stdout.split() == want.split(), r.stdout + r.stderr
+
+
+def group(pgid):
+    """Pids of the live processes of process group pgid (Linux /proc)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != 'Z':
+            found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_stops_the_test_command_as_it_stops_pytest():
+    """Ctrl-C in the terminal (SIGINT to the foreground process group) while `sh test.sh` runs
+    tests two at a time: pytest stops its workers and reports, and the command ends with pytest's
+    exit code for an interrupted run (2), without a traceback of tools/suite.py and without the
+    mutation check, leaving nothing running."""
+    proc = subprocess.Popen(['sh', 'test.sh', '-q', 'tests/test_loader.py', '-k', 'stalled_loader'],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        # tools/suite.py (test.sh's exec), pytest, its two workers, and the test's loader process
+        while len(group(proc.pid)) < 5:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 2 and 'Traceback' not in err, out[-2000:] + err[-2000:]
+    assert 'KeyboardInterrupt' in out and 'mutation check' in out, out[-2000:]
+    deadline = time.monotonic() + 10
+    while group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group(proc.pid)

@@ -38,7 +38,11 @@ def split(argv):
 
 def pytest(args, **env):
     print(f'[tests] pytest {" ".join(args)}', flush=True)
-    return subprocess.call([sys.executable, '-m', 'pytest', *args], env=dict(os.environ, **env))
+    proc = subprocess.Popen([sys.executable, '-m', 'pytest', *args], env=dict(os.environ, **env))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached pytest too: it stops its workers and reports
+        return proc.wait()
 
 
 def main(argv):
