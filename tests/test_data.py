@@ -96,6 +96,20 @@ def test_a_workers_plan_is_its_rows_of_the_steps_plan(per_batch):
     assert len({tuple(s.crop_x.tolist()) for s in whole}) > 1  # (the draws are random)
 
 
+def test_synthetic_batches_are_the_same_in_every_worker_and_every_run():
+    """synthetic=True: a worker's rows of each drawn batch, images and labels, are its share of
+    the batch a one-worker run draws from the same seed; another seed draws other batches."""
+    whole = data.SyntheticBatches(5, 8, 12, 10, seed=3)
+    halves = [data.SyntheticBatches(5, 8, 12, 10, seed=3, rows=r) for r in ((0, 4), (4, 8))]
+    assert len(whole) == 5 and whole.labels.shape == (5, 8) and whole.read(4).shape == (3, 12, 12, 8)
+    for i in range(len(whole)):
+        assert np.array_equal(np.concatenate([h.read(i) for h in halves], axis=3), whole.read(i))
+    assert np.array_equal(np.concatenate([h.labels for h in halves], axis=1), whole.labels)
+    again, other = data.SyntheticBatches(5, 8, 12, 10, seed=3), data.SyntheticBatches(5, 8, 12, 10, seed=4)
+    assert np.array_equal(again.labels, whole.labels) and np.array_equal(again.read(1), whole.read(1))
+    assert not np.array_equal(other.labels, whole.labels)
+
+
 def test_batch_folder_reads_c01b_and_aligns_labels(tmp_path):
     keys = make_batches(str(tmp_path), n_train=3, n_val=1, batch=4, size=8)
     folder = data.BatchFolder(data.batch_files(keys['train_folder']),
