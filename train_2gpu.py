@@ -102,11 +102,15 @@ def start_keeper(root, wait=KEEPER_WAIT):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     line = ''
-    if select.select([keeper.stdout], [], [], 60.0)[0]:
+    answered = select.select([keeper.stdout], [], [], 60.0)[0]
+    if answered:
         line = keeper.stdout.readline().decode().strip()
     keeper.stdout.close()
     if not line.startswith(os.sep):
-        code = keeper.poll()
+        try:  # an end of its output is its exit, which may not have been waited for yet
+            code = keeper.wait(5.0 if answered else 0)
+        except subprocess.TimeoutExpired:
+            code = None
         keeper.kill()
         keeper.wait()
         raise UserError(line.removeprefix('error: ') or (

@@ -415,8 +415,16 @@ def test_transport_choice():
     assert exchange.transport_for('auto', [gpu, gpu]) == 'ipc'
     assert exchange.transport_for('auto', [gpu, cpu]) == 'tcp'
     assert exchange.transport_for('auto', [gpu, gpu], same_host=False) == 'tcp'
-    with pytest.raises(exchange.ExchangeError, match='shm needs two CPU workers'):
-        exchange.transport_for('shm', [gpu, gpu])
+    assert [exchange.transport_for(t, [gpu, gpu]) for t in ('ipc', 'tcp')] == ['ipc', 'tcp']
+    assert [exchange.transport_for(t, [cpu, cpu]) for t in ('shm', 'tcp')] == ['shm', 'tcp']
+    for choice, devices, same_host, refusal in (
+            ('shm', [gpu, gpu], True, 'shm needs two CPU workers'),
+            ('ipc', [cpu, cpu], True, 'ipc needs two CUDA workers'),
+            ('ipc', [gpu, cpu], True, 'ipc needs two CUDA workers'),
+            ('ipc', [gpu, gpu], False, 'ipc needs both workers on one host'),
+            ('shm', [cpu, cpu], False, 'shm needs both workers on one host')):
+        with pytest.raises(exchange.ExchangeError, match=f'exchange_transport {refusal}'):
+            exchange.transport_for(choice, devices, same_host)
 
 
 def test_headers_reject_anything_else():
@@ -657,3 +665,19 @@ def test_make_keys_writes_into_a_folder_that_exists(tmp_path, capsys):
         assert sorted(os.listdir(tmp_path)) == ['worker0.key', 'worker0.key_secret', 'worker1.key',
                                                 'worker1.key_secret']
     assert capsys.readouterr().out == f'wrote CURVE keys worker0/worker1 to {tmp_path}\n' * 2
+
+
+def test_a_keeper_that_gives_no_folder_is_named_with_why(tmp_path, monkeypatch):
+    """The launcher's private folder comes from its keeper process: a keeper that cannot make it
+    is its own one-line error; one that ends without a word is named with its exit code."""
+    import train_2gpu
+    from lib import UserError
+    missing = tmp_path / 'missing'
+    with pytest.raises(UserError, match=f'^cannot make a private folder in {missing}: '):
+        train_2gpu.start_keeper(str(missing))
+    for _ in range(5):  # (its exit status is read as soon as its pipe closes)
+        monkeypatch.setattr(train_2gpu, 'KEEPER', 'import sys; sys.exit(3)')
+        with pytest.raises(UserError, match=r"^the keeper of the launcher's private folder "
+                                            r'\(pid \d+\) exited with code 3$'):
+            train_2gpu.start_keeper(str(tmp_path))
+    assert os.listdir(tmp_path) == []
