@@ -7,6 +7,7 @@ labels and lists written next to it.
 import io
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -555,9 +556,10 @@ def test_resume_never_unpickles_a_batch_file(tmp_path, capsys):
     assert 'delete it and run again' in err and not marker.exists()
 
 
-def test_one_copy_by_default_and_halves_added_by_a_rerun(tmp_path):
+def test_one_copy_by_default_and_halves_added_by_a_rerun(tmp_path, capsys):
     """sub_batches defaults to [1]: whole batches only (train_2gpu.py takes halves of them); a rerun
-    with sub_batches [1, 2] over them adds the halves and their labels, touching nothing else."""
+    with sub_batches [1, 2] over them adds the halves and their labels, touching nothing else, and
+    says it took the first run's check of the (same) input files instead of checking them again."""
     make_train(tmp_path / 'raw', WNIDS, hostile=False, bad=False)
     make_val_imagenet(tmp_path / 'raw')
     paths = write_paths(tmp_path / 'paths.yaml')
@@ -571,7 +573,9 @@ def test_one_copy_by_default_and_halves_added_by_a_rerun(tmp_path):
     assert sorted(os.listdir(out / 'labels')) == ['train_labels.npy', 'val_labels.npy']
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob('*.hkl')}
     mean = (out / 'misc' / 'img_mean.npy').read_bytes()
+    assert ': checked 32 files at ' in capsys.readouterr().out  # 18 train, 14 val
     run(write_paths(tmp_path / 'paths.yaml', sub_batches=[1, 2]))
+    assert ': reused the file check of the previous run; ' in capsys.readouterr().out
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
     assert (out / 'misc' / 'img_mean.npy').read_bytes() == mean
     for split in ('train', 'val'):
@@ -675,6 +679,23 @@ def test_in_process_errors_are_one_line(tmp_path, capsys):
     fails(write_paths(tmp_path / 'p.yaml', img_size=8, **folders), 'img_size=16, now 8', 'delete')
     solid(tmp_path / 'raw' / 'train' / 'cat' / 'new.jpg', (1, 2, 3))   # the shuffled list is stale
     fails(paths, 'shuffled_train_filenames.npy', 'delete')
+
+
+def test_a_flat_val_folder_without_images_is_named_with_what_it_holds(tmp_path, capsys):
+    """layout imagenet reads the val images directly in val_img_dir: one that holds class folders
+    instead is named with the layout that reads those, an empty one alone; nothing is written."""
+    make_train(tmp_path / 'raw', WNIDS, per_class=2, hostile=False, bad=False)
+    make_val_imagenet(tmp_path / 'raw', n=4, bad=())
+    val = tmp_path / 'raw' / 'val'
+    (val / WNIDS[0]).mkdir()
+    for f in val.glob('*.JPEG'):
+        f.rename(val / WNIDS[0] / f.name)
+    paths = write_paths(tmp_path / 'paths.yaml')
+    for hint in (' (class folders need layout: folders)', ''):
+        assert make_data.main([str(paths)]) == 2
+        assert capsys.readouterr().err == f'error: no images (.jpg/.jpeg/.png) directly in {val}{hint}\n'
+        assert not (tmp_path / 'out' / 'train_hkl_b4_b_1').exists()
+        shutil.rmtree(val / WNIDS[0], ignore_errors=True)  # then: an empty folder
 
 
 def test_outputs_are_checked_before_any_input_is_read(tmp_path, monkeypatch, capsys):
