@@ -625,6 +625,24 @@ def test_a_burst_beyond_the_bound_gets_503_and_serving_goes_on(classifier):
         assert_serving(port)
 
 
+def test_a_body_shorter_than_its_length_is_400_and_the_connection_is_closed(classifier):
+    """The client hangs up after 100 of the 5000 bytes it announced: the stream is out of step,
+    so the 400 says Connection: close and the server closes (recv then gives b'')."""
+    with served(classifier) as port, \
+            socket.create_connection(('127.0.0.1', port), timeout=30) as s:
+        s.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n'
+                  b'Content-Type: image/png\r\n\r\n' + IMAGES['png'][:100])
+        s.shutdown(socket.SHUT_WR)
+        reply = b''
+        while chunk := s.recv(65536):  # until the server closes (a timeout fails the test)
+            reply += chunk
+        head, _, payload = reply.partition(b'\r\n\r\n')
+        lines = head.decode().split('\r\n')
+        assert lines[0] == 'HTTP/1.1 400 Bad Request', reply
+        assert 'Connection: close' in lines[1:], reply
+        assert json.loads(payload) == {'error': 'body ended after 100 of 5000 bytes'}
+
+
 def test_a_large_image_does_not_hold_up_a_small_one(classifier, monkeypatch):
     """Decoding runs outside the model's lock: while a large (legal) image is still being
     decoded, held there as long as the test likes, a small one is answered. With both of
@@ -771,7 +789,8 @@ def test_bad_device_or_a_snapshot_of_another_network_is_a_one_line_error(snapsho
     torch.save(snap, tmp_path / 'other.pt')
     assert serve.main([str(tmp_path / 'other.pt'), '--device', 'cpu']) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'does not fit model alexnet' in err, err
+    assert err.startswith(f"error: {tmp_path / 'other.pt'} does not fit model alexnet "
+                          '(crop_size 227): ') and err.count('\n') == 1, err
     for flag in ('--max-pixels', '--max-inflight', '--deadline', '--max-bytes'):
         with pytest.raises(SystemExit):
             serve.main([snapshot['path'], flag, '0'])
