@@ -312,3 +312,9 @@ def test_no_snapshot_or_a_folder_is_named_with_the_fix(trained, tmp_path, capsys
     assert validate_performance.main([f'checkpoint={root}/w', 'gpu=cpu']) == 2
     assert capsys.readouterr().err.strip() == (f'error: {root}/w is a folder: give a snapshot file '
                                                f'model_<N>.pt (the newest there: {root}/w/model_2.pt)')
+    # a missing file, given as checkpoint or as weights_dir and an epoch it does not hold
+    for args, path in (([f'checkpoint={tmp_path}/model_7.pt'], f'{tmp_path}/model_7.pt'),
+                       ([f'weights_dir={root}/w', 'load_epoch=9'], f'{root}/w/model_9.pt')):
+        assert validate_performance.main(args + ['gpu=cpu']) == 2
+        assert capsys.readouterr().err == (f'error: no snapshot {path} '
+                                           '(set checkpoint=PATH or load_epoch=N)\n')
