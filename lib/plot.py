@@ -29,13 +29,13 @@ def curves(weights_dir):
     return {'val top-1 error': (epochs, record[:, 0]), 'val loss': (epochs, record[:, 1])}
 
 
-def write(weights_dir, out=None):
-    """Write the PNG; returns its path."""
+def figure(weights_dir):
+    """The matplotlib Figure of the curves: the error panel, then the loss panel (close it with
+    matplotlib.pyplot.close)."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no screen needed
     import matplotlib.pyplot as plt
     data = curves(weights_dir)
-    out = out or os.path.join(weights_dir, 'training.png')
     fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for name, (epochs, values) in data.items():
         ax = ax_loss if name.endswith('loss') else ax_err
@@ -48,8 +48,18 @@ def write(weights_dir, out=None):
         ax.legend()
     fig.suptitle(os.path.basename(os.path.normpath(weights_dir)))
     fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
-    plt.close(fig)
+    return fig
+
+
+def write(weights_dir, out=None):
+    """Write the PNG; returns its path."""
+    fig = figure(weights_dir)
+    import matplotlib.pyplot as plt
+    try:
+        out = out or os.path.join(weights_dir, 'training.png')
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format='png', dpi=100))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -1,4 +1,5 @@
 """validate_performance.py, ten crops, plot.py, synthetic data, cosine/warm-up, label smoothing."""
+import csv
 import math
 import os
 import shutil
@@ -12,6 +13,7 @@ import torch
 import plot
 import validate_performance
 from lib import checkpoint, config, data, optim, trainer, training
+from lib import plot as lib_plot
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,43 @@ def test_plot_writes_a_png_from_history_or_val_record(trained, tmp_path):
     np.save(original / 'val_record.npy', np.array([[0.9, 2.3], [0.8, 2.0]]))
     assert plot.main([str(original)]) == 0 and (original / 'training.png').exists()
     assert plot.main([str(tmp_path / 'nothing')]) == 2
+
+
+def _panels(weights_dir):
+    """{title: {legend label: (epochs, values)}} of the panels of lib.plot.figure, checking
+    that each panel's legend names its curves."""
+    import matplotlib.pyplot as plt
+    fig = lib_plot.figure(weights_dir)
+    try:
+        panels = {}
+        for ax in fig.axes:
+            lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata()))
+                     for ln in ax.get_lines()}
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines)
+            panels[ax.get_title()] = lines
+        return panels
+    finally:
+        plt.close(fig)
+
+
+def test_plot_puts_each_curve_in_its_panel_with_its_name(trained, tmp_path):
+    """From history.csv: the error panel holds the three error curves, the loss panel the two
+    loss curves, each with the values of its column; from val_record.npy only (a run of the
+    original), its two columns."""
+    root, _ = trained
+    with open(os.path.join(root, 'w', 'history.csv'), newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+
+    def column(key):
+        return [float(r['epoch']) for r in rows], [float(r[key]) for r in rows]
+    assert _panels(os.path.join(root, 'w')) == {
+        'error': {'train error': column('train_error'), 'val top-1 error': column('val_error'),
+                  'val top-5 error': column('val_top5_error')},
+        'loss': {'train loss': column('train_loss'), 'val loss': column('val_loss')}}
+    np.save(tmp_path / 'val_record.npy', np.array([[0.9, 2.3], [0.8, 2.0]]))
+    assert _panels(str(tmp_path)) == {'error': {'val top-1 error': ([1, 2], [0.9, 0.8])},
+                                      'loss': {'val loss': ([1, 2], [2.3, 2.0])}}
 
 
 def test_synthetic_trains_with_no_dataset_on_disk(tmp_path):
