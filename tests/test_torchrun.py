@@ -9,10 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import train
 from lib import config, training
 from tests.helpers import make_batches
 from tests.test_loader import children, gone_within
@@ -98,6 +102,15 @@ def environ_of(pid):
             return dict(kv.decode().split('=', 1) for kv in f.read().split(b'\0') if b'=' in kv)
     except OSError:
         return {}
+
+
+def cmdline(pid):
+    """A process's command line, as it is in /proc (b'' if it is gone)."""
+    try:
+        with open(f'/proc/{pid}/cmdline', 'rb') as f:
+            return f.read()
+    except OSError:
+        return b''
 
 
 def rank_of(pid):
@@ -220,35 +233,143 @@ def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
     assert not os.path.exists(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('form', ['module', 'console script', 'no -m', 'plain python'])
+def test_torchrun_launch_reads_the_agents_command_line(tmp_path, monkeypatch, form):
+    """train.torchrun_launch() parses its parent's /proc/PID/cmdline with torchrun's parser, for
+    both forms an agent's command line takes (`python -m torch.distributed.run ...`, and the
+    console script `torchrun ...`, whose command line is `python /path/to/torchrun ...`); a
+    parent that is no torchrun (or names torch.distributed.run without -m) gives None. The parent
+    here is a sleeping python whose command line has that shape (what follows -c or a script is
+    its argv, visible in /proc)."""
+    sleep = 'import time; time.sleep(60)'
+    options = ['--nnodes=1:3', '--nproc-per-node=2', '--rdzv-backend=c10d',
+               '--rdzv-endpoint=127.0.0.1:1234', 'train.py', 'n_epochs=2']
+    if form == 'module':
+        argv = ['-c', sleep, '-m', 'torch.distributed.run', *options]
+    elif form == 'console script':
+        script = tmp_path / 'bin' / 'torchrun'
+        script.parent.mkdir()
+        script.write_text(sleep + '\n')
+        argv = [str(script), *options]
+    elif form == 'no -m':
+        argv = ['-c', sleep, 'torch.distributed.run', *options]
+    else:
+        argv = ['-c', sleep]
+    proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL)
+    try:
+        # (the parent of a vfork returns when the child execs, before the kernel has set the
+        # child's arguments: its cmdline can be empty for a moment)
+        deadline = time.monotonic() + 30
+        while not cmdline(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        monkeypatch.setattr(os, 'getppid', lambda: proc.pid)
+        launch = train.torchrun_launch()
+    finally:
+        proc.kill()
+        proc.wait()
+    if form in ('no -m', 'plain python'):
+        assert launch is None
+    else:
+        assert (launch.nnodes, launch.nproc_per_node, launch.rdzv_backend, launch.rdzv_endpoint,
+                launch.standalone, launch.training_script, launch.training_script_args) == (
+            '1:3', '2', 'c10d', '127.0.0.1:1234', False, 'train.py', ['n_epochs=2'])
+
+
+def test_job_store_reaches_the_rendezvous_store_of_a_c10d_job():
+    """train.job_store(): a client of the TCPStore at --rdzv-endpoint for a c10d rendezvous (it
+    sees what the store's host set), None where there is none to reach; nothing listening there
+    is a one-line DistError naming host:port and --rdzv-endpoint."""
+    host = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=30))
+    host.set('alexnet/test', 'from the host')
+
+    def launch(**over):
+        return types.SimpleNamespace(**dict(dict(
+            standalone=False, rdzv_backend='c10d', rdzv_endpoint=f'127.0.0.1:{host.port}'), **over))
+    store = train.job_store(launch(), timedelta(seconds=30))
+    assert store.get('alexnet/test') == b'from the host'
+    for other in (launch(standalone=True), launch(rdzv_backend='static'),
+                  launch(rdzv_backend='etcd-v2'), launch(rdzv_endpoint='')):
+        assert train.job_store(other, timedelta(seconds=30)) is None, other
+    assert train.job_store(None, timedelta(seconds=30)) is None
+    port = free_port()
+    with pytest.raises(dist.DistError) as e:
+        train.job_store(launch(rdzv_endpoint=f'127.0.0.1:{port}'), timedelta(seconds=1))
+    message = str(e.value)
+    assert '\n' not in message and message.startswith(
+        f"cannot reach torchrun's rendezvous store at 127.0.0.1:{port} (--rdzv-endpoint): "), message
+
+
+def test_check_batch_split_names_the_world_sizes_nnodes_allows(monkeypatch):
+    """train.check_batch_split() directly: batch_size must split over every world size that
+    --nnodes=MIN:MAX allows (MIN..MAX nodes of LOCAL_WORLD_SIZE ranks), with the message naming
+    them and the multiple that would; with a fixed --nnodes (or no torchrun command line) only
+    over this world size."""
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')
+    what = ('(under torchrun batch_size is the images of all ranks together, as many as a batch '
+            'file holds: not per rank)')
+    elastic = types.SimpleNamespace(nnodes='1:3')
+    assert train.check_batch_split(12, 2, elastic) is None
+    with pytest.raises(config.ConfigError) as e:
+        train.check_batch_split(8, 2, elastic)
+    assert str(e.value) == (
+        'batch_size 8 does not split over 6 torchrun ranks, which --nnodes=1:3 allows (1 to 3 '
+        f'nodes x 2 ranks: 2, 4, 6 ranks) {what}: narrow --nnodes, or preprocess batches of a '
+        'multiple of 12 images')
+    for launch in (types.SimpleNamespace(nnodes='2'), None):
+        assert train.check_batch_split(8, 4, launch) is None
+        with pytest.raises(config.ConfigError) as e:
+            train.check_batch_split(6, 4, launch)
+        assert str(e.value) == f'batch_size 6 does not split over 4 torchrun ranks {what}'
+
+
 def test_a_restart_resumes_from_rank_0s_epoch_or_stops_every_rank(tmp_path):
     """Two 'nodes' with their own weights_dir (ranks started by hand, as torchrun's restart 1,
     with no torchrun command line, so no rendezvous store, to read): rank 0 holds snapshots 1
     and 2, rank 1 only 1. Rank 0's node was started again (its restart count is 0, rank 1's 1):
     a restart of one rank is a restart for all, so rank 0 decides to resume (epoch 2); rank 1
-    cannot resume from it, so both stop with one line instead of averaging different epochs."""
+    cannot resume from it, so both stop with one line instead of averaging different epochs.
+    Once rank 1 holds snapshot 2 too, the same start resumes from it on both (one epoch more),
+    and rank 0 says so."""
     keys = make_batches(str(tmp_path / 'data'), n_train=2, n_val=1, batch=8, size=36)
     base = dict(keys, **dict(COMMON, n_epochs=2), gpu='cpu', peer_timeout=30.0)
     training.run(config.merge({**config.CONFIG, **config.SPEC_1GPU},
                            [('test', dict(base, weights_dir=str(tmp_path / 'w0')), None)]))
     os.makedirs(tmp_path / 'w1')
     os.link(tmp_path / 'w0' / 'model_1.pt', tmp_path / 'w1' / 'model_1.pt')
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
-                   TORCHELASTIC_RESTART_COUNT=str(rank), OMP_NUM_THREADS='1')
-        values = dict(base, n_epochs=3, weights_dir=str(tmp_path / f'w{rank}'))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py')] + args(values),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      cwd=tmp_path, env=env))
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], outs
+
+    def restart():
+        """Both ranks, as torchrun's restart 1 on rank 1's node: (their exit codes, outputs)."""
+        port = free_port()
+        procs = []
+        for rank in (0, 1):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                       TORCHELASTIC_RESTART_COUNT=str(rank), OMP_NUM_THREADS='1')
+            values = dict(base, n_epochs=3, weights_dir=str(tmp_path / f'w{rank}'))
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, 'train.py')] + args(values),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env))
+        outs = [p.communicate(timeout=120) for p in procs]
+        return [p.returncode for p in procs], outs
+
+    codes, outs = restart()
+    assert codes == [2, 2], outs
     assert outs[1][1].strip().splitlines() == [
         f"rank 1: error: rank 0 resumes from epoch 2 but this rank has no "
         f"{tmp_path / 'w1' / 'model_2.pt'} (a restart needs weights_dir shared by every node)"]
     assert 'rank 0: error: rank 0 resumes from epoch 2 but another rank has no' in outs[0][1]
     assert not os.path.exists(tmp_path / 'w0' / 'model_3.pt')
+    os.link(tmp_path / 'w0' / 'model_2.pt', tmp_path / 'w1' / 'model_2.pt')
+    codes, outs = restart()
+    assert codes == [0, 0], outs
+    assert 'torchrun restart 1: resuming from epoch 2 on 2 ranks\n' in outs[0][0], outs[0]
+    assert 'torchrun restart' not in outs[1][0], outs[1]
+    # (rank 0 writes the snapshots: its history goes on from model_2.pt's)
+    before = torch.load(tmp_path / 'w0' / 'model_2.pt', weights_only=True)['history']
+    after = torch.load(tmp_path / 'w0' / 'model_3.pt', weights_only=True)['history']
+    assert [h['epoch'] for h in after] == [1, 2, 3] and after[:2] == before
 
 
 def test_resuming_a_snapshot_of_another_network_is_a_one_line_error(tmp_path):
