@@ -73,3 +73,25 @@ def both_workers(work, timeout=60):
         t.join(timeout)
     assert sorted(out) == [0, 1] and not any(isinstance(r, Exception) for r in out.values()), out
     return out
+
+
+def fake_cuda(numel, fill=7):
+    """In a fresh (spawned) process: CUDA IPC opening faked as the real one behaves, for
+    lib.exchange.ipc_open on a machine without CUDA: _new_shared_cuda works only once CUDA is
+    initialised (it would crash the process), and gives a storage of `numel` bytes `fill`.
+    Returns the list of the calls made, in their order ('crashed' where the real one would)."""
+    import torch
+    calls = []
+
+    def lazy_init():
+        calls.append('_lazy_init')
+
+    def new_shared_cuda(*args):
+        calls.append('_new_shared_cuda')
+        if '_lazy_init' not in calls:  # the caching allocator's per-device state is not set up
+            calls.append('crashed')
+        return torch.full((numel,), fill, dtype=torch.uint8).untyped_storage()
+    torch.cuda._lazy_init = lazy_init
+    torch.UntypedStorage._new_shared_cuda = staticmethod(new_shared_cuda)
+    return calls
+

@@ -190,27 +190,17 @@ def test_a_hung_or_crashing_test_costs_its_own_time_only_and_each_result_is_writ
 
 # --- the preflight ---------------------------------------------------------------------------------
 def share_child_with_fake_cuda(info, out):
-    """benchmarks.gpu.share_child in this fresh process, CUDA faked: like the real one,
-    _new_shared_cuda works only once CUDA is initialised (it would crash the process)."""
-    calls = []
-
-    def lazy_init():
-        calls.append('_lazy_init')
-
-    def new_shared_cuda(*args):
-        calls.append('_new_shared_cuda')
-        if '_lazy_init' not in calls:  # the caching allocator's per-device state is not set up
-            return out.put(('crashed', calls))
-        return torch.full((info['numel'],), 7, dtype=torch.uint8).untyped_storage()
-    torch.cuda._lazy_init = lazy_init
-    torch.UntypedStorage._new_shared_cuda = staticmethod(new_shared_cuda)
+    """benchmarks.gpu.share_child in this fresh process, CUDA faked (tests.helpers.fake_cuda)."""
+    from tests.helpers import fake_cuda
+    calls = fake_cuda(info['numel'])
     answer = __import__('queue').Queue()
     gpu.share_child(info, answer)
     out.put((answer.get(timeout=10), calls))
 
 
-def test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle():
+def test_the_preflight_opens_the_handle_in_a_fresh_process_as_the_exchange_does():
     # the preflight's second process has not touched CUDA when it opens the parent's handle
+    # (lib.exchange.ipc_open's own test: tests/test_link.py)
     import multiprocessing
     info = {'handle': '00' * 64, 'device': 0, 'size': 1 << 10, 'offset': 0, 'ref': '00',
             'ref_offset': 0, 'event': None, 'event_sync': False, 'storage_offset': 0,
@@ -238,10 +228,8 @@ def test_a_refused_ipc_open_is_one_line_of_the_report(monkeypatch):
     assert out.get_nowait() == 'refused by the platform: RuntimeError: CUDA error: operation not supported'
 
 
-def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch, capsys):
-    from lib import exchange
-    buf, refusal = exchange.host_buffer(10, torch.float32)  # no CUDA: pageable, nothing refused
-    assert buf.shape == (10,) and not buf.is_pinned() and refusal is None
+def test_the_preflight_reports_a_refused_pinned_host_buffer(monkeypatch):
+    """(lib.exchange.host_buffer's own test: tests/test_link.py)"""
     empty = torch.empty
 
     def refusing_empty(*args, pin_memory=False, **kwargs):
@@ -250,12 +238,6 @@ def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch,
         return empty(*args, **kwargs)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch, 'empty', refusing_empty)
-    buf, refusal = exchange.host_buffer(250_000, torch.float32)
-    assert buf.shape == (250_000,) and buf.dtype == torch.float32
-    assert refusal == 'CUDA error: operation not supported'
-    assert capsys.readouterr().out == ('notice: page-locking 1 MB of host memory for the exchange '
-                                       'was refused (CUDA error: operation not supported); it '
-                                       'uses pageable memory\n')
     assert gpu.check_pinned(torch, torch.device('cpu'), 1000) == (
         'refused by the platform: CUDA error: operation not supported (the tcp exchange falls back '
         'to pageable memory, which gave the right bytes)')

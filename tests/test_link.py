@@ -9,7 +9,7 @@ import torch
 import zmq
 
 from lib import exchange, link
-from tests.helpers import both_workers
+from tests.helpers import both_workers, fake_cuda
 from tests.test_train_2gpu import free_port
 
 
@@ -284,3 +284,52 @@ def test_curve_refuses_clients_without_the_right_key(tmp_path):
         ctx.term()
         client.close()
         server.close()
+
+
+def open_with_fake_cuda(info, out):
+    calls = fake_cuda(info['numel'])
+    try:
+        t = exchange.ipc_open(info)
+        out.put((calls, str(t.dtype), tuple(t.shape), bool((t == 7).all())))
+    except Exception as e:  # noqa: BLE001 -- the test's answer, at once
+        out.put((calls, repr(e)))
+
+
+def test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle():
+    """Worker 1 opens worker 0's CUDA IPC handle before it has touched CUDA itself (CUDA faked:
+    the real one crashes the process then): a tensor of the handle's dtype and size on it."""
+    import multiprocessing
+    info = {'handle': '00' * 64, 'device': 0, 'size': 1 << 10, 'offset': 0, 'ref': '00',
+            'ref_offset': 0, 'event': None, 'event_sync': False, 'storage_offset': 0,
+            'numel': 1 << 10, 'dtype': 'uint8'}
+    ctx = multiprocessing.get_context('spawn')
+    out = ctx.Queue()
+    child = ctx.Process(target=open_with_fake_cuda, args=(info, out), daemon=True)
+    child.start()
+    try:
+        got = out.get(timeout=120)
+    finally:
+        child.join(30)
+    assert got == (['_lazy_init', '_new_shared_cuda'], 'torch.uint8', (1 << 10,), True)
+
+
+def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch, capsys):
+    """The tcp exchange's host buffer is page-locked where CUDA is; a platform that refuses
+    gets pageable memory and one notice naming the refusal."""
+    buf, refusal = exchange.host_buffer(10, torch.float32)  # no CUDA: pageable, nothing refused
+    assert buf.shape == (10,) and buf.dtype == torch.float32 and not buf.is_pinned() and refusal is None
+    empty = torch.empty
+
+    def refusing_empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError('CUDA error: operation not supported\nCUDA kernel errors ...')
+        return empty(*args, **kwargs)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch, 'empty', refusing_empty)
+    buf, refusal = exchange.host_buffer(250_000, torch.float64)
+    assert buf.shape == (250_000,) and buf.dtype == torch.float64
+    assert refusal == 'CUDA error: operation not supported'
+    assert capsys.readouterr().out == ('notice: page-locking 2 MB of host memory for the exchange '
+                                       'was refused (CUDA error: operation not supported); it '
+                                       'uses pageable memory\n')
+
