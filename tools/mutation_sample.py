@@ -40,10 +40,10 @@ import ast
 import csv
 import ctypes
 import datetime
+import hashlib
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import subprocess
@@ -131,16 +131,31 @@ def environment(workdir, repo):
 # (and they passed): on 2 cores that is the ten minutes of a second pass over TESTS; and with a
 # budget, each mutant held to its quickest tests (by their time in the first pass) while their
 # sum stays within it (at least one), each such cut recorded as a line of RECORD.
-# argv: after-stats|full, budget in seconds (0: no budget), RECORD, mutmut run's arguments
+# The first pass runs on JOBS workers (pytest-xdist, whole test files each, the slowest first:
+# tests/conftest.py), mutation_stats_plugin.py carrying each test's hits to mutmut's record (this
+# process still imports the tests before the mutants' forks, in mutmut's forced-fail run).
+# argv: after-stats|full|again, budget in seconds (0: no budget), RECORD, JOBS, mutmut run's
+# arguments (again: mutants tested before in this run, their tests then passed unmutated)
 MUTMUT_RUN = """
 import json
 import sys
 import mutmut.__main__ as m
+from mutmut.runners import harness
 from mutmut.state import state
 from mutmut.workers import isolation
-if sys.argv[1] == 'after-stats':
+mode, budget, record, jobs = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+if mode in ('after-stats', 'again'):
     isolation.ForkRunner.run_clean_tests = lambda self, tests: 0
-budget, record = float(sys.argv[2]), sys.argv[3]
+run_stats = harness.PytestRunner.run_stats
+def parallel_stats(self, *, tests):
+    serial = self._pytest_args_regular_run
+    if jobs > 1:
+        self._pytest_args_regular_run = lambda t: serial(t) + ['-n', str(jobs), '--dist', 'loadfile']
+    try:
+        return run_stats(self, tests=tests)
+    finally:
+        self._pytest_args_regular_run = serial
+harness.PytestRunner.run_stats = parallel_stats
 submit = isolation.ForkRunner.submit
 def quickest(self, mutant, tests, cpu_limit, estimated):
     from math import ceil
@@ -158,7 +173,7 @@ def quickest(self, mutant, tests, cpu_limit, estimated):
     cfg = config()  # the time limits of the tests kept, as mutmut computes them
     return submit(self, mutant, kept, ceil((total + cfg.timeout_constant) * cfg.timeout_multiplier * 2), total)
 isolation.ForkRunner.submit = quickest
-m.cli(['run', *sys.argv[4:]])
+m.cli(['run', *sys.argv[5:]])
 """
 
 
@@ -218,6 +233,13 @@ def run(cmd, repo, env, log):
             end_leftovers(proc.pid)
 
 
+def mutmut_run(mode, budget, mutants, args, workdir, repo, env, log):
+    rc = run([sys.executable, '-c', MUTMUT_RUN, mode, str(budget), os.path.join(workdir, RECORD),
+              str(args.jobs), '--max-children', str(args.jobs), *mutants], repo, env, log)
+    if rc:
+        raise UserError(f'mutmut run ended with exit status {rc} (see {log})')
+
+
 def generate(repo, env, log):
     code = ('import mutmut.__main__ as m\n'
             'm.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths()\n'
@@ -252,8 +274,12 @@ def all_mutants(repo):
 
 
 def draw(names, size, seed):
-    names = sorted(names)
-    return sorted(random.Random(seed).sample(names, min(size, len(names))))
+    """The `size` mutants whose names hash lowest with the seed: a change to one function
+    redraws only its own mutants, the rest of the sample stays (a random.sample of the list
+    would redraw every one when the list's length changes)."""
+    def key(name):
+        return hashlib.sha256(f'{seed}:{name}'.encode()).digest()
+    return sorted(sorted(names, key=key)[:size])
 
 
 def module_of(name):
@@ -336,7 +362,8 @@ def read_triage():
 
 
 SURVIVED = ('survived', 'no tests')   # (a timeout or a crash counts as caught)
-BUDGET = 10.0
+BUDGET = 5.0
+RECHECK = 30.0
 RECORD = 'tests-run.jsonl'  # in WORKDIR: per mutant tested, how many of its tests it ran
 
 
@@ -411,6 +438,9 @@ def main(argv=None):
     p.add_argument('--budget', type=float, default=BUDGET,
                    help='seconds of tests (by their time in the first pass) a mutant runs at most, '
                         f'its quickest first (default {BUDGET:g}; 0: every test that reaches it)')
+    p.add_argument('--recheck', type=float, default=RECHECK,
+                   help='then the survivors that ran only part of their tests again, within this many '
+                        f'seconds (default {RECHECK:g}; not more than --budget: no second round)')
     p.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'alexnet-mutation'))
     p.add_argument('--fresh', action='store_true', help='start from a new copy (no recorded stats)')
     p.add_argument('--survivors', action='store_true',
@@ -455,11 +485,15 @@ def main(argv=None):
           f'(seed {args.seed}, {args.jobs} at once)', flush=True)
     if todo:
         fresh = not os.path.exists(os.path.join(repo, 'mutants', 'mutmut-stats.json'))
-        rc = run([sys.executable, '-c', MUTMUT_RUN, 'after-stats' if fresh else 'full',
-                  str(args.budget), os.path.join(workdir, RECORD),
-                  '--max-children', str(args.jobs), *todo], repo, env, log)
-        if rc:
-            raise UserError(f'mutmut run ended with exit status {rc} (see {log})')
+        mutmut_run('after-stats' if fresh else 'full', args.budget, todo, args, workdir, repo, env, log)
+        # the survivors held to part of their tests: again, with more of them
+        record, codes = read_record(workdir), all_mutants(repo)
+        again = [n for n in todo if status_of(codes.get(n)) in SURVIVED and n in record
+                 and record[n]['ran'] < record[n]['of']]
+        if again and args.recheck > args.budget:
+            print(f'[mutation] {len(again)} survivors ran only their quickest tests: again within '
+                  f'{args.recheck:g} s', flush=True)
+            mutmut_run('again', args.recheck, again, args, workdir, repo, env, log)
     codes = all_mutants(repo)
     rows, per_module, total, untriaged = report(repo, sample, codes, read_triage(), read_record(workdir),
                                                 time.monotonic() - started, args)
