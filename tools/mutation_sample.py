@@ -378,17 +378,34 @@ def read_record(workdir):
     return found
 
 
+def same_mutation(recorded, now):
+    """Whether a verdict's recorded `old -> new` (shortened by hand, maybe: `...` for a part left
+    out) names the mutation `now`: each recorded part of the old line is in its old line, and each
+    of the new in its new line."""
+    def parts(text):
+        return [p.strip() for p in text.replace(' / ', '...').split('...') if p.strip()]
+    if ' -> ' not in recorded or ' -> ' not in now:
+        return recorded == now
+    (r_old, r_new), (n_old, n_new) = recorded.split(' -> ', 1), now.split(' -> ', 1)
+    return all(p in n_old for p in parts(r_old)) and all(p in n_new for p in parts(r_new))
+
+
 def report(repo, sample, codes, triage, record, seconds, args):
-    rows, per_module = [], {}
+    rows, per_module, stale = [], {}, []
     keys = ('sampled', 'killed', 'survived', 'excused', 'slower')
     for name in sample:
         status = status_of(codes.get(name))
         where, mutation = describe(repo, name) if status in SURVIVED or name in triage else ('', '')
         verdict = triage.get(name, {}).get('verdict', '')
+        if verdict and not same_mutation(triage[name]['mutation'], mutation):
+            # mutmut numbers a function's mutants anew when the function changes: this name's
+            # verdict was given to another mutation
+            stale.append(f"  {name}: triaged as `{triage[name]['mutation']}`, now `{mutation}`")
+            verdict = ''
         ran = record.get(name)
         cut = bool(ran) and ran['ran'] < ran['of']  # held to its quickest tests
         rows.append(dict(mutant=name, status=status, where=where, mutation=mutation, verdict=verdict,
-                         reason=triage.get(name, {}).get('reason', ''),
+                         reason=triage[name]['reason'] if verdict else '',
                          tests=f"{ran['ran']} of {ran['of']}" if ran else '', cut=cut))
         m = per_module.setdefault(module_of(name), dict.fromkeys(keys, 0))
         m['sampled'] += 1
@@ -416,9 +433,12 @@ def report(repo, sample, codes, triage, record, seconds, args):
         ran = f", its quickest {r['tests']} tests" if r['cut'] else ''
         print(f"  {r['mutant']}  {r['where']}  [{r['status']}{ran}]  {r['mutation']}  "
               f"-> {r['verdict'] or 'NOT TRIAGED'}{': ' + r['reason'] if r['reason'] else ''}")
-    stale = [r for r in rows if r['verdict'] == 'test' and r['status'] in SURVIVED]
     if stale:
-        print(f'\n{len(stale)} triaged `test` but survived: their test does not catch them')
+        print(f'\n{len(stale)} verdict(s) of {os.path.relpath(TRIAGE, ROOT)} given to another mutation of '
+              'the same name (its function has changed since), not counted:\n' + '\n'.join(stale))
+    missed = [r for r in rows if r['verdict'] == 'test' and r['status'] in SURVIVED]
+    if missed:
+        print(f'\n{len(missed)} triaged `test` but survived: their test does not catch them')
     whole = [r for r in survivors if r['verdict'] == 'slower' and not r['cut']]
     if whole:
         print(f'\n{len(whole)} triaged `slower` but survived every test that reaches them: '
