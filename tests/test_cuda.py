@@ -152,6 +152,7 @@ def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
     finally:
         proc.close()
     assert not proc.proc.is_alive() and not os.path.exists(proc.dir)
+    assert proc.feed.registered == []  # close() unregistered the slots (cudaHostUnregister)
 
 
 def test_a_failed_registration_falls_back_to_plain_copies_and_leaves_no_error(capsys):
