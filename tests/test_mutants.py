@@ -100,7 +100,7 @@ MUTANTS = [
            (T2 + 'test_exchange_every_k_steps_and_at_the_end_of_an_epoch',)),
     Mutant("ipc_open opens the peer's handle before CUDA is initialised", 'lib/exchange.py',
            '    torch.cuda._lazy_init()\n    event =', '    event =',
-           ('tests/test_benchmark_gpu.py::test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle',)),
+           ('tests/test_link.py::test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle',)),
     # --- the GPU command (benchmarks/gpu.py)
     Mutant("a CUDA test the platform refuses reads SKIPPED, not REFUSED", 'benchmarks/gpu.py',
            "        if result == 'SKIPPED' and (m.group(3) or '').startswith(REFUSED):",
