@@ -1,7 +1,6 @@
 """A systematic mutation pass by sample: mutmut (pinned in requirements-mutation.txt) over lib/,
 preprocessing/ and the entry points, on a fixed-seed sample of its mutants, each held to its
-quickest tests. Not part of the test command (on 2 cores about an hour: a first pass of 13
-minutes, then about 5 mutants a minute: docs/testing.md);
+quickest tests. Not part of the test command (its time on 2 cores: docs/testing.md);
 tests/test_mutants.py is the curated check that is.
 
     sh tools/venv.sh requirements-mutation.txt
@@ -15,20 +14,24 @@ What it does:
  1. copies the project (the files git tracks or would add) into WORKDIR/repo and writes mutmut's
     config there (setup.cfg): mutate TARGETS, test with the test files of TESTS;
  2. has mutmut write every mutant of TARGETS (one changed operator, constant, string, argument ...
-    per mutant, each inside one function), and draws SAMPLE of them with random.Random(SEED) from
-    their sorted names: the same code gives the same sample;
- 3. `mutmut run` on those: mutmut first runs TESTS once, recording which tests reach which
-    function (tools/mutation_hooks/ adds what the tests' child processes, e.g. `python train.py`,
-    reach), then runs for each mutant only the tests that reach its function, quickest first, as
-    many as fit in --budget seconds (by their times in the first pass; at least one), stopping at
-    the first failure (killed) or passing them all (survived): a mutant of a function that every
-    training run reaches would otherwise run most of the suite, minutes each, when it survives;
+    per mutant, each inside one function), and draws SAMPLE of them: those whose names hash
+    lowest with SEED. The same code gives the same sample, and a change to a function redraws
+    only that function's mutants (mutmut numbers them anew);
+ 3. `mutmut run` on those: mutmut first runs TESTS once, on --jobs workers (pytest-xdist),
+    recording which tests reach which function (tools/mutation_hooks/ adds what the tests' child
+    processes, e.g. `python train.py`, reach), then runs for each mutant only the tests that reach
+    its function, quickest first, as many as fit in --budget seconds (by their times in the first
+    pass; at least one), stopping at the first failure (killed) or passing them all (survived): a
+    mutant of a function that every training run reaches would otherwise run most of the suite,
+    minutes each, when it survives. The survivors that ran only part of their tests then run
+    again with more of them, within --recheck seconds;
  4. prints per module the sampled, killed and surviving mutants, each survivor with its place
     (file:line), its mutation and its verdict from docs/mutation-triage.tsv (a missing test that
     is now written: `test`; a mutant no test can tell from the original: `equivalent`; one that
     only a GPU can show: `cuda`; one that survived its quickest tests and that a slower one,
-    named, catches: `slower`), and the survivors without a verdict; WORKDIR/results.json holds
-    it all. Survival counts the mutants that survived or found no test, less the `equivalent`,
+    named, catches: `slower`), and the survivors without a verdict (a verdict recorded for
+    another mutation of the same name, its function changed since, is named and not counted);
+    WORKDIR/results.json holds it all. Survival counts the mutants that survived or found no test, less the `equivalent`,
     `cuda` and `slower` ones (a timeout or a crash counts as caught).
 
 WORKDIR (default: <temp dir>/alexnet-mutation) is kept: a rerun reuses mutmut's record of which
