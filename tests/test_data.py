@@ -98,7 +98,8 @@ def test_a_workers_plan_is_its_rows_of_the_steps_plan(per_batch):
 
 def test_synthetic_batches_are_the_same_in_every_worker_and_every_run():
     """synthetic=True: a worker's rows of each drawn batch, images and labels, are its share of
-    the batch a one-worker run draws from the same seed; another seed draws other batches."""
+    the batch a one-worker run draws from the same seed; another seed draws other batches; the
+    images of four batches are held, and reused for the next ones (the labels are all drawn)."""
     whole = data.SyntheticBatches(5, 8, 12, 10, seed=3)
     halves = [data.SyntheticBatches(5, 8, 12, 10, seed=3, rows=r) for r in ((0, 4), (4, 8))]
     assert len(whole) == 5 and whole.labels.shape == (5, 8) and whole.read(4).shape == (3, 12, 12, 8)
@@ -107,6 +108,7 @@ def test_synthetic_batches_are_the_same_in_every_worker_and_every_run():
     assert np.array_equal(np.concatenate([h.labels for h in halves], axis=1), whole.labels)
     again, other = data.SyntheticBatches(5, 8, 12, 10, seed=3), data.SyntheticBatches(5, 8, 12, 10, seed=4)
     assert np.array_equal(again.labels, whole.labels) and np.array_equal(again.read(1), whole.read(1))
+    assert np.array_equal(whole.read(4), whole.read(0))  # four drawn and reused: the memory held
     assert not np.array_equal(other.labels, whole.labels)
 
 

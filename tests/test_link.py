@@ -333,3 +333,42 @@ def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch,
                                        'was refused (CUDA error: operation not supported); it '
                                        'uses pageable memory\n')
 
+
+def test_chunks_cut_a_range_into_pieces_of_at_most_the_size():
+    assert exchange.chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert exchange.chunks(6, 14, 4) == [(6, 10), (10, 14)] and exchange.chunks(3, 3, 4) == []
+
+
+def test_ipc_share_describes_what_ipc_open_opens(monkeypatch):
+    """Worker 0's description of its buffer (JSON, over the link) gives worker 1 a tensor of the
+    same storage, offset, size and dtype (CUDA faked: each side's torch call is checked)."""
+    import json
+    shared = (0, bytes(range(64)), 4096, 512, b'ref-' * 4, 8, b'evt-' * 16, True)
+
+    class Storage:
+        def _share_cuda_(self):
+            return shared
+
+    class Flat:
+        dtype = torch.float32
+
+        def untyped_storage(self):
+            return Storage()
+
+        def storage_offset(self):
+            return 3
+
+        def numel(self):
+            return 100
+    info = json.loads(json.dumps(exchange.ipc_share(Flat())))
+    opened = []
+
+    def new_shared_cuda(device, handle, size, offset, ref, ref_offset, event, event_sync):
+        opened.append((device, handle, size, offset, ref, ref_offset, event, event_sync))
+        return torch.zeros(1024, dtype=torch.float32).untyped_storage()
+    monkeypatch.setattr(torch.cuda, '_lazy_init', lambda: None)
+    monkeypatch.setattr(torch.UntypedStorage, '_new_shared_cuda', staticmethod(new_shared_cuda))
+    t = exchange.ipc_open(info)
+    assert opened == [shared]
+    assert (t.dtype, tuple(t.shape), t.storage_offset()) == (torch.float32, (100,), 3)
+

@@ -185,6 +185,11 @@ def test_malformed_control_messages_are_rejected(tiny):
                    loader.encode(loader.LOAD, 2, 0, 1, plan_for(tiny[1][0])[0])):  # split 2
         with pytest.raises(loader.ProtocolError):
             loader.decode(frames, batch_size=8, n_files=[4, 2])
+    load = loader.encode(loader.LOAD, 0, 0, 1, plan_for(tiny[1][0])[0])
+    assert loader.decode(load, batch_size=8, n_files=[4, 2])[:4] == (loader.LOAD, 0, 0, 1)
+    for i in (1, 2, 3):  # one array of another length than the batch's: crop x, crop y, mirror
+        with pytest.raises(loader.ProtocolError, match='LOAD arrays are not of batch size 8'):
+            loader.decode([*load[:i], load[i][:-1], *load[i + 1:]], batch_size=8, n_files=[4, 2])
     keys, sources = tiny
     proc = loader.LoaderProcess(sources, keys['mean_file'], 32, 'cpu', timeout=30)
     try:  # the loader answers garbage with an error and goes on serving

@@ -698,6 +698,21 @@ def test_a_flat_val_folder_without_images_is_named_with_what_it_holds(tmp_path, 
         shutil.rmtree(val / WNIDS[0], ignore_errors=True)  # then: an empty folder
 
 
+def pid_after_a_nap(i):
+    import time
+    time.sleep(0.2)
+    return i, os.getpid()
+
+
+def test_parallel_map_runs_in_as_many_processes_as_workers_and_keeps_the_order():
+    """`workers: N` in the paths file: N processes decode and write, results in input order."""
+    out = list(writer.parallel_map(pid_after_a_nap, range(9), 9, 3, 'test'))
+    assert [i for i, _ in out] == list(range(9))
+    assert len({pid for _, pid in out}) == 3 and os.getpid() not in {pid for _, pid in out}
+    assert list(writer.parallel_map(pid_after_a_nap, range(3), 3, 1, 'test')) == \
+        [(i, os.getpid()) for i in range(3)]
+
+
 def test_outputs_are_checked_before_any_input_is_read(tmp_path, monkeypatch, capsys):
     """Outputs that cannot be written or that clash are refused at once (on ImageNet listing or
     indexing the inputs takes minutes), each in one line naming the path."""
