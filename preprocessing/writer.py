@@ -129,15 +129,18 @@ def parallel_map(fn, items, count, workers, desc, step=1, chunksize=1, unit='img
     in order, computed in `workers` processes (1: in this one), with a progress bar counting `step`
     `unit`s per item (hidden when stderr is not a terminal)."""
     with tqdm(total=count * step, desc=desc, unit=unit, disable=None, smoothing=0.1) as bar:
+        # (each item counted before it is handed on: a consumer that stops at the last one, as
+        # zip does, would otherwise leave the bar one short)
         if workers == 1:
             for item in items:
-                yield fn(item)
+                result = fn(item)
                 bar.update(step)
+                yield result
             return
         with multiprocessing.Pool(workers, initializer=worker_signals) as pool:
             for result in pool.imap(fn, items, chunksize):
-                yield result
                 bar.update(step)
+                yield result
 
 
 def worker_signals():

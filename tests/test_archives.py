@@ -17,7 +17,7 @@ import scipy.io
 import yaml
 from PIL import Image
 
-from preprocessing import archives, devkit, make_data
+from preprocessing import archives, devkit, make_data, writer
 from preprocessing.paths import KEYS, load_paths
 from tests.test_preprocessing import (REPO, WNIDS, batches, decode, listed, make_train, make_val_imagenet,
                                       one_line_error, run, run_sh, solid, write_paths)
@@ -165,6 +165,44 @@ def test_archives_give_what_the_extracted_folders_give(imagenet_pair, devkit, wo
     lines = listed(root / name / 'misc' / 'train.txt')                  # the images are the listed ones
     assert files == [f for f, _ in lines][:len(files)] and len(files) == 28
     assert 'subfolder/deeper.jpg' not in ''.join(f for f, _ in lines)
+
+
+class Bars:
+    """tqdm as the preprocessing calls it, recording each progress bar: [desc, unit, total, count]."""
+    made = []
+
+    def __init__(self, total=None, desc=None, unit='it', **kwargs):
+        self.n, self.row = 0, [desc, unit, total, 0]
+        Bars.made.append(self.row)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n=1):
+        self.n += n
+        self.row[3] = self.n
+
+
+def test_progress_bars_name_what_they_count(imagenet_pair, monkeypatch):
+    """What a terminal shows while the archives are preprocessed: each bar's name, unit, total,
+    and a count that reaches it (the class tars of the train archive indexed, the val archive's
+    bytes indexed, the files checked, the images written)."""
+    monkeypatch.setattr(archives, 'tqdm', Bars)
+    monkeypatch.setattr(writer, 'tqdm', Bars)
+    Bars.made = []
+    root, _, _ = imagenet_pair
+    run(archive_paths(root, 'bars', workers=1, sub_batches=[1]))
+    val_tar = os.path.getsize(root / 'tars' / 'ILSVRC2012_img_val.tar')
+    assert [row[:2] for row in Bars.made] == [
+        ['index ILSVRC2012_img_train.tar', 'class'], ['index ILSVRC2012_img_val.tar', 'B'],
+        ['check train', 'img'], ['check val', 'img'], ['write train', 'img'], ['write val', 'img']]
+    assert Bars.made[0][2:] == [len(WNIDS)] * 2                    # the class tars
+    assert 0.8 * val_tar < Bars.made[1][3] <= Bars.made[1][2] == val_tar  # to its last member's end
+    assert Bars.made[2][2:] == [31] * 2 and Bars.made[3][2:] == [14] * 2    # the files checked
+    assert Bars.made[4][2:] == [28] * 2 and Bars.made[5][2:] == [12] * 2    # the images written
 
 
 def test_an_archive_index_is_read_without_unpickling(tmp_path):
