@@ -135,6 +135,8 @@ def test_loader_slots_are_page_locked_and_give_the_in_process_batches(tmp_path):
     proc = loader.LoaderProcess(sources, keys['mean_file'], 32, dev, on_device=True, timeout=60)
     try:
         assert proc.feed.pinned and all(s.is_pinned() for s in proc.slots)  # cudaHostRegister
+        # the uint8 batch crosses to the device as it is (a quarter of float32's bytes)
+        assert [b.dtype for b in proc.feed.buffers] == [torch.uint8] * len(proc.slots)
         for split in (0, 1, 0):  # train, val, train again: slots and device buffers reused
             plan = data.make_plan(torch.Generator().manual_seed(split), len(sources[split]), 8, 36,
                                   32, train=True, shuffle=True)
