@@ -1,6 +1,7 @@
 """lib/link.py: the hello, who may connect (a socket only this user can reach on one host; CURVE
 keys between hosts), the frame size cap."""
 import os
+import socket
 import threading
 import time
 
@@ -371,4 +372,64 @@ def test_ipc_share_describes_what_ipc_open_opens(monkeypatch):
     t = exchange.ipc_open(info)
     assert opened == [shared]
     assert (t.dtype, tuple(t.shape), t.storage_offset()) == (torch.float32, (100,), 3)
+
+
+def test_a_message_of_another_size_is_named_with_its_sizes_and_place(tmp_path):
+    _, links = run_pair(f'ipc://{tmp_path}/link', [{}, {}])
+    try:
+        links[0].send(link.DATA, 7, b'abc')
+        with pytest.raises(link.ExchangeError, match=r'^worker 0 sent 3 bytes at message 7, expected 8$'):
+            links[1].recv(link.DATA, 7, into=bytearray(8))
+        links[1].step = 12  # in training: the step
+        links[1].send(link.DATA, 8, b'abcdefghi')
+        with pytest.raises(link.ExchangeError, match=r'^worker 1 sent 9 bytes at message 8, expected 8$'):
+            links[0].recv(link.DATA, 8, into=bytearray(8))
+        links[0].step = 3
+        links[1].send(link.DATA, 9, b'ab')
+        with pytest.raises(link.ExchangeError, match=r'^worker 1 sent 2 bytes at step 3, expected 8$'):
+            links[0].recv(link.DATA, 9, into=bytearray(8))
+    finally:
+        for lk in links:
+            lk.close()
+
+
+def test_worker1_names_a_hello_that_is_not_worker0s(tmp_path):
+    """Whatever answers worker 1's hello with another message is named, with what it sent."""
+    address = f'ipc://{tmp_path}/link'
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    server.bind(address)
+    worker1 = link.Link(1, address, 10.0)
+    try:
+        answered = threading.Thread(target=lambda: server.send_multipart(
+            [server.recv_multipart()[0], link.header(link.DATA, 0), b'{}']), daemon=True)
+        answered.start()
+        with pytest.raises(link.ExchangeError, match=rf'^worker 0 sent a malformed hello on {address}: '
+                                                     r'expected the hello of worker 0, got data 0 in 2 frames$'):
+            worker1.handshake({})
+        answered.join(10)
+    finally:
+        worker1.close()
+        server.close()
+        ctx.term()
+
+
+def test_a_socket_that_cannot_be_bound_is_named_with_the_keys_that_set_it(tmp_path):
+    """tcp: exchange_host and sock_gpu make the address; the launcher's own ipc folder none."""
+    missing = f'ipc://{tmp_path}/gone/link'
+    with pytest.raises(link.ExchangeError, match=rf'^cannot bind the exchange socket {missing}: '
+                                                 r'No such file or directory$'):
+        link.Link(0, missing, 1.0)
+    port = free_port()
+    held = socket.socket()
+    held.bind(('127.0.0.1', port))
+    held.listen()
+    try:
+        with pytest.raises(link.ExchangeError, match=rf'^cannot bind the exchange socket tcp://127.0.0.1:'
+                                                     rf'{port} \(exchange_host, sock_gpu\): Address '
+                                                     r'already in use$'):
+            link.Link(0, f'tcp://127.0.0.1:{port}', 1.0)
+    finally:
+        held.close()
 

@@ -368,3 +368,27 @@ def test_the_closing_line_gives_the_last_epochs_top1_and_top5_accuracy():
     assert training.summary(cfg, history) == ('done: epoch 2, val top-1 accuracy 62.50 % (top-5 87.50 %); '
                                               f'records in {os.path.join("w", "val_record.npy")}')
     assert training.summary(dict(cfg, n_epochs=0), []) == 'done: nothing to train (n_epochs 0)'
+
+
+def test_snapshots_are_the_files_named_model_n_pt_only(tmp_path):
+    for name in ('model_1.pt', 'model_10.pt', 'model_2.pt.part', 'backup12.pt', 'model_x.pt',
+                 'modelx_4.pt', 'other_55.npy', 'val_record.npy'):
+        (tmp_path / name).write_bytes(b'')
+    assert checkpoint.epochs(str(tmp_path)) == [1, 10] and checkpoint.latest_epoch(str(tmp_path)) == 10
+    assert checkpoint.epochs(str(tmp_path / 'none')) == []
+
+
+def test_the_cuda_generator_is_restored_on_cuda_only_and_only_when_saved(monkeypatch):
+    """A snapshot of a GPU run resumed on the CPU leaves the CUDA generator alone; one of a CPU
+    run (no CUDA state) resumed on a GPU draws it afresh instead of failing."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', lambda s, device: restored.append((s, device)))
+    gen, order = torch.Generator(), torch.Generator()
+    saved = {'data': gen.get_state(), 'order': order.get_state(), 'torch': torch.get_rng_state()}
+    gpu = torch.device('cuda', 0)
+    checkpoint.set_rng_state(dict(saved, cuda='the gpu state'), gen, torch.device('cpu'), order)
+    checkpoint.set_rng_state(saved, gen, gpu, order)
+    assert restored == []
+    checkpoint.set_rng_state(dict(saved, cuda='the gpu state'), gen, gpu, order)
+    assert restored == [('the gpu state', gpu)]
+

@@ -409,6 +409,15 @@ def test_flatten_makes_views_of_one_buffer():
     assert params[0].grad.shape == params[0].shape
 
 
+def test_flatten_refuses_parameters_it_cannot_view_naming_them():
+    dense, other = torch.zeros(2, 3), torch.zeros(4, 6)[:, ::2]  # a strided view is not dense
+    with pytest.raises(exchange.ExchangeError, match=r'^parameter 1 \(4, 3\) is not dense$'):
+        exchange.flatten([dense, other], [torch.zeros(2, 3), torch.zeros(4, 3)], torch.empty)
+    with pytest.raises(exchange.ExchangeError, match=r'needs float32 \(or float64\) parameters on one '
+                                                     r'device, got .*torch.float16'):
+        exchange.flatten([dense.half()], [dense.half()], torch.empty)
+
+
 def test_transport_choice():
     cpu, gpu = torch.device('cpu'), torch.device('cuda:0')
     assert exchange.transport_for('auto', [cpu, cpu]) == 'shm'
