@@ -71,6 +71,7 @@ def check_start(cfg):
 # removed under it. A worker that is stopped (SIGSTOP) is waited for at most KEEPER_WAIT seconds.
 # From the moment the folder exists, its keeper exists: no moment leaves it behind.
 KEEPER_WAIT = 60.0
+KEEPER_ANSWER = 60.0  # seconds the launcher waits for the keeper to name its folder
 KEEPER = r"""
 import fcntl, os, sys, tempfile, time, shutil
 try:
@@ -102,7 +103,7 @@ def start_keeper(root, wait=KEEPER_WAIT):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     line = ''
-    answered = select.select([keeper.stdout], [], [], 60.0)[0]
+    answered = select.select([keeper.stdout], [], [], KEEPER_ANSWER)[0]
     if answered:
         line = keeper.stdout.readline().decode().strip()
     keeper.stdout.close()
@@ -115,7 +116,7 @@ def start_keeper(root, wait=KEEPER_WAIT):
         keeper.wait()
         raise UserError(line.removeprefix('error: ') or (
             f"the keeper of the launcher's private folder (pid {keeper.pid}) "
-            + ('did not answer within 60 s' if code is None else f'exited with code {code}')))
+            + (f'did not answer within {KEEPER_ANSWER:g} s' if code is None else f'exited with code {code}')))
     return keeper, line
 
 

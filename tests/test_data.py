@@ -138,6 +138,11 @@ def test_bad_files_give_errors_naming_them(tmp_path):
     write_hkl(corrupt, np.zeros((3, 8, 8, 5), np.uint8))
     with pytest.raises(data.DataError, match=r'0001.hkl: expected uint8 \(3, S, S, 4\)'):
         folder.read(1)
+    for shape in ((3, 8, 8), (5,)):  # not a batch at all
+        write_hkl(corrupt, np.zeros(shape, np.uint8))
+        with pytest.raises(data.DataError, match=r'0001.hkl: expected one 4-D array in the batch file, '
+                                                 r'found 0$'):
+            folder.read(1)
     with pytest.raises(data.DataError, match='0000.hkl holds 4 images, not 8: set batch_size=4'):
         data.share_source(keys['train_folder'], keys['label_folder'], 'train', 8)
     short = os.path.join(keys['label_folder'], 'short.npy')

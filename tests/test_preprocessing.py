@@ -573,7 +573,9 @@ def test_one_copy_by_default_and_halves_added_by_a_rerun(tmp_path, capsys):
     assert sorted(os.listdir(out / 'labels')) == ['train_labels.npy', 'val_labels.npy']
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob('*.hkl')}
     mean = (out / 'misc' / 'img_mean.npy').read_bytes()
-    assert ': checked 32 files at ' in capsys.readouterr().out  # 18 train, 14 val
+    first = capsys.readouterr().out
+    assert ': checked 32 files at ' in first  # 18 train, 14 val
+    assert f"\nlabels: {out / 'labels'}   mean, lists: {out / 'misc'}   summary: {out / 'dataset.yaml'}\n" in first
     run(write_paths(tmp_path / 'paths.yaml', sub_batches=[1, 2]))
     assert ': reused the file check of the previous run; ' in capsys.readouterr().out
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
@@ -675,6 +677,9 @@ def test_in_process_errors_are_one_line(tmp_path, capsys):
     (tmp_path / 'raw' / 'val' / 'cow').rmdir()
     fails(write_paths(tmp_path / 'p.yaml', sub_batches=[1, 3], **folders), 'sub_batches')
     fails(write_paths(tmp_path / 'p.yaml', layout='imagenet'), 'meta_clsloc.mat')  # no devkit
+    fails(write_paths(tmp_path / 'p.yaml', layout='imagenet', meta_clsloc_mat=None, val_label_file=None),
+          'error: the imagenet layouts need devkit (or meta_clsloc_mat and val_label_file) in the '
+          'paths file\n')
     run(paths)
     fails(write_paths(tmp_path / 'p.yaml', img_size=8, **folders), 'img_size=16, now 8', 'delete')
     solid(tmp_path / 'raw' / 'train' / 'cat' / 'new.jpg', (1, 2, 3))   # the shuffled list is stale

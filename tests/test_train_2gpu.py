@@ -678,7 +678,8 @@ def test_make_keys_writes_into_a_folder_that_exists(tmp_path, capsys):
 
 def test_a_keeper_that_gives_no_folder_is_named_with_why(tmp_path, monkeypatch):
     """The launcher's private folder comes from its keeper process: a keeper that cannot make it
-    is its own one-line error; one that ends without a word is named with its exit code."""
+    is its own one-line error; one that ends without a word is named with its exit code, one that
+    says nothing in time as such (and is ended)."""
     import train_2gpu
     from lib import UserError
     missing = tmp_path / 'missing'
@@ -689,4 +690,9 @@ def test_a_keeper_that_gives_no_folder_is_named_with_why(tmp_path, monkeypatch):
         with pytest.raises(UserError, match=r"^the keeper of the launcher's private folder "
                                             r'\(pid \d+\) exited with code 3$'):
             train_2gpu.start_keeper(str(tmp_path))
+    monkeypatch.setattr(train_2gpu, 'KEEPER', 'import time; time.sleep(30)')
+    monkeypatch.setattr(train_2gpu, 'KEEPER_ANSWER', 0.5)
+    with pytest.raises(UserError, match=r"^the keeper of the launcher's private folder "
+                                        r'\(pid \d+\) did not answer within 0.5 s$'):
+        train_2gpu.start_keeper(str(tmp_path))
     assert os.listdir(tmp_path) == []

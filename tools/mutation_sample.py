@@ -31,8 +31,8 @@ What it does:
     only a GPU can show: `cuda`; one that survived its quickest tests and that a slower one,
     named, catches: `slower`), and the survivors without a verdict (a verdict recorded for
     another mutation of the same name, its function changed since, is named and not counted);
-    WORKDIR/results.json holds it all. Survival counts the mutants that survived or found no test, less the `equivalent`,
-    `cuda` and `slower` ones (a timeout or a crash counts as caught).
+    WORKDIR/results.json holds it all. Survival counts the mutants that survived or found no
+    test, less the `equivalent`, `cuda` and `slower` ones (a timeout or a crash counts as caught).
 
 WORKDIR (default: <temp dir>/alexnet-mutation) is kept: a rerun reuses mutmut's record of which
 tests reach what (mutmut reruns what changed) unless --fresh. Leftover processes of a mutant's
