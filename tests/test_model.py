@@ -161,3 +161,11 @@ def test_lrn_runs_in_float32_under_autocast(dtype):
     with torch.autocast('cpu', dtype=dtype):
         out = model.CrossChannelLRN()(conv(img))
     assert torch.allclose(out.float(), model.CrossChannelLRN()(conv(img)), rtol=tol)
+
+
+def test_alexnet_gets_the_dropout_asked_for():
+    """(alexnet_cifar, the 18pct net, has no dropout)"""
+    for p in (0.0, 0.3, 0.5):
+        layers = [m for m in model.build('alexnet', 10, p, 227, seed=0).modules()
+                  if isinstance(m, model.Dropout)]
+        assert [m.p for m in layers] == [p, p]

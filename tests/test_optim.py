@@ -74,3 +74,7 @@ def test_auto_policy_waits_five_epochs_then_needs_progress_over_two():
     assert optim.adjust_lr(0.01, 6, stalled[:6], 'auto', [], 0.01) == 0.01  # 0.6 - 0.548 >= 0.01
     assert optim.adjust_lr(0.01, 7, stalled, 'auto', [], 0.01) == pytest.approx(0.001)  # 0.55 - 0.545 < 0.01
     assert optim.adjust_lr(0.01, 7, [0.9] * 4 + [0.5, 0.4, 0.3], 'auto', [], 0.01) == 0.01
+    # three errors are enough (a history that starts late: a run resumed from a snapshot of the
+    # original, whose history holds only the epochs since)
+    assert optim.adjust_lr(0.01, 9, stalled[-3:], 'auto', [], 0.01) == pytest.approx(0.001)
+    assert optim.adjust_lr(0.01, 9, stalled[-2:], 'auto', [], 0.01) == 0.01

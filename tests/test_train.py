@@ -392,3 +392,25 @@ def test_the_cuda_generator_is_restored_on_cuda_only_and_only_when_saved(monkeyp
     checkpoint.set_rng_state(dict(saved, cuda='the gpu state'), gen, gpu, order)
     assert restored == [('the gpu state', gpu)]
 
+
+def test_a_cuda_device_past_the_last_is_named(monkeypatch):
+    from lib import trainer
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert trainer.resolve_device('gpu1') == torch.device('cuda:1')
+    for name in ('gpu2', 'cuda:2'):
+        with pytest.raises(config.ConfigError, match=rf"^gpu: '{name}' but only 2 CUDA device\(s\)$"):
+            trainer.resolve_device(name)
+
+
+@pytest.mark.parametrize('layer', [False, True])
+def test_in_process_loading_crops_where_use_data_layer_says(tmp_path, layer):
+    """para_load False: use_data_layer True ships the uint8 batch to the device and crops there,
+    False crops on the host (on the CPU both are the CPU)."""
+    keys = make_batches(str(tmp_path), n_train=2, n_val=1, batch=8, size=36)
+    cfg = config.merge({**config.CONFIG, **config.SPEC_1GPU}, [('test', dict(
+        keys, model='alexnet_cifar', crop_size=32, batch_size=8, gpu='cpu', para_load=False,
+        use_data_layer=layer), None)])
+    loaders, n_classes = training.build_loaders(cfg, 'cpu')
+    assert [ld.on_device for ld in loaders] == [layer, layer] and n_classes == 3
+
