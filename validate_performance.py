@@ -26,7 +26,7 @@ def validate(cfg):
     path = cfg['checkpoint'] or checkpoint.snapshot_path(cfg['weights_dir'], cfg['load_epoch'])
     state = checkpoint.read(path)
     device = trainer.resolve_device(cfg['gpu'])
-    net, settings = checkpoint.load_net(state, path, device)
+    net, settings = checkpoint.load_net(state, path, device, fallback=cfg)
     cfg = dict(cfg, **settings)
     val, = training.data_sources(cfg, splits=('val',))
     size = val.image_size()

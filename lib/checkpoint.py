@@ -106,11 +106,11 @@ def misfit(error, width=200):
     return f'{lines[0]} {lines[1][:width]}{" ..." if cut else ""}'
 
 
-def load_net(state, path, device='cpu'):
+def load_net(state, path, device='cpu', fallback=None):
     """The network of a snapshot dict (read from `path`), in eval mode on `device`: its model,
-    crop_size and dropout from the snapshot's own config, the classes from its weights.
-    (net, the settings used)."""
-    saved = state.get('config', {})
+    crop_size and dropout from the snapshot's own config (from `fallback`, a config, for a
+    snapshot that holds none), the classes from its weights. (net, the settings used)."""
+    saved = state.get('config') or fallback or {}
     name = saved.get('model', 'alexnet')
     settings = {'model': name,
                 'crop_size': int(saved.get('crop_size', 227 if name == 'alexnet' else 32)),

@@ -295,6 +295,21 @@ def test_a_damaged_snapshot_is_a_one_line_error(trained, tmp_path, capsys, damag
     assert len(err) == 1 and err[0].startswith(f'error: {bad} is not a'), err
 
 
+def test_a_snapshot_without_a_config_is_evaluated_with_the_settings_given(trained, tmp_path, capsys):
+    """A snapshot that holds only weights (another tool's, or one written by hand), alone in its
+    folder: nothing to take from its run, so the command line says what it is."""
+    root, cfg = trained
+    state = torch.load(os.path.join(root, 'w', 'model_1.pt'), weights_only=True)
+    torch.save({'model': state['model']}, tmp_path / 'model_1.pt')
+    argv = [f"data={os.path.dirname(cfg['label_folder'])}", f"batch_size={cfg['batch_size']}", 'gpu=cpu',
+            f'checkpoint={tmp_path / "model_1.pt"}', 'model=alexnet_cifar', 'crop_size=32']
+    assert validate_performance.main(argv) == 0, capsys.readouterr().err
+    record = np.load(os.path.join(root, 'w', 'val_record.npy'))
+    out = capsys.readouterr().out
+    assert 'model_1.pt: 16 images' in out
+    assert float(out.split('top-1 error ')[1].split()[0]) == pytest.approx(record[0, 0], abs=1e-6)
+
+
 def test_a_snapshot_that_does_not_fit_its_model_says_why(tmp_path):
     """checkpoint.load_net: the reason (our crop check, the missing fc layer, torch's load error)
     is in the one-line error, after the file and the model it was read as."""
