@@ -502,3 +502,23 @@ def test_a_node_that_joins_later_is_taken_in_and_resumes(tmp_path):
     for part in ('model', 'momentum'):
         for k in ref[part]:
             assert relative_error(state[part][k], ref[part][k]) < EXACT_TOLERANCE, (part, k)
+
+
+def test_a_rank_started_by_hand_is_a_first_round_not_a_restart(tmp_path):
+    """Without torchrun's TORCHELASTIC_RESTART_COUNT (ranks started by hand) a run is a fresh
+    one: into a weights_dir of another run's snapshots it is refused, not resumed from them."""
+    keys = make_batches(str(tmp_path / 'data'), n_train=1, n_val=1, batch=8, size=36)
+    values = dict(keys, **dict(COMMON, n_epochs=1), gpu='cpu', weights_dir=str(tmp_path / 'w'))
+    env = {k: v for k, v in os.environ.items() if not k.startswith('TORCHELASTIC_')}
+    env.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS='1')
+
+    def run(n_epochs):
+        return subprocess.run([sys.executable, os.path.join(ROOT, 'train.py')]
+                              + args(dict(values, n_epochs=n_epochs)),
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    first = run(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run(2)
+    assert again.returncode == 2 and 'holds the snapshots of another run' in again.stderr, again.stderr[-3000:]
+    assert not (tmp_path / 'w' / 'model_2.pt').exists()
