@@ -414,3 +414,21 @@ def test_in_process_loading_crops_where_use_data_layer_says(tmp_path, layer):
     loaders, n_classes = training.build_loaders(cfg, 'cpu')
     assert [ld.on_device for ld in loaders] == [layer, layer] and n_classes == 3
 
+
+
+def test_with_overwrite_only_the_main_worker_moves_the_previous_run_aside(tmp_path):
+    """Every worker of a run checks weights_dir before it starts; the one that writes moves the
+    previous run aside: the others, which may check it after that run started writing, never
+    do (they would move the new run's files)."""
+    from lib import exchange
+
+    class Other(exchange.Local):
+        rank, is_main = 1, False
+    cfg = tiny_config(str(tmp_path), n_epochs=1)
+    training.run(cfg)
+    before = sorted(os.listdir(tmp_path / 'w'))
+    assert 'model_1.pt' in before
+    training.run(dict(cfg, overwrite=True), training.Worker(exchanger=Other()))
+    assert sorted(os.listdir(tmp_path / 'w')) == before
+    training.run(dict(cfg, overwrite=True))
+    assert 'previous_1' in os.listdir(tmp_path / 'w')
