@@ -89,6 +89,16 @@ def no_tf32():
 
 def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
     skip_if_refused('check_share')
+    two_workers_on_one_gpu_equal_one_worker(tmp_path, 'ipc')
+
+
+def test_two_workers_over_tcp_on_one_gpu_equal_one_worker(tmp_path):
+    """The tcp exchange of GPU workers: through a host buffer (page-locked where the platform
+    allows) of the run's dtype, fp64 here."""
+    two_workers_on_one_gpu_equal_one_worker(tmp_path, 'tcp')
+
+
+def two_workers_on_one_gpu_equal_one_worker(tmp_path, transport):
     # seed 1: data without max-pool near-ties (see tests/test_torchrun.py)
     batch = 8
     full = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=batch, size=36, seed=1)
@@ -98,9 +108,9 @@ def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
     common = dict(EXACT, n_epochs=1, cudnn_benchmark=False)
     script('train.py', dict(full, **common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
     r = script('train_2gpu.py', dict(halves, **common, gpu0='cuda:0', gpu1='cuda:0',
-                                     exchange_transport='ipc', sock_gpu=free_port(),
+                                     exchange_transport=transport, sock_gpu=free_port(),
                                      peer_timeout=60.0, weights_dir=str(tmp_path / 'w2')), tmp_path)
-    assert 'exchange over ipc every 1 step(s)' in r.stdout
+    assert f'exchange over {transport} every 1 step(s)' in r.stdout
     a = torch.load(tmp_path / 'w1' / 'model_1.pt', weights_only=True)
     b = torch.load(tmp_path / 'w2' / 'model_1.pt', weights_only=True)
     same_state(a, b, EXACT_TOLERANCE)
