@@ -641,6 +641,21 @@ def test_cifar100_binary_fine_or_coarse_labels(tmp_path, kind):
             assert images[2, 0, 0, i] == blue and labels[i] == label
 
 
+def test_the_other_cifar_versions_extracted_are_named_with_the_binary_to_get(tmp_path):
+    """The python (pickles, never loaded) and matlab versions' folders, by their names."""
+    from preprocessing import cifar
+    for name, files in (('cifar-10-batches-py', ['data_batch_1', 'batches.meta']),
+                        ('cifar-100-python', ['train', 'test', 'meta']),
+                        ('cifar-10-batches-mat', ['data_batch_1.mat', 'batches.meta.mat'])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_bytes(b'\x80\x04pickle')
+        with pytest.raises(cifar.PrepError, match=rf'^{folder}: only the binary version of CIFAR is read'):
+            cifar.detect(str(folder))
+    assert cifar.detect(str(tmp_path)) is None
+
+
 def test_cifar_pickle_versions_and_bad_files_are_refused(tmp_path):
     cwd = tmp_path
     pickled = tmp_path / 'cifar-10-python.tar.gz'

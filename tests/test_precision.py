@@ -112,3 +112,19 @@ def test_the_forward_runs_in_the_precision_asked_for(tmp_path, monkeypatch, prec
     monkeypatch.setattr(trainer.Trainer, 'fit', hooked_fit)
     training.run(tiny_config(str(tmp_path), n_epochs=1, precision=precision))
     assert seen == {True: {dtype}, False: {dtype}}
+
+
+def test_an_fp16_step_updates_the_weights_as_an_fp32_step_does():
+    """The loss is scaled up before backward and the gradients unscaled before the update: one
+    step moves the weights as fp32's does, to fp16's rounding."""
+    from lib import model, step
+    x, y = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3])
+    moved = {}
+    for precision in ('fp32', 'fp16'):
+        net = model.build('alexnet_cifar', 10, 0.0, 32, seed=0)
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = optim.MomentumSGD(net.named_parameters(), lr=0.1, momentum=0.0, weight_decay=0.0)
+        step.Step(net, opt, precision, torch.device('cpu'))(x, y)
+        moved[precision] = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.parameters(), before)])
+    assert moved['fp32'].norm() > 0
+    assert ((moved['fp16'] - moved['fp32']).norm() / moved['fp32'].norm()).item() < 0.05
