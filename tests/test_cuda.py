@@ -89,16 +89,23 @@ def no_tf32():
 
 def test_two_workers_over_cuda_ipc_on_one_gpu_equal_one_worker(tmp_path):
     skip_if_refused('check_share')
-    two_workers_on_one_gpu_equal_one_worker(tmp_path, 'ipc')
+    two_workers_on_gpus_equal_one_worker(tmp_path, 'ipc')
 
 
 def test_two_workers_over_tcp_on_one_gpu_equal_one_worker(tmp_path):
     """The tcp exchange of GPU workers: through a host buffer (page-locked where the platform
     allows) of the run's dtype, fp64 here."""
-    two_workers_on_one_gpu_equal_one_worker(tmp_path, 'tcp')
+    two_workers_on_gpus_equal_one_worker(tmp_path, 'tcp')
 
 
-def two_workers_on_one_gpu_equal_one_worker(tmp_path, transport):
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='two workers on two GPUs need 2 GPUs')
+def test_two_workers_over_cuda_ipc_on_two_gpus_equal_one_worker(tmp_path):
+    """Each worker's half averaged on its own GPU, the peer's half copied across first."""
+    skip_if_refused('check_share')
+    two_workers_on_gpus_equal_one_worker(tmp_path, 'ipc', gpu1='cuda:1')
+
+
+def two_workers_on_gpus_equal_one_worker(tmp_path, transport, gpu1='cuda:0'):
     # seed 1: data without max-pool near-ties (see tests/test_torchrun.py)
     batch = 8
     full = make_batches(str(tmp_path / 'data'), n_train=4, n_val=2, batch=batch, size=36, seed=1)
@@ -107,7 +114,7 @@ def two_workers_on_one_gpu_equal_one_worker(tmp_path, transport):
         for k in ('train_folder', 'val_folder')})
     common = dict(EXACT, n_epochs=1, cudnn_benchmark=False)
     script('train.py', dict(full, **common, gpu='cuda:0', weights_dir=str(tmp_path / 'w1')), tmp_path)
-    r = script('train_2gpu.py', dict(halves, **common, gpu0='cuda:0', gpu1='cuda:0',
+    r = script('train_2gpu.py', dict(halves, **common, gpu0='cuda:0', gpu1=gpu1,
                                      exchange_transport=transport, sock_gpu=free_port(),
                                      peer_timeout=60.0, weights_dir=str(tmp_path / 'w2')), tmp_path)
     assert f'exchange over {transport} every 1 step(s)' in r.stdout
