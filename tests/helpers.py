@@ -95,3 +95,37 @@ def fake_cuda(numel, fill=7):
     torch.UntypedStorage._new_shared_cuda = staticmethod(new_shared_cuda)
     return calls
 
+
+# a CUDA IPC description (lib.exchange.ipc_share's) of 1 KiB of uint8, for fake_cuda
+FAKE_IPC_INFO = {'handle': '00' * 64, 'device': 0, 'size': 1 << 10, 'offset': 0, 'ref': '00',
+                 'ref_offset': 0, 'event': None, 'event_sync': False, 'storage_offset': 0,
+                 'numel': 1 << 10, 'dtype': 'uint8'}
+
+
+def answer_of_a_fresh_process(target, *args, timeout=120):
+    """What target(*args, queue) puts on the queue, run in a new (spawned) python process."""
+    import multiprocessing
+    ctx = multiprocessing.get_context('spawn')
+    out = ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, out), daemon=True)
+    child.start()
+    try:
+        return out.get(timeout=timeout)
+    finally:
+        child.join(30)
+
+
+def refuse_page_locking(monkeypatch):
+    """CUDA said to be there, and torch.empty(pin_memory=True) refused as a platform that does
+    not allow page-locking refuses it (torch's error, first line 'CUDA error: operation not
+    supported')."""
+    import torch
+    empty = torch.empty
+
+    def refusing_empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError('CUDA error: operation not supported\nCUDA kernel errors ...')
+        return empty(*args, **kwargs)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch, 'empty', refusing_empty)
+

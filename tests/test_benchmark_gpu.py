@@ -201,18 +201,8 @@ def share_child_with_fake_cuda(info, out):
 def test_the_preflight_opens_the_handle_in_a_fresh_process_as_the_exchange_does():
     # the preflight's second process has not touched CUDA when it opens the parent's handle
     # (lib.exchange.ipc_open's own test: tests/test_link.py)
-    import multiprocessing
-    info = {'handle': '00' * 64, 'device': 0, 'size': 1 << 10, 'offset': 0, 'ref': '00',
-            'ref_offset': 0, 'event': None, 'event_sync': False, 'storage_offset': 0,
-            'numel': 1 << 10, 'dtype': 'uint8'}
-    ctx = multiprocessing.get_context('spawn')
-    out = ctx.Queue()
-    child = ctx.Process(target=share_child_with_fake_cuda, args=(info, out), daemon=True)
-    child.start()
-    try:
-        result, calls = out.get(timeout=120)
-    finally:
-        child.join(30)
+    from tests.helpers import FAKE_IPC_INFO, answer_of_a_fresh_process
+    result, calls = answer_of_a_fresh_process(share_child_with_fake_cuda, FAKE_IPC_INFO)
     assert (result, calls) == ('ok', ['_lazy_init', '_new_shared_cuda'])
 
 
@@ -230,14 +220,8 @@ def test_a_refused_ipc_open_is_one_line_of_the_report(monkeypatch):
 
 def test_the_preflight_reports_a_refused_pinned_host_buffer(monkeypatch):
     """(lib.exchange.host_buffer's own test: tests/test_link.py)"""
-    empty = torch.empty
-
-    def refusing_empty(*args, pin_memory=False, **kwargs):
-        if pin_memory:
-            raise RuntimeError('CUDA error: operation not supported\nCUDA kernel errors ...')
-        return empty(*args, **kwargs)
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch, 'empty', refusing_empty)
+    from tests.helpers import refuse_page_locking
+    refuse_page_locking(monkeypatch)
     assert gpu.check_pinned(torch, torch.device('cpu'), 1000) == (
         'refused by the platform: CUDA error: operation not supported (the tcp exchange falls back '
         'to pageable memory, which gave the right bytes)')

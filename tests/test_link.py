@@ -10,7 +10,8 @@ import torch
 import zmq
 
 from lib import exchange, link
-from tests.helpers import both_workers, fake_cuda
+from tests.helpers import (FAKE_IPC_INFO, answer_of_a_fresh_process, both_workers, fake_cuda,
+                           refuse_page_locking)
 from tests.test_train_2gpu import free_port
 
 
@@ -299,18 +300,7 @@ def open_with_fake_cuda(info, out):
 def test_ipc_open_initialises_cuda_in_a_fresh_process_before_opening_the_handle():
     """Worker 1 opens worker 0's CUDA IPC handle before it has touched CUDA itself (CUDA faked:
     the real one crashes the process then): a tensor of the handle's dtype and size on it."""
-    import multiprocessing
-    info = {'handle': '00' * 64, 'device': 0, 'size': 1 << 10, 'offset': 0, 'ref': '00',
-            'ref_offset': 0, 'event': None, 'event_sync': False, 'storage_offset': 0,
-            'numel': 1 << 10, 'dtype': 'uint8'}
-    ctx = multiprocessing.get_context('spawn')
-    out = ctx.Queue()
-    child = ctx.Process(target=open_with_fake_cuda, args=(info, out), daemon=True)
-    child.start()
-    try:
-        got = out.get(timeout=120)
-    finally:
-        child.join(30)
+    got = answer_of_a_fresh_process(open_with_fake_cuda, FAKE_IPC_INFO)
     assert got == (['_lazy_init', '_new_shared_cuda'], 'torch.uint8', (1 << 10,), True)
 
 
@@ -319,14 +309,7 @@ def test_a_refused_pinned_host_buffer_falls_back_to_pageable_memory(monkeypatch,
     gets pageable memory and one notice naming the refusal."""
     buf, refusal = exchange.host_buffer(10, torch.float32)  # no CUDA: pageable, nothing refused
     assert buf.shape == (10,) and buf.dtype == torch.float32 and not buf.is_pinned() and refusal is None
-    empty = torch.empty
-
-    def refusing_empty(*args, pin_memory=False, **kwargs):
-        if pin_memory:
-            raise RuntimeError('CUDA error: operation not supported\nCUDA kernel errors ...')
-        return empty(*args, **kwargs)
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    monkeypatch.setattr(torch, 'empty', refusing_empty)
+    refuse_page_locking(monkeypatch)
     buf, refusal = exchange.host_buffer(250_000, torch.float64)
     assert buf.shape == (250_000,) and buf.dtype == torch.float64
     assert refusal == 'CUDA error: operation not supported'
