@@ -129,3 +129,28 @@ def refuse_page_locking(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch, 'empty', refusing_empty)
 
+
+def _live_pids(field, value):
+    """Pids of the live processes whose /proc/PID/stat `field` (1: parent, 2: process group)
+    is value (Linux); an ended one not yet waited for (a zombie) is not live."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[field]) == value and fields[0] != 'Z':
+            found.append(int(entry))
+    return found
+
+
+def children(pid):
+    """Pids of the live children of pid."""
+    return _live_pids(1, pid)
+
+
+def group(pgid):
+    """Pids of the live processes of process group pgid."""
+    return _live_pids(2, pgid)
+

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_batches
+from tests.helpers import group, make_batches
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON3 = '''#!/bin/sh
@@ -241,20 +241,6 @@ def test_the_tests_passed_in_the_first_pass_reach_the_mutation_check_in_the_seco
         r = subprocess.run([sys.executable, '-c', check], cwd=REPO, capture_output=True, text=True,
                            timeout=60, env=dict(os.environ, **env))
         assert r.stdout.split() == want.split(), r.stdout + r.stderr
-
-
-def group(pgid):
-    """Pids of the live processes of process group pgid (Linux /proc)."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            with open(f'/proc/{entry}/stat') as f:
-                fields = f.read().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != 'Z':
-            found.append(int(entry))
-    return found
 
 
 def test_ctrl_c_stops_the_test_command_as_it_stops_pytest():

@@ -11,25 +11,10 @@ import pytest
 import torch
 
 from lib import data, loader, training
-from tests.helpers import make_batches, write_hkl
+from tests.helpers import children, make_batches, write_hkl
 from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def children(pid):
-    """Pids of the live children of pid (Linux /proc)."""
-    out = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open(f'/proc/{entry}/stat') as f:
-                    fields = f.read().rsplit(')', 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != 'Z':
-                out.append(int(entry))
-    return out
 
 
 def gone_within(pid, seconds):

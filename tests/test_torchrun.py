@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import train
 from lib import config, training
-from tests.helpers import make_batches
-from tests.test_loader import children, gone_within
+from tests.helpers import children, make_batches
+from tests.test_loader import gone_within
 from tests.test_train_2gpu import COMMON, EXACT, EXACT_TOLERANCE, args, free_port, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

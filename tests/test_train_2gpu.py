@@ -17,8 +17,8 @@ import zmq
 
 from lib import config, exchange, link, training
 from lib.data import DataError, share_source
-from tests.helpers import both_workers, make_batches
-from tests.test_loader import children, gone_within
+from tests.helpers import both_workers, children, make_batches
+from tests.test_loader import gone_within
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'train_2gpu.py')
