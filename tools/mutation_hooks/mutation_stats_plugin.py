@@ -52,8 +52,10 @@ def _child_hits():
     folder, found = os.environ.get('MUTATION_HITS_DIR'), set()
     if not folder or not os.path.isdir(folder):
         return found
-    own = f'{os.getpid()}.hits'  # (an xdist worker's own, written by sitecustomize.py: its
-    for name in os.listdir(folder):  # in-process hits are taken from mutmut's state instead)
+    # an xdist worker's own file (sitecustomize.py writes one in every process) is skipped:
+    # its in-process hits are taken from mutmut's state, test by test
+    own = f'{os.getpid()}.hits'
+    for name in os.listdir(folder):
         if not name.endswith('.hits') or name == own:
             continue
         path = os.path.join(folder, name)
